@@ -1,0 +1,1 @@
+"""relayrace: fail over LLM requests between ranked provider actors, on trio."""

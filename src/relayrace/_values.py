@@ -1,0 +1,293 @@
+"""The values that flow through relayrace: requests, deltas, replies, attempts and decisions.
+
+All are frozen. ``Request`` validates itself on construction and raises ``BadRequest``, so an
+invalid request never reaches a provider.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ._errors import BadRequest
+from ._failure import Failure
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+# Parameters we understand and check; anything else is passed through to the provider untouched.
+_NUMBER_PARAMS = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+_COUNT_PARAMS = ("max_tokens", "max_completion_tokens", "n", "seed")
+_MAX_MODEL_LENGTH = 256
+
+
+def _check_messages(messages: Any) -> tuple[Mapping[str, Any], ...]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise BadRequest("messages", "expected a list of messages")
+    if not messages:
+        raise BadRequest("messages", "expected at least one message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise BadRequest(f"messages[{i}]", "expected an object with 'role' and 'content'")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise BadRequest(
+                f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}"
+            )
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            continue
+        if isinstance(content, str):
+            continue
+        if isinstance(content, list) and all(isinstance(part, Mapping) for part in content):
+            continue
+        raise BadRequest(f"messages[{i}].content", "expected a string or a list of content parts")
+    return tuple(messages)
+
+
+def _check_params(params: Any) -> Mapping[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise BadRequest("params", "expected an object")
+    for key, (low, high) in _NUMBER_PARAMS.items():
+        if key in params:
+            value = params[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not low <= value <= high
+            ):
+                raise BadRequest(f"params.{key}", f"expected a number from {low} to {high}")
+    for key in _COUNT_PARAMS:
+        if key in params:
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
+                raise BadRequest(f"params.{key}", "expected a positive integer")
+    if "stop" in params:
+        stop = params["stop"]
+        if not (
+            stop is None
+            or isinstance(stop, str)
+            or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+        ):
+            raise BadRequest("params.stop", "expected a string or a list of strings")
+    if "stream" in params:
+        raise BadRequest("params.stream", "is chosen by the call (complete or stream), not a param")
+    return dict(params)
+
+
+def _check_model(model: Any) -> str:
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("model", "expected a non-empty string naming a route")
+    if len(model) > _MAX_MODEL_LENGTH:
+        raise BadRequest("model", f"expected at most {_MAX_MODEL_LENGTH} characters")
+    return model
+
+
+def _check_metadata(metadata: Any) -> Mapping[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise BadRequest("metadata", "expected an object")
+    return dict(metadata)
+
+
+@attrs.frozen(init=False)
+class Request:
+    """A chat request.
+
+    Args:
+        model: the name of a route (``Config.routes``); the route picks the provider chain.
+        messages: OpenAI-style messages (``{"role": ..., "content": ...}``).
+        params: generation parameters passed to the provider (``temperature``, ``max_tokens``…).
+        metadata: free-form data carried along for the caller (never sent upstream).
+
+    Raises:
+        BadRequest: the request is malformed; ``field`` names the offending part.
+    """
+
+    model: str
+    messages: tuple[Mapping[str, Any], ...]
+    params: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+
+    def __init__(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        params: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        self.__attrs_init__(  # type: ignore[attr-defined]
+            _check_model(model),
+            _check_messages(messages),
+            _check_params(params),
+            _check_metadata(metadata),
+        )
+
+
+@attrs.frozen
+class Delta:
+    """A piece of the answer as it streams: ``seq`` counts from 0 for each request."""
+
+    seq: int
+    text: str
+    provider: str
+
+
+@attrs.frozen(kw_only=True)
+class Usage:
+    """Token counts as the provider reported them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+class Outcome(enum.Enum):
+    """How one attempt ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@attrs.frozen(kw_only=True)
+class Attempt:
+    """One try of one actor.
+
+    ``number`` counts the tries on this actor within the request (1 = first try).
+    Times are ``trio.current_time()`` values; ``first_delta_at`` is ``None`` if nothing arrived.
+    """
+
+    actor: str
+    number: int
+    outcome: Outcome
+    failure: Failure | None
+    started_at: float
+    ended_at: float
+    first_delta_at: float | None = None
+    deltas: int = 0
+    probe: bool = False
+    continuation: bool = False
+
+    @property
+    def duration(self) -> float:
+        return self.ended_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor,
+            "number": self.number,
+            "outcome": self.outcome.value,
+            "failure": None if self.failure is None else self.failure.to_dict(),
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "first_delta_at": self.first_delta_at,
+            "deltas": self.deltas,
+            "probe": self.probe,
+            "continuation": self.continuation,
+        }
+
+
+@attrs.frozen
+class Rule:
+    """The rule that made a decision: where it came from (``default`` or ``config``), which
+    policy, which rule inside it, and the value that matched."""
+
+    source: str
+    policy: str
+    rule: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.policy}.{self.rule}={self.value}"
+
+
+class Scope(enum.Enum):
+    SAME_ACTOR = "same_actor"
+    NEXT_ACTOR = "next_actor"
+    REQUEST = "request"
+
+
+class Action(enum.Enum):
+    RETRY = "retry"
+    FAILOVER = "failover"
+    SKIP = "skip"
+    STOP = "stop"
+
+
+@attrs.frozen(kw_only=True)
+class Decision:
+    """One routing decision: what was done after a failure (or before an actor was tried), why,
+    and the rule that matched.
+
+    ``wait`` is the pause before a retry, in seconds.
+    """
+
+    scope: Scope
+    action: Action
+    reason: str
+    rule: Rule
+    actor: str | None = None
+    category: str | None = None
+    wait: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope.value,
+            "action": self.action.value,
+            "reason": self.reason,
+            "rule": attrs.asdict(self.rule),
+            "actor": self.actor,
+            "category": self.category,
+            "wait": self.wait,
+        }
+
+
+@attrs.frozen(kw_only=True)
+class Reply:
+    """A complete answer.
+
+    Attributes:
+        text: the whole answer.
+        provider: the name of the actor that served it.
+        model: the upstream model that actually answered.
+        usage: token counts, when the provider gave them.
+        attempts: every try, in order (the last one succeeded).
+        decisions: every decision made on the way.
+        was_terminus: the answer came from the terminus actor.
+        finish_reason: the provider's finish reason (``stop``, ``length``…).
+        request_id: the supervisor's id for this request.
+    """
+
+    text: str
+    provider: str
+    model: str
+    usage: Usage | None
+    attempts: tuple[Attempt, ...]
+    decisions: tuple[Decision, ...]
+    was_terminus: bool = False
+    finish_reason: str | None = None
+    request_id: int = 0
