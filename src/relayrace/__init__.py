@@ -1,1 +1,85 @@
 """relayrace: fail over LLM requests between ranked provider actors, on trio."""
+
+from ._config import Budgets as Budgets
+from ._config import Config as Config
+from ._config import ProviderConfig as ProviderConfig
+from ._config import Route as Route
+from ._errors import BadRequest as BadRequest
+from ._errors import ConfigError as ConfigError
+from ._errors import ProviderError as ProviderError
+from ._errors import RelayraceError as RelayraceError
+from ._errors import RequestFailed as RequestFailed
+from ._events import Event as Event
+from ._events import EventKind as EventKind
+from ._failure import Category as Category
+from ._failure import Failure as Failure
+from ._failure import classify as classify
+from ._policy import AllBenched as AllBenched
+from ._policy import FailoverAction as FailoverAction
+from ._policy import FailoverPolicy as FailoverPolicy
+from ._policy import HealthPolicy as HealthPolicy
+from ._policy import Match as Match
+from ._policy import MidStream as MidStream
+from ._policy import Policies as Policies
+from ._policy import RetryBudgetPolicy as RetryBudgetPolicy
+from ._policy import RetryPolicy as RetryPolicy
+from ._policy import StreamPolicy as StreamPolicy
+from ._values import Action as Action
+from ._values import Attempt as Attempt
+from ._values import Decision as Decision
+from ._values import Delta as Delta
+from ._values import Outcome as Outcome
+from ._values import Reply as Reply
+from ._values import Request as Request
+from ._values import Rule as Rule
+from ._values import Scope as Scope
+from ._values import Usage as Usage
+from .actors import HealthSnapshot as HealthSnapshot
+from .actors import State as State
+from .supervisor import RequestStream as RequestStream
+from .supervisor import Supervisor as Supervisor
+from .supervisor import SupervisorStatistics as SupervisorStatistics
+from .supervisor import open_supervisor as open_supervisor
+
+__all__ = [
+    "Action",
+    "AllBenched",
+    "Attempt",
+    "BadRequest",
+    "Budgets",
+    "Category",
+    "Config",
+    "ConfigError",
+    "Decision",
+    "Delta",
+    "Event",
+    "EventKind",
+    "FailoverAction",
+    "FailoverPolicy",
+    "Failure",
+    "HealthPolicy",
+    "HealthSnapshot",
+    "Match",
+    "MidStream",
+    "Outcome",
+    "Policies",
+    "ProviderConfig",
+    "ProviderError",
+    "RelayraceError",
+    "Reply",
+    "Request",
+    "RequestFailed",
+    "RequestStream",
+    "RetryBudgetPolicy",
+    "RetryPolicy",
+    "Route",
+    "Rule",
+    "Scope",
+    "State",
+    "StreamPolicy",
+    "Supervisor",
+    "SupervisorStatistics",
+    "Usage",
+    "classify",
+    "open_supervisor",
+]

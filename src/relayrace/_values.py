@@ -39,9 +39,7 @@ def _check_messages(messages: Any) -> tuple[Mapping[str, Any], ...]:
             raise BadRequest(f"messages[{i}]", "expected an object with 'role' and 'content'")
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise BadRequest(
-                f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}"
-            )
+            raise BadRequest(f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}")
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
             continue
@@ -71,7 +69,11 @@ def _check_params(params: Any) -> Mapping[str, Any]:
     for key in _COUNT_PARAMS:
         if key in params:
             value = params[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if key == "seed" else 1)
+            ):
                 raise BadRequest(f"params.{key}", "expected a positive integer")
     if "stop" in params:
         stop = params["stop"]

@@ -1,0 +1,221 @@
+"""Pure routing decisions: what to do after a failed attempt.
+
+``decide`` takes the failure and everything it depends on as arguments (time left, tries so
+far, whether the caller already holds part of the answer) and returns a ``Decision`` naming the
+rule that matched. It does no I/O, so it can be tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+
+from ._failure import Category, Failure
+from ._policy import (
+    DEFAULT_RETRYABLE,
+    FailoverAction,
+    FailoverPolicy,
+    Match,
+    MidStream,
+    Policies,
+    RetryPolicy,
+)
+from ._values import Action, Decision, Rule, Scope
+
+_DEFAULT_RETRY = RetryPolicy()
+_DEFAULT_FAILOVER = FailoverPolicy()
+
+
+@attrs.frozen(kw_only=True)
+class Situation:
+    """What a decision depends on besides the failure.
+
+    Attributes:
+        actor: the actor whose attempt failed.
+        tries_on_actor: attempts made on this actor in this request (the failed one included).
+        actors_tried: distinct actors tried in this request (this one included).
+        remaining: seconds left in the request's budget.
+        released: the caller already holds part of the answer (a stream past its first delta).
+        continuation: the failed attempt was asked to continue a partial answer.
+        retry_allowed: the supervisor-wide retry budget has room for one more retry.
+    """
+
+    actor: str
+    tries_on_actor: int
+    actors_tried: int
+    remaining: float
+    released: bool = False
+    continuation: bool = False
+    retry_allowed: bool = True
+
+
+def _source(value: object, default: object) -> str:
+    return "default" if value == default else "config"
+
+
+def _matched(match: Match, failure: Failure, policy: str, prefix: str) -> Rule | None:
+    hit = match.match(failure)
+    if hit is None:
+        return None
+    return Rule("config", policy, f"{prefix}.{hit[0]}", hit[1])
+
+
+def backoff(policy: RetryPolicy, tries: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff before try ``tries + 1``."""
+    ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** (tries - 1))
+    return rng.uniform(0.0, ceiling)
+
+
+def decide(
+    failure: Failure, situation: Situation, policies: Policies, rng: random.Random
+) -> Decision:
+    """Decide what follows a failed attempt: retry the same actor, fail over, or stop.
+
+    Args:
+        failure: the classified failure of the attempt.
+        situation: the request's state at that moment.
+        policies: the configured policies.
+        rng: the source of backoff jitter.
+
+    Returns:
+        A ``Decision``; ``wait`` is set on a retry.
+    """
+    s = situation
+    category = failure.category.value
+
+    def make(scope: Scope, action: Action, reason: str, rule: Rule, wait: float = 0.0) -> Decision:
+        return Decision(
+            scope=scope,
+            action=action,
+            reason=reason,
+            rule=rule,
+            actor=s.actor,
+            category=category,
+            wait=wait,
+        )
+
+    def stop(reason: str, rule: Rule) -> Decision:
+        return make(Scope.REQUEST, Action.STOP, reason, rule)
+
+    if failure.category is Category.CANCELLED:
+        return stop("the caller went away", Rule("default", "cancellation", "category", category))
+
+    rule = _matched(policies.hard_stop, failure, "hard_stop", "match")
+    if rule is not None:
+        return stop("a hard-stop rule matched", rule)
+
+    mode = policies.stream.mid_stream
+    why_not_retry = ""
+    if s.released:
+        rule = Rule(_source(mode, MidStream.ERROR), "stream", "mid_stream", mode.value)
+        if mode is MidStream.ERROR:
+            return stop("the stream broke after the caller received part of the answer", rule)
+    else:
+        retry = _retry(failure, s, policies.retry, rng)
+        if isinstance(retry, Decision):
+            return attrs.evolve(retry, actor=s.actor, category=category)
+        why_not_retry = retry
+
+    if s.continuation and failure.category is Category.BAD_REQUEST:
+        # The provider refused the continuation (an assistant prefill); that must not end the
+        # request, nor hide the failure that made us ask for a continuation.
+        return make(
+            Scope.NEXT_ACTOR,
+            Action.FAILOVER,
+            "the provider refused to continue the partial answer",
+            Rule("default", "stream", "continuation_rejected", category),
+        )
+
+    failover = _failover(failure, s, policies.failover)
+    if not s.released and why_not_retry and failover.action is Action.FAILOVER:
+        failover = attrs.evolve(failover, reason=f"{failover.reason} ({why_not_retry})")
+    return attrs.evolve(failover, actor=s.actor, category=category)
+
+
+def _retry(
+    failure: Failure, s: Situation, policy: RetryPolicy, rng: random.Random
+) -> Decision | str:
+    """A retry decision, or the reason there is none."""
+    if not policy.enabled:
+        return "retry is disabled"
+    denied = _matched(policy.deny, failure, "retry", "deny")
+    if denied is not None:
+        return f"retry denied by {denied}"
+    if failure.should_retry is False:
+        return "the provider said x-should-retry: false"
+    allowed = _matched(policy.allow, failure, "retry", "allow")
+    if allowed is not None:
+        rule = allowed
+    elif failure.should_retry is True:
+        rule = Rule("provider", "retry", "x-should-retry", "true")
+    elif failure.category in DEFAULT_RETRYABLE:
+        rule = Rule("default", "retry", "categories", failure.category.value)
+    else:
+        return f"{failure.category.value} is not retried"
+    if s.tries_on_actor >= policy.max_attempts:
+        return f"{s.tries_on_actor} of max_attempts={policy.max_attempts} tries used"
+    if failure.retry_after is not None:
+        wait = failure.retry_after
+        told = "Retry-After"
+    else:
+        wait = backoff(policy, s.tries_on_actor, rng)
+        told = "backoff"
+    if wait > policy.max_wait:
+        return f"{told} {wait:g}s exceeds max_wait={policy.max_wait:g}s"
+    if wait >= s.remaining:
+        return f"{told} {wait:g}s does not fit in the {s.remaining:.3g}s left"
+    if not s.retry_allowed:
+        return "the supervisor's retry budget is spent"
+    return Decision(
+        scope=Scope.SAME_ACTOR,
+        action=Action.RETRY,
+        reason=f"retry after {wait:.3g}s ({told}), try {s.tries_on_actor + 1} of {policy.max_attempts}",
+        rule=rule,
+        wait=wait,
+    )
+
+
+def _failover(failure: Failure, s: Situation, policy: FailoverPolicy) -> Decision:
+    category = failure.category.value
+
+    def stop(reason: str, rule: Rule) -> Decision:
+        return Decision(scope=Scope.REQUEST, action=Action.STOP, reason=reason, rule=rule)
+
+    if not policy.enabled:
+        return stop("failover is disabled", Rule("config", "failover", "enabled", "false"))
+    denied = _matched(policy.deny, failure, "failover", "deny")
+    if denied is not None:
+        return stop("failover denied", denied)
+    rule = _matched(policy.allow, failure, "failover", "allow")
+    if rule is None:
+        action, source = policy.action_for(failure.category)
+        rule = Rule(source, "failover", f"actions.{category}", action.value)
+        if action is FailoverAction.STOP:
+            return stop(f"{category} is not fixed by another provider", rule)
+    if policy.max_providers and s.actors_tried >= policy.max_providers:
+        return stop(
+            f"{s.actors_tried} of max_providers={policy.max_providers} providers tried",
+            Rule(
+                _source(policy.max_providers, 0),
+                "failover",
+                "max_providers",
+                str(policy.max_providers),
+            ),
+        )
+    if s.remaining <= 0:
+        return stop(
+            "the request's time budget is spent",
+            Rule(
+                _source(policy.total_budget, _DEFAULT_FAILOVER.total_budget),
+                "failover",
+                "total_budget",
+                f"{policy.total_budget:g}",
+            ),
+        )
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.FAILOVER,
+        reason=f"{category}: try the next provider",
+        rule=rule,
+    )
