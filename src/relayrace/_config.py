@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -95,6 +95,18 @@ class ProviderConfig:
         return bool(getattr(self.client, "accepts_continuation", False))
 
 
+def _names(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
+def _providers(items: Iterable[ProviderConfig]) -> tuple[ProviderConfig, ...]:
+    return tuple(items)
+
+
+def _routes(items: Iterable[Route]) -> tuple[Route, ...]:
+    return tuple(items)
+
+
 @attrs.frozen(kw_only=True)
 class Route:
     """A model name callers ask for, and the providers that serve it.
@@ -104,7 +116,7 @@ class Route:
     """
 
     model: str
-    chain: tuple[str, ...] = attrs.field(converter=tuple)
+    chain: tuple[str, ...] = attrs.field(converter=_names)
     strategy: str = "priority"
 
 
@@ -119,8 +131,8 @@ class Config:
             strategy, no providers.
     """
 
-    providers: tuple[ProviderConfig, ...] = attrs.field(converter=tuple)
-    routes: tuple[Route, ...] = attrs.field(default=(), converter=tuple)
+    providers: tuple[ProviderConfig, ...] = attrs.field(converter=_providers)
+    routes: tuple[Route, ...] = attrs.field(default=(), converter=_routes)
     policies: Policies = Policies()
     seed: int | None = None
 
@@ -217,7 +229,7 @@ class Table:
     def raw(self, key: str, default: Any = None) -> Any:
         return self._data.pop(key, default)
 
-    def str(self, key: str, default: Any = attrs.NOTHING) -> Any:
+    def text(self, key: str, default: Any = attrs.NOTHING) -> Any:
         value = self._required(key, default)
         if value is default and default is not attrs.NOTHING:
             return value
@@ -225,13 +237,13 @@ class Table:
             raise ConfigError(self._at(key), "a non-empty string", value)
         return value
 
-    def bool(self, key: str, default: Any = attrs.NOTHING) -> Any:
+    def flag(self, key: str, default: Any = attrs.NOTHING) -> Any:
         value = self._required(key, default)
         if not isinstance(value, bool) and not (value is default and default is not attrs.NOTHING):
             raise ConfigError(self._at(key), "true or false", value)
         return value
 
-    def int(self, key: str, default: Any = attrs.NOTHING, *, minimum: int = 0) -> Any:
+    def integer(self, key: str, default: Any = attrs.NOTHING, *, minimum: int = 0) -> Any:
         value = self._required(key, default)
         if value is default and default is not attrs.NOTHING:
             return value
@@ -273,7 +285,7 @@ class Table:
             raise ConfigError(self._at(key), f"one of {', '.join(choices)}", value)
         return value
 
-    def list(self, key: str, default: Any = attrs.NOTHING) -> Any:
+    def items(self, key: str, default: Any = attrs.NOTHING) -> Any:
         value = self._required(key, default)
         if value is default and default is not attrs.NOTHING:
             return value
@@ -282,7 +294,7 @@ class Table:
         return value
 
     def strings(self, key: str) -> list[str]:
-        values = self.list(key, [])
+        values = self.items(key, [])
         for i, v in enumerate(values):
             if not isinstance(v, str) or not v:
                 raise ConfigError(f"{self._at(key)}[{i}]", "a non-empty string", v)
@@ -293,7 +305,7 @@ class Table:
 
     def env(self, key: str) -> str | None:
         """Read ``key`` as the NAME of an environment variable and return its value."""
-        name = self.str(key, None)
+        name = self.text(key, None)
         if name is None:
             return None
         value = os.environ.get(name)
@@ -340,7 +352,7 @@ def _categories(table: Table, key: str) -> list[Category]:
 def _match(table: Table) -> Match:
     categories = _categories(table, "categories")
     codes = table.strings("codes")
-    statuses = table.list("statuses", [])
+    statuses = table.items("statuses", [])
     for i, status in enumerate(statuses):
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise ConfigError(f"{table._at('statuses')}[{i}]", "an HTTP status (100-599)", status)
@@ -377,16 +389,16 @@ PROVIDER_KEYS = (
 
 
 def _provider(table: Table, factories: Mapping[str, ClientFactory]) -> ProviderConfig:
-    name = table.str("name")
+    name = table.text("name")
     kind = table.choice("kind", sorted(factories))
-    model = table.str("model", None)
-    priority = table.int("priority", 0, minimum=-1_000_000)
+    model = table.text("model", None)
+    priority = table.integer("priority", 0, minimum=-1_000_000)
     weight = table.number("weight", 1.0, positive=True)
-    max_concurrency = table.int("max_concurrency", 64, minimum=1)
-    inbox_size = table.int("inbox_size", 256, minimum=0)
-    exempt = table.bool("exempt", False)
-    terminus = table.bool("terminus", False)
-    accepts_continuation = table.bool("accepts_continuation", None)
+    max_concurrency = table.integer("max_concurrency", 64, minimum=1)
+    inbox_size = table.integer("inbox_size", 256, minimum=0)
+    exempt = table.flag("exempt", False)
+    terminus = table.flag("terminus", False)
+    accepts_continuation = table.flag("accepts_continuation", None)
     budgets = _budgets(table.table("budgets"))
     # What is left belongs to the client factory (base_url, api_key_env, script, ...).
     client = factories[kind](_ClientTable(table, budgets, max_concurrency))
@@ -420,8 +432,8 @@ def _policies(table: Table) -> Policies:
     r = table.table("retry")
     dr = RetryPolicy()
     retry = RetryPolicy(
-        enabled=r.bool("enabled", dr.enabled),
-        max_attempts=r.int("max_attempts", dr.max_attempts, minimum=1),
+        enabled=r.flag("enabled", dr.enabled),
+        max_attempts=r.integer("max_attempts", dr.max_attempts, minimum=1),
         allow=_match(r.table("allow")),
         deny=_match(r.table("deny")),
         backoff_base=r.number("backoff_base", dr.backoff_base),
@@ -441,11 +453,11 @@ def _policies(table: Table) -> Policies:
             )
     actions_table.done()
     failover = FailoverPolicy(
-        enabled=f.bool("enabled", df.enabled),
+        enabled=f.flag("enabled", df.enabled),
         actions=actions,
         allow=_match(f.table("allow")),
         deny=_match(f.table("deny")),
-        max_providers=f.int("max_providers", df.max_providers),
+        max_providers=f.integer("max_providers", df.max_providers),
         total_budget=f.number("total_budget", df.total_budget, positive=True),
     )
     f.done()
@@ -453,7 +465,7 @@ def _policies(table: Table) -> Policies:
     h = table.table("health")
     dh = HealthPolicy()
     health = HealthPolicy(
-        failure_threshold=h.int("failure_threshold", dh.failure_threshold, minimum=1),
+        failure_threshold=h.integer("failure_threshold", dh.failure_threshold, minimum=1),
         cooldown_base=h.number("cooldown_base", dh.cooldown_base, positive=True),
         cooldown_cap=h.number("cooldown_cap", dh.cooldown_cap, positive=True),
         bench_immediately=_categories(h, "bench_immediately")
@@ -475,7 +487,7 @@ def _policies(table: Table) -> Policies:
     db = RetryBudgetPolicy()
     budget = RetryBudgetPolicy(
         ratio=b.number("ratio", db.ratio),
-        floor=b.int("floor", db.floor),
+        floor=b.integer("floor", db.floor),
         window=b.number("window", db.window, positive=True),
     )
     b.done()
@@ -503,22 +515,22 @@ def _policies(table: Table) -> Policies:
 
 def _parse(data: Mapping[str, Any], factories: Mapping[str, ClientFactory]) -> Config:
     root = Table(data, "")
-    providers_data = root.list("providers")
+    providers_data = root.items("providers")
     providers = [
         _provider(Table(p, f"providers[{i}]"), factories) for i, p in enumerate(providers_data)
     ]
     routes = []
-    for i, r in enumerate(root.list("routes", [])):
+    for i, r in enumerate(root.items("routes", [])):
         t = Table(r, f"routes[{i}]")
         routes.append(
             Route(
-                model=t.str("model"),
+                model=t.text("model"),
                 chain=t.strings("chain"),
                 strategy=t.choice("strategy", STRATEGIES, "priority"),
             )
         )
         t.done()
     policies = _policies(root.table("policies"))
-    seed = root.int("seed", None, minimum=0)
+    seed = root.integer("seed", None, minimum=0)
     root.done()
     return Config(providers=providers, routes=routes, policies=policies, seed=seed)

@@ -17,6 +17,18 @@ from ._failure import Category, Failure
 C = Category
 
 
+def _codes(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(values)
+
+
+def _statuses(values: Iterable[int]) -> frozenset[int]:
+    return frozenset(values)
+
+
+def _keywords(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(k.lower() for k in values)
+
+
 def _categories(values: Iterable[Category | str]) -> frozenset[Category]:
     return frozenset(v if isinstance(v, Category) else Category(v) for v in values)
 
@@ -29,11 +41,9 @@ class Match:
     """
 
     categories: frozenset[Category] = attrs.field(factory=frozenset, converter=_categories)
-    codes: frozenset[str] = attrs.field(factory=frozenset, converter=frozenset)
-    statuses: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
-    keywords: tuple[str, ...] = attrs.field(
-        factory=tuple, converter=lambda ks: tuple(k.lower() for k in ks)
-    )
+    codes: frozenset[str] = attrs.field(factory=frozenset, converter=_codes)
+    statuses: frozenset[int] = attrs.field(factory=frozenset, converter=_statuses)
+    keywords: tuple[str, ...] = attrs.field(factory=tuple, converter=_keywords)
 
     def __bool__(self) -> bool:
         return bool(self.categories or self.codes or self.statuses or self.keywords)

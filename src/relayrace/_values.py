@@ -131,7 +131,7 @@ class Request:
         params: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ):
-        self.__attrs_init__(  # type: ignore[attr-defined]
+        self.__attrs_init__(
             _check_model(model),
             _check_messages(messages),
             _check_params(params),

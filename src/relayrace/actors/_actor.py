@@ -226,11 +226,17 @@ class ProviderActor:
                 nursery.start_soon(self._cooldown_timer)
                 task_status.started()
                 while True:
-                    job = await self._inbox.receive()
+                    # Take a slot first, so that a busy actor holds no job beyond its inbox.
+                    await self._slots.acquire()
+                    try:
+                        job = await self._inbox.receive()
+                    except BaseException:
+                        self._slots.release()
+                        raise
                     if job.cancel_requested:
                         job.finish(Outcome.CANCELLED)
+                        self._slots.release()
                         continue
-                    await self._slots.acquire()
                     nursery.start_soon(self._run_job, job)
         except trio.EndOfChannel:
             pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 
@@ -104,7 +104,7 @@ class Supervisor:
         for route in config.routes:
             self._routes[route.model] = (route, [self._actors[n] for n in route.chain])
         if not config.routes:
-            everyone = Route(model="*", chain=tuple(self._actors))
+            everyone = Route(model="*", chain=tuple(self._actors.keys()))
             self._routes["*"] = (everyone, list(self._actors.values()))
         self._turns = dict.fromkeys(self._routes, 0)
 
@@ -402,7 +402,8 @@ class _Run:
         self.request = request
         self.route, self.chain = route
         self.streaming = streaming
-        self.emit = None  # set by RequestStream for streams
+        # Set by RequestStream for streams.
+        self.emit: Callable[[Delta], Awaitable[None]] | None = None
         sup._next_id += 1
         self.request_id = sup._next_id
         self.attempts: list[Attempt] = []
@@ -663,14 +664,13 @@ class _Run:
             )
         if not self.streaming:
             del self.parts[parts_before:]  # nothing reached the caller: forget the partial answer
-        failure = job.failure
-        if failure is None:  # cancelled by the actor's own shutdown
-            failure = Failure(
-                category=Category.CANCELLED,
-                code="cancelled",
-                message="the attempt was cancelled",
-                provider=actor.name,
-            )
+        # No failure: the attempt was cancelled by the actor's own shutdown.
+        failure = job.failure or Failure(
+            category=Category.CANCELLED,
+            code="cancelled",
+            message="the attempt was cancelled",
+            provider=actor.name,
+        )
         if sup._subscribers:
             sup._publish(
                 Event(

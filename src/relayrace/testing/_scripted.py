@@ -136,7 +136,7 @@ class ScriptedClient:
         """Build from a config table: ``script = [{do = "answer", chunks = 3}, {do = "fail",
         category = "rate_limit", retry_after = 1}]``."""
         steps: list[Step] = []
-        for i, raw in enumerate(table.list("script", [])):
+        for i, raw in enumerate(table.items("script", [])):
             from .._config import Table as _Table
 
             step = _Table(raw, f"{table.path}.script[{i}]")
@@ -144,8 +144,8 @@ class ScriptedClient:
             if kind == "answer":
                 steps.append(
                     Answer(
-                        text=step.str("text", SCRIPTED_ANSWER),
-                        chunks=step.int("chunks", 1, minimum=1),
+                        text=step.text("text", SCRIPTED_ANSWER),
+                        chunks=step.integer("chunks", 1, minimum=1),
                         delay=step.number("delay", 0.0),
                         first_delay=step.number("first_delay", 0.0),
                     )
@@ -155,19 +155,19 @@ class ScriptedClient:
                 steps.append(
                     Fail(
                         category=Category(step.choice("category", categories)),
-                        status=step.int("status", None, minimum=100),
-                        code=step.str("code", None),
+                        status=step.integer("status", None, minimum=100),
+                        code=step.text("code", None),
                         retry_after=step.number("retry_after", None),
-                        after_chunks=step.int("after_chunks", 0),
+                        after_chunks=step.integer("after_chunks", 0),
                         delay=step.number("delay", 0.0),
                     )
                 )
             elif kind == "hang":
-                steps.append(Hang(after_chunks=step.int("after_chunks", 0)))
+                steps.append(Hang(after_chunks=step.integer("after_chunks", 0)))
             else:
                 steps.append(Crash())
             step.done()
-        return cls(steps, accepts_continuation=table.bool("accepts_continuation", False))
+        return cls(steps, accepts_continuation=table.flag("accepts_continuation", False))
 
     def next_step(self) -> Step:
         step = self.script[min(self._next, len(self.script) - 1)]
@@ -260,5 +260,8 @@ def scripted(*steps: Step | Sequence[Step], accepts_continuation: bool = False) 
     """Shorthand: ``scripted(Fail(...), Answer())``."""
     flat: list[Step] = []
     for s in steps:
-        flat.extend(s if isinstance(s, (list, tuple)) else [s])
+        if isinstance(s, (Answer, Fail, Hang, Crash)):
+            flat.append(s)
+        else:
+            flat.extend(s)
     return ScriptedClient(flat, accepts_continuation=accepts_continuation)
