@@ -23,6 +23,10 @@ from ._policy import (
 )
 from ._values import Action, Decision, Rule, Scope
 
+#: Failure codes of attempts the actor itself could not finish (it crashed, was stopped or gave
+#: up): never retried on the same actor, which is restarting or gone.
+INTERRUPTED = frozenset({"actor_crashed", "actor_restarting", "actor_stopped", "actor_gave_up"})
+
 _DEFAULT_RETRY = RetryPolicy()
 _DEFAULT_FAILOVER = FailoverPolicy()
 
@@ -139,6 +143,8 @@ def _retry(
     """A retry decision, or the reason there is none."""
     if not policy.enabled:
         return "retry is disabled"
+    if failure.code in INTERRUPTED:
+        return f"the actor could not finish the attempt ({failure.code})"
     denied = _matched(policy.deny, failure, "retry", "deny")
     if denied is not None:
         return f"retry denied by {denied}"

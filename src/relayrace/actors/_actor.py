@@ -167,6 +167,8 @@ class ProviderActor:
         self.demotion = 0
         self.in_flight = 0
         self.alive = True
+        #: crashed and waiting to be restarted: routing skips it meanwhile.
+        self.restarting = False
         self._demote: Match = policies.demote
         self._probe_timeout = policies.health.probe_timeout
         self._publish = publish
@@ -187,7 +189,7 @@ class ProviderActor:
         return True
 
     def available(self, now: float) -> bool:
-        return self.alive and self.health.available(now)
+        return self.alive and not self.restarting and self.health.available(now)
 
     def snapshot(self, now: float) -> HealthSnapshot:
         return self.health.snapshot(now, self.name, self.in_flight)
@@ -209,12 +211,16 @@ class ProviderActor:
         """Refuse new jobs for good and fail the ones still queued (they fail over)."""
         self.alive = False
         self._inbox_send.close()
+        self.fail_queued("actor_gave_up")
+
+    def fail_queued(self, reason: str) -> None:
+        """Fail the jobs waiting in the inbox (they fail over): the actor crashed or gave up."""
         while True:
             try:
                 job = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            job.finish_interrupted(self.name, "actor_gave_up")
+            job.finish_interrupted(self.name, reason)
 
     # --- the actor's own task ---------------------------------------------------------------
 

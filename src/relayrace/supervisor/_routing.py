@@ -115,6 +115,8 @@ def plan_route(
 def _skip(actor: ProviderActor, now: float) -> Decision:
     if not actor.alive:
         reason, value = "the actor gave up after repeated crashes", "gave_up"
+    elif actor.restarting:
+        reason, value = "the actor is restarting after a crash", "restarting"
     elif actor.health.state(now) is State.PROBING:
         reason, value = "a probe is already in flight", "probing"
     else:

@@ -260,6 +260,8 @@ class Supervisor:
                         )
                     )
                     return
+                actor.restarting = True
+                actor.fail_queued("actor_restarting")
                 self._counts["restarts"] += 1
                 self._publish(
                     Event(
@@ -269,9 +271,12 @@ class Supervisor:
                         detail=repr(_root_cause(exc)),
                     )
                 )
-                await trio.sleep(
-                    min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2 ** (len(restarts) - 1))
-                )
+                try:
+                    await trio.sleep(
+                        min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2 ** (len(restarts) - 1))
+                    )
+                finally:
+                    actor.restarting = False
 
 
 def _root_cause(exc: BaseException) -> BaseException:

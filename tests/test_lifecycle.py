@@ -1,0 +1,202 @@
+"""Cancellation, shutdown, backpressure and crashing actors."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from relayrace import (
+    Budgets,
+    Category,
+    EventKind,
+    Policies,
+    ProviderConfig,
+    RequestFailed,
+    RetryPolicy,
+    open_supervisor,
+)
+from relayrace.actors import ClientCall, Completion, Sink, State
+from relayrace.supervisor._supervisor import MAX_RESTARTS
+from relayrace.testing import SCRIPTED_ANSWER, Answer, Crash, Hang
+
+from .support import client, config, request, scripted_provider
+
+
+def live_tasks() -> int:
+    """Every task under the root task."""
+
+    def count(nursery: trio.Nursery) -> int:
+        return sum(1 + sum(count(n) for n in t.child_nurseries) for t in nursery.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    return sum(count(n) for n in root.child_nurseries)
+
+
+async def test_caller_cancelling_mid_stream_stops_the_attempt_at_once(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(chunks=10, delay=1.0)), scripted_provider("b"))
+    async with open_supervisor(cfg) as sup:
+        got = []
+        async with sup.stream(request()) as s:
+            async for d in s:
+                got.append(d)
+                if len(got) == 3:
+                    left_at = trio.current_time()
+                    break
+        await trio.testing.wait_all_tasks_blocked()  # let the actor see it
+        calls = client(cfg, "a").calls
+        assert [c.outcome for c in calls] == ["cancelled"]
+        assert calls[0].ended_at == left_at  # at once: no time passed
+        assert client(cfg, "b").calls == []  # no failover for a caller that left
+        snap = sup.health()["a"]
+        assert snap.state is State.OK and snap.consecutive_failures == 0 and snap.in_flight == 0
+
+
+async def test_cancelling_a_complete_call_cancels_the_upstream_call(autojump_clock):
+    cfg = config(scripted_provider("a", Hang()))
+    async with open_supervisor(cfg) as sup:
+        with trio.move_on_after(2.0):
+            await sup.complete(request())
+        await trio.testing.wait_all_tasks_blocked()
+        assert client(cfg, "a").outcomes == ["cancelled"]
+        assert sup.health()["a"].consecutive_failures == 0
+        assert sup.statistics().in_flight == 0
+
+
+async def test_shutdown_fails_requests_in_flight_and_leaves_no_task(autojump_clock):
+    before = live_tasks()
+    cfg = config(scripted_provider("a", Hang()))
+    errors: list[RequestFailed] = []
+
+    async def caller(sup) -> None:
+        try:
+            await sup.complete(request())
+        except RequestFailed as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as callers:
+        async with open_supervisor(cfg) as sup:
+            for _ in range(3):
+                callers.start_soon(caller, sup)
+            await trio.sleep(1.0)
+            assert live_tasks() > before
+    # Each caller got exactly one error; nothing survived the block.
+    assert len(errors) == 3
+    assert client(cfg, "a").closed
+    assert client(cfg, "a").outcomes == ["cancelled"] * 3
+    assert live_tasks() == before
+
+
+async def test_drain_lets_requests_finish_and_refuses_new_ones(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(first_delay=5.0)))
+    replies = []
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _append(replies, sup.complete(request())))
+            await trio.sleep(1.0)
+            await sup.drain()
+            assert len(replies) == 1
+        with pytest.raises(RequestFailed) as info:
+            await sup.complete(request())
+        assert info.value.failure.code == "supervisor_closed"
+
+
+async def _append(out, awaitable) -> None:
+    out.append(await awaitable)
+
+
+class Firehose:
+    """A client that pushes deltas as fast as it is let, counting them (a unit-test double)."""
+
+    accepts_continuation = False
+
+    def __init__(self) -> None:
+        self.pushed = 0
+
+    async def call(self, call: ClientCall, sink: Sink) -> Completion:
+        for _ in range(1_000):
+            await sink.delta("x")
+            self.pushed += 1
+        return Completion(model="fire")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_slow_consumer_slows_the_producer(autojump_clock):
+    hose = Firehose()
+    cfg = config(ProviderConfig(name="fire", client=hose, budgets=Budgets(idle=0.5)))
+    async with open_supervisor(cfg) as sup:
+        async with sup.stream(request()) as s:
+            seen = 0
+            async for _ in s:
+                seen += 1
+                if seen % 10 == 0:
+                    await trio.sleep(1.0)  # beyond the idle budget: not the provider's fault
+                    # The producer is never more than one delta ahead of the consumer.
+                    assert hose.pushed - seen <= 1
+        assert s.reply.text == "x" * 1_000
+        assert sup.health()["fire"].consecutive_failures == 0
+
+
+async def test_a_crashing_actor_is_restarted_and_its_jobs_fail_over(autojump_clock):
+    cfg = config(
+        scripted_provider("a", Crash(), Answer(text="after the restart")),
+        scripted_provider("b"),
+    )
+    async with open_supervisor(cfg) as sup:
+        async with sup.subscribe() as events:
+            reply = await sup.complete(request())
+            assert reply.provider == "b"
+            assert reply.attempts[0].failure.code == "actor_crashed"
+            await trio.sleep(5.0)  # the restart backoff
+            again = await sup.complete(request())
+            kinds = []
+            while True:
+                try:
+                    kinds.append(events.receive_nowait().kind)
+                except trio.WouldBlock:
+                    break
+        assert again.provider == "a" and again.text == "after the restart"
+        assert EventKind.ACTOR_RESTARTED in kinds
+        assert sup.statistics().restarts == 1
+
+
+async def test_an_actor_that_keeps_crashing_is_given_up_and_the_supervisor_serves_on(
+    autojump_clock,
+):
+    cfg = config(
+        scripted_provider("a", Crash()),
+        scripted_provider("b"),
+        policies=Policies(retry=RetryPolicy(max_attempts=1)),
+    )
+    async with open_supervisor(cfg) as sup:
+        for _ in range(MAX_RESTARTS + 3):
+            reply = await sup.complete(request())
+            assert reply.provider == "b" and reply.text == SCRIPTED_ANSWER
+            await trio.sleep(1.0)
+        crashes = client(cfg, "a").outcomes.count("crashed")
+        assert crashes == MAX_RESTARTS + 1
+        reply = await sup.complete(request())
+        assert reply.decisions[0].reason == "the actor gave up after repeated crashes"
+
+
+async def test_local_capacity_refuses_fast_when_every_inbox_is_full(autojump_clock):
+    cfg = config(scripted_provider("a", Hang(), max_concurrency=1, inbox_size=1))
+    errors = []
+
+    async def caller(sup) -> None:
+        try:
+            await sup.complete(request())
+        except RequestFailed as exc:
+            errors.append((trio.current_time(), exc.failure))
+
+    async with open_supervisor(cfg) as sup:
+        with trio.move_on_after(1.0):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(caller, sup)
+    refused = [f for _, f in errors if f.category is Category.LOCAL_CAPACITY]
+    # One runs, one waits in the inbox, three are refused at once.
+    assert len(refused) == 3
+    assert all(t == 0 for t, f in errors if f.category is Category.LOCAL_CAPACITY)
