@@ -149,3 +149,57 @@ def test_the_public_api_is_exported() -> None:
     assert issubclass(relayrace.ConfigError, relayrace.RelayraceError)
     assert issubclass(relayrace.BadRequest, relayrace.RelayraceError)
     assert issubclass(relayrace.RequestFailed, relayrace.RelayraceError)
+
+
+GOOD_TOML = """
+seed = 3
+
+[[providers]]
+name = "a"
+kind = "scripted"
+priority = 0
+script = [{ do = "fail", category = "provider_5xx", status = 503 }]
+
+[[providers]]
+name = "b"
+kind = "scripted"
+budgets = { first_token = 4.0 }
+
+[[routes]]
+model = "chat"
+chain = ["a", "b"]
+
+[policies.retry]
+max_attempts = 1
+
+[server]
+http_port = 8080
+"""
+
+
+async def test_a_toml_file_builds_a_working_supervisor(tmp_path, autojump_clock) -> None:
+    path = tmp_path / "relayrace.toml"
+    path.write_text(GOOD_TOML)
+    cfg = Config.from_toml(path)
+    assert [p.name for p in cfg.providers] == ["a", "b"]
+    assert cfg.providers[1].budgets.first_token == 4.0
+    async with relayrace.open_supervisor(cfg) as sup:
+        reply = await sup.complete(relayrace.Request("chat", [{"role": "user", "content": "x"}]))
+    assert reply.provider == "b"
+    assert [a.actor for a in reply.attempts] == ["a", "b"]
+
+
+def test_toml_syntax_errors_and_missing_files_are_config_errors(tmp_path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[providers]]\nname = "a\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: expected valid TOML: .*line 2"):
+        Config.from_toml(path)
+    with pytest.raises(ConfigError, match="missing.toml: expected a readable TOML file"):
+        Config.from_toml(tmp_path / "missing.toml")
+
+
+def test_toml_mistakes_name_the_key(tmp_path) -> None:
+    path = tmp_path / "relayrace.toml"
+    path.write_text(GOOD_TOML.replace("max_attempts = 1", 'max_attempts = "one"'))
+    with pytest.raises(ConfigError, match=r"policies\.retry\.max_attempts: expected an integer"):
+        Config.from_toml(path)

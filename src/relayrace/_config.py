@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -153,6 +154,38 @@ class Config:
             ConfigError: naming the key's path and what was expected.
         """
         return _parse(data, {**CLIENT_FACTORIES, **(clients or {})})
+
+    @classmethod
+    def from_toml(
+        cls, path: str | os.PathLike[str], *, clients: Mapping[str, ClientFactory] | None = None
+    ) -> Config:
+        """Read a TOML config file (its ``[server]`` table, if any, is the gateway's business
+        and is not read here).
+
+        Raises:
+            ConfigError: the file cannot be read, is not valid TOML, or has a mistake (naming
+                the key's path and what was expected).
+        """
+        data = read_toml(path)
+        data.pop("server", None)
+        return cls.from_dict(data, clients=clients)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file into plain data.
+
+    Raises:
+        ConfigError: the file cannot be read or is not valid TOML (with the line and column).
+    """
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(
+            os.fspath(path), f"a readable TOML file ({exc.strerror or exc})", show_got=False
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(os.fspath(path), f"valid TOML: {exc}", show_got=False) from None
 
 
 def _validate(config: Config) -> None:
