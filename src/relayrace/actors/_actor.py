@@ -24,6 +24,13 @@ from ._client import ClientCall, Completion
 from ._health import Health, HealthSnapshot, State
 
 Emit = Callable[[str], Awaitable[None]]
+#: Send a piece of the answer if that needs no waiting: True if it was taken (or swallowed),
+#: False if nothing happened and ``Emit`` must be awaited.
+EmitNowait = Callable[[str], bool]
+
+
+def _never_now(text: str) -> bool:
+    return False
 
 
 @attrs.define(eq=False)
@@ -37,6 +44,7 @@ class Job:
 
     call: ClientCall
     emit: Emit
+    emit_nowait: EmitNowait = _never_now
     request_id: int = 0
     done: trio.Event = attrs.field(factory=trio.Event)
     outcome: Outcome | None = None
@@ -102,10 +110,12 @@ class _Sink:
             return
         job = self._job
         watchdog = self._watchdog
-        # Waiting on a slow caller is not the provider's fault: no idle deadline meanwhile.
-        watchdog.deadline = math.inf
         try:
-            await job.emit(text)
+            # The fast path: the caller is waiting for it. The provider's read is the checkpoint.
+            if not job.emit_nowait(text):
+                # Waiting on a slow caller is not the provider's fault: no idle deadline meanwhile.
+                watchdog.deadline = math.inf
+                await job.emit(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The caller is gone. Cancel rather than raise, so that the client's error mapping
             # never mistakes this for a provider failure.

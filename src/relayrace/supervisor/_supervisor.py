@@ -24,7 +24,7 @@ from .._errors import BadRequest, RequestFailed
 from .._events import Event, EventKind
 from .._failure import Category, Failure
 from .._values import Action, Attempt, Decision, Delta, Outcome, Reply, Request, Rule, Scope
-from ..actors._actor import Job, ProviderActor
+from ..actors._actor import Emit, EmitNowait, Job, ProviderActor
 from ..actors._client import ClientCall
 from ..actors._health import HealthSnapshot, State
 from ._budget import RetryBudget
@@ -348,6 +348,7 @@ class RequestStream:
             raise RuntimeError("a RequestStream can be entered once")
         self._entered = True
         self._run.emit = self._send.send
+        self._run.emit_nowait = self._send.send_nowait
         self._sup._nursery.start_soon(self._serve)
         return self
 
@@ -409,6 +410,7 @@ class _Run:
         self.streaming = streaming
         # Set by RequestStream for streams.
         self.emit: Callable[[Delta], Awaitable[None]] | None = None
+        self.emit_nowait: Callable[[Delta], None] | None = None
         sup._next_id += 1
         self.request_id = sup._next_id
         self.attempts: list[Attempt] = []
@@ -611,7 +613,7 @@ class _Run:
         request = self.request
         parts_before = len(self.parts)
         prefill = "".join(self.parts) if continuation else None
-        emit = self._emitter(actor.name, skip=0 if continuation else released)
+        emit, emit_nowait = self._emitter(actor.name, skip=0 if continuation else released)
         call = ClientCall(
             request=request,
             model=actor.model,
@@ -619,7 +621,7 @@ class _Run:
             prefill=prefill,
             actor=actor.name,
         )
-        job = Job(call=call, emit=emit, request_id=self.request_id)
+        job = Job(call=call, emit=emit, emit_nowait=emit_nowait, request_id=self.request_id)
         started = trio.current_time()
         if sup._subscribers:
             sup._publish(
@@ -688,31 +690,53 @@ class _Run:
             )
         return failure
 
-    def _emitter(self, actor: str, *, skip: int):
+    def _emitter(self, actor: str, *, skip: int) -> tuple[Emit, EmitNowait]:
+        """What the actor's sink calls with each piece of the answer: an async send and a
+        non-waiting one that does nothing (returns False) when the caller is not ready."""
         parts = self.parts
         if not self.streaming:
+
+            def collect_nowait(text: str) -> bool:
+                parts.append(text)
+                return True
 
             async def collect(text: str) -> None:
                 parts.append(text)
 
-            return collect
-        send = self.emit
-        assert send is not None
+            return collect, collect_nowait
+        send, send_nowait = self.emit, self.emit_nowait
+        assert send is not None and send_nowait is not None
         to_skip = [skip]
 
-        async def forward(text: str) -> None:
-            if to_skip[0]:
-                # Restarting after a broken stream: release output only past what the caller has.
-                if len(text) <= to_skip[0]:
-                    to_skip[0] -= len(text)
-                    return
-                text = text[to_skip[0] :]
-                to_skip[0] = 0
-            await send(Delta(self.seq, text, actor))
-            self.seq += 1
-            parts.append(text)
+        def trim(text: str) -> tuple[str, int]:
+            # Restarting after a broken stream: release output only past what the caller has.
+            left = to_skip[0]
+            if not left:
+                return text, 0
+            if len(text) <= left:
+                return "", left - len(text)
+            return text[left:], 0
 
-        return forward
+        def forward_nowait(text: str) -> bool:
+            out, left = trim(text)
+            if out:
+                try:
+                    send_nowait(Delta(self.seq, out, actor))
+                except trio.WouldBlock:
+                    return False
+                self.seq += 1
+                parts.append(out)
+            to_skip[0] = left
+            return True
+
+        async def forward(text: str) -> None:
+            out, to_skip[0] = trim(text)
+            if out:
+                await send(Delta(self.seq, out, actor))
+                self.seq += 1
+                parts.append(out)
+
+        return forward, forward_nowait
 
     def _record(
         self,
