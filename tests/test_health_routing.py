@@ -20,7 +20,7 @@ from relayrace import (
 )
 from relayrace import open_supervisor as open_sup
 from relayrace.actors import State
-from relayrace.testing import Answer, Fail
+from relayrace.testing import Answer, Fail, Hang
 
 from .support import client, config, request, scripted_provider
 
@@ -259,3 +259,22 @@ async def test_benched_share_cap_keeps_actors_in_service(autojump_clock):
         assert snaps["c"].state is State.OK and snaps["c"].consecutive_failures == 1
         sup.bench("d", 5.0)  # a manual bench is the operator's call: always honoured
         assert sup.health()["d"].state is State.BENCHED
+
+
+async def test_a_hanging_probe_is_cut_at_its_own_deadline_and_rebenches(autojump_clock):
+    policies = Policies(
+        retry=NO_RETRY,
+        health=HealthPolicy(failure_threshold=1, cooldown_base=5, probe_timeout=3.0),
+    )
+    cfg = config(scripted_provider("a", five_xx(), Hang()), scripted_provider("b"), policies=policies)
+    async with open_sup(cfg) as sup:
+        await sup.complete(request())
+        await trio.sleep(5.0)
+        start = trio.current_time()
+        reply = await sup.complete(request())
+        assert reply.provider == "b"
+        probe = reply.attempts[0]
+        assert probe.actor == "a" and probe.probe
+        assert probe.failure.code == "probe_timeout"
+        assert trio.current_time() - start == pytest.approx(3.0)  # not the 30 s first-token budget
+        assert sup.health()["a"].benched_until == pytest.approx(start + 3.0 + 10.0)
