@@ -367,7 +367,30 @@ def _scripted_factory(table: Table) -> Any:
     return ScriptedClient.from_table(table)
 
 
-CLIENT_FACTORIES: dict[str, ClientFactory] = {"scripted": _scripted_factory}
+def _openai_factory(table: Table) -> Any:
+    from .actors._openai import OpenAIClient
+
+    return OpenAIClient.from_table(table)
+
+
+def _anthropic_factory(table: Table) -> Any:
+    from .actors._anthropic import AnthropicClient
+
+    return AnthropicClient.from_table(table)
+
+
+def _gemini_factory(table: Table) -> Any:
+    from .actors._gemini import GeminiClient
+
+    return GeminiClient.from_table(table)
+
+
+CLIENT_FACTORIES: dict[str, ClientFactory] = {
+    "scripted": _scripted_factory,
+    "openai": _openai_factory,
+    "anthropic": _anthropic_factory,
+    "gemini": _gemini_factory,
+}
 
 CATEGORY_NAMES = [c.value for c in Category]
 

@@ -1,17 +1,23 @@
 """Provider actors and the provider clients they drive."""
 
 from ._actor import ProviderActor as ProviderActor
+from ._anthropic import AnthropicClient as AnthropicClient
 from ._client import ClientCall as ClientCall
 from ._client import Completion as Completion
 from ._client import ProviderClient as ProviderClient
 from ._client import Sink as Sink
+from ._gemini import GeminiClient as GeminiClient
 from ._health import HealthSnapshot as HealthSnapshot
 from ._health import State as State
+from ._openai import OpenAIClient as OpenAIClient
 
 __all__ = [
+    "AnthropicClient",
     "ClientCall",
     "Completion",
+    "GeminiClient",
     "HealthSnapshot",
+    "OpenAIClient",
     "ProviderActor",
     "ProviderClient",
     "Sink",

@@ -55,6 +55,8 @@ class Job:
     first_delta_at: float | None = None
     ended_at: float | None = None
     deltas: int = 0
+    #: the provider started answering (its response headers arrived, or a delta).
+    progressed: bool = False
     cancel_requested: bool = False
     _scope: trio.CancelScope | None = None
 
@@ -128,6 +130,7 @@ class _Sink:
         watchdog.deadline = now + self._idle
 
     def progress(self) -> None:
+        self._job.progressed = True
         self._watchdog.deadline = trio.current_time() + self._idle
 
 
@@ -328,8 +331,8 @@ class ProviderActor:
                         else exc.failure.with_provider(self.name)
                     )
             if watchdog.cancelled_caught:
-                if job.deltas:
-                    failure = self._timeout("idle_timeout", f"no delta for {budgets.idle:g}s")
+                if job.deltas or job.progressed:
+                    failure = self._timeout("idle_timeout", f"nothing for {budgets.idle:g}s")
                 else:
                     failure = self._timeout(
                         "first_token_timeout", f"no answer within {budgets.first_token:g}s"

@@ -1,5 +1,11 @@
-"""Test helpers: a scripted provider client and (with #3) a fault-injecting mock provider."""
+"""Test helpers: a scripted provider client and a fault-injecting mock provider server."""
 
+from ._mock_provider import SCENARIOS as MOCK_SCENARIOS
+from ._mock_provider import MockAttempt as MockAttempt
+from ._mock_provider import MockProvider as MockProvider
+from ._mock_provider import MockScenario as MockScenario
+from ._mock_provider import mock_model as mock_model
+from ._mock_provider import serve_mock_provider as serve_mock_provider
 from ._scripted import SCRIPTED_ANSWER as SCRIPTED_ANSWER
 from ._scripted import Answer as Answer
 from ._scripted import Crash as Crash
@@ -10,12 +16,18 @@ from ._scripted import ScriptedClient as ScriptedClient
 from ._scripted import split_text as split_text
 
 __all__ = [
+    "MOCK_SCENARIOS",
     "SCRIPTED_ANSWER",
     "Answer",
     "Crash",
     "Fail",
     "Hang",
+    "MockAttempt",
+    "MockProvider",
+    "MockScenario",
     "RecordedCall",
     "ScriptedClient",
+    "mock_model",
+    "serve_mock_provider",
     "split_text",
 ]

@@ -1,0 +1,483 @@
+"""The OpenAI-compatible HTTP endpoint, as an ASGI application (served by hypercorn on trio).
+
+Routes: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models`` (the
+supervisor's routes) and ``GET /healthz`` (actor health). Every route needs a bearer token when
+tokens are configured. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``, plus a ``relayrace`` object saying why. See ``docs/servers.md``.
+
+A streamed answer holds back its response headers until the first delta: before it, the
+supervisor fails over transparently, and a request that fails outright gets a real HTTP error
+status rather than a ``200`` with an error inside.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from .._errors import BadRequest, RequestFailed
+from .._failure import Category
+from .._values import Reply, Request
+from ..actors import State
+from ..supervisor import Supervisor
+from ._common import (
+    Gate,
+    ShuttingDown,
+    Stop,
+    Ticket,
+    authorized,
+    dumps,
+    failure_trace,
+    reply_trace,
+)
+from ._settings import ServerSettings
+
+log = logging.getLogger("relayrace.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# HTTP status and OpenAI error type per failure category. The client's own token was accepted
+# (a bad one gets 401 at the door), so an upstream `auth` or `quota_exhausted` is our upstream
+# refusing us: a 502, never a 401/429 that would send the client after its own key or plan.
+_STATUS: dict[Category, tuple[int, str]] = {
+    Category.BAD_REQUEST: (400, "invalid_request_error"),
+    Category.CONTEXT_LENGTH: (400, "invalid_request_error"),
+    Category.CONTENT_POLICY: (400, "invalid_request_error"),
+    Category.MODEL_NOT_FOUND: (404, "invalid_request_error"),
+    Category.RATE_LIMIT: (429, "rate_limit_error"),
+    Category.OVERLOADED: (503, "service_unavailable_error"),
+    # Our own capacity (every actor's inbox full) or a supervisor shutting down: try again
+    # later or elsewhere. Not a 429: the client did not exceed a limit of its own.
+    Category.LOCAL_CAPACITY: (503, "service_unavailable_error"),
+    Category.CANCELLED: (503, "service_unavailable_error"),
+    Category.TIMEOUT: (504, "server_error"),
+    Category.AUTH: (502, "upstream_error"),
+    Category.QUOTA_EXHAUSTED: (502, "upstream_error"),
+    Category.PROVIDER_5XX: (502, "upstream_error"),
+    Category.NETWORK: (502, "upstream_error"),
+    Category.STREAM_ERROR: (502, "upstream_error"),
+    Category.UNKNOWN: (502, "upstream_error"),
+}
+
+# Keys of a chat completion body that are not generation parameters for the provider.
+_NOT_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
+
+
+class _HTTPError(Exception):
+    """Ends a request with an error response in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {
+            "error": {"message": message, "type": kind, "param": param, "code": code}
+        }
+        if extra is not None:
+            self.body["relayrace"] = extra
+        self.headers = headers or []
+
+    @classmethod
+    def from_failure(cls, exc: RequestFailed) -> _HTTPError:
+        failure = exc.failure
+        status, kind = _STATUS.get(failure.category, (502, "upstream_error"))
+        headers = []
+        if failure.category is Category.RATE_LIMIT and failure.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(failure.retry_after))).encode()))
+        return cls(
+            status,
+            str(exc),
+            kind=kind,
+            code=failure.code or failure.category.value,
+            extra=failure_trace(exc),
+            headers=headers,
+        )
+
+
+class _Disconnected(Exception):
+    """The client went away while its request body was read."""
+
+
+class OpenAIApp:
+    """An ASGI application serving the OpenAI-compatible API from one supervisor.
+
+    Args:
+        sup: the supervisor that serves the requests.
+        settings: tokens and ``max_body_bytes`` are used.
+        gate: the gate of the surrounding ``serve`` (requests in flight, shutdown).
+    """
+
+    def __init__(self, sup: Supervisor, settings: ServerSettings, gate: Gate):
+        self.sup = sup
+        self.settings = settings
+        self.gate = gate
+        # The upstream model each provider is asked for (``None``: the route's name is passed
+        # through). Chunks before the last carry it; the last one carries what the provider
+        # reported.
+        self._models = {p.name: p.model for p in sup.config.providers}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            # A websocket upgrade on the HTTP port: the websocket endpoint has its own port.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        try:
+            await self._route(scope, receive, send)
+        except _HTTPError as exc:
+            await _send_json(send, exc.status, exc.body, exc.headers)
+        except _Disconnected:
+            pass
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        routes = {
+            "/v1/chat/completions": ("POST", self._chat_completions),
+            "/v1/models": ("GET", self._models_list),
+            "/healthz": ("GET", self._healthz),
+        }
+        found = routes.get(path.rstrip("/") or "/")
+        if found is None:
+            raise _HTTPError(404, f"unknown path {path[:200]!r}", code="unknown_url")
+        if not authorized(self.settings.tokens, scope["headers"]):
+            raise _HTTPError(
+                401,
+                "missing or invalid bearer token",
+                kind="authentication_error",
+                code="invalid_api_key",
+                headers=[(b"www-authenticate", b'Bearer realm="relayrace"')],
+            )
+        allowed, handler = found
+        if method != allowed:
+            raise _HTTPError(
+                405,
+                f"{method} is not allowed on {path}; use {allowed}",
+                code="method_not_allowed",
+                headers=[(b"allow", allowed.encode())],
+            )
+        await handler(scope, receive, send)
+
+    # --- GET /v1/models and /healthz ----------------------------------------------------------
+
+    async def _models_list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "relayrace",
+                "chain": list(route.chain),
+                "strategy": route.strategy,
+            }
+            for name, route in self.sup.routes.items()
+        ]
+        await _send_json(send, 200, {"object": "list", "data": data})
+
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        health = self.sup.health()
+        states = [snapshot.state for snapshot in health.values()]
+        if self.gate.closed:
+            status = "shutting_down"
+        elif all(state is State.OK for state in states):
+            status = "ok"
+        elif any(state is not State.BENCHED for state in states):
+            status = "degraded"
+        else:
+            status = "unavailable"
+        body = {
+            "status": status,
+            "actors": {name: snapshot.to_dict() for name, snapshot in health.items()},
+            "in_flight": len(self.gate),
+        }
+        # 503 only while shutting down, so that a load balancer stops sending traffic; a
+        # degraded or benched supervisor still answers (terminus, all-benched policy).
+        await _send_json(send, 503 if self.gate.closed else 200, body)
+
+    # --- POST /v1/chat/completions ------------------------------------------------------------
+
+    async def _chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_json(scope, receive)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _HTTPError(400, "'stream' must be true or false", param="stream")
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict)):
+            raise _HTTPError(
+                400,
+                "'stream_options' is an object, allowed only with stream",
+                param="stream_options",
+            )
+        include_usage = bool(options and options.get("include_usage"))
+        if body.get("n", 1) not in (1, None):
+            raise _HTTPError(400, "only n=1 is supported", param="n")
+        try:
+            request = Request(
+                body.get("model"),  # type: ignore[arg-type]  # Request checks it
+                body.get("messages"),  # type: ignore[arg-type]
+                # OpenAI reads a null parameter as "not given"; so do we.
+                params={k: v for k, v in body.items() if k not in _NOT_PARAMS and v is not None},
+            )
+        except BadRequest as exc:
+            # Generation parameters sit at the top of an OpenAI body, not under `params`.
+            field = exc.field.removeprefix("params.")
+            message = f"{field}: {exc.problem}"
+            raise _HTTPError(400, message, param=field, code="invalid_request") from None
+        try:
+            ticket = self.gate.issue()
+        except ShuttingDown:
+            raise _HTTPError(
+                503,
+                "the server is shutting down",
+                kind="service_unavailable_error",
+                code="server_shutdown",
+            ) from None
+        error: _HTTPError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, ticket)
+                # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
+                try:
+                    if stream:
+                        await self._stream(request, include_usage, ticket, send)
+                    else:
+                        await self._complete(request, ticket, send)
+                except _HTTPError as exc:
+                    error = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            self.gate.release(ticket)
+        if error is not None:
+            raise error
+
+    async def _read_json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        limit = self.settings.max_body_bytes
+        too_large = _HTTPError(
+            413, f"the request body exceeds {limit} bytes", code="request_too_large"
+        )
+        for name, value in scope["headers"]:
+            if name.lower() == b"content-length" and value.isdigit() and int(value) > limit:
+                raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError as exc:
+            raise _HTTPError(
+                400, f"the body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    def _no_route(self, exc: BadRequest) -> _HTTPError:
+        return _HTTPError(404, str(exc), param=exc.field, code="model_not_found")
+
+    def _shutdown_error(self) -> _HTTPError:
+        return _HTTPError(
+            503, Stop.SHUTDOWN.value, kind="service_unavailable_error", code="server_shutdown"
+        )
+
+    async def _complete(self, request: Request, ticket: Ticket, send: Send) -> None:
+        reply: Reply | None = None
+        with ticket.scope:
+            try:
+                reply = await self.sup.complete(request)
+            except BadRequest as exc:
+                raise self._no_route(exc) from None
+            except RequestFailed as exc:
+                raise _HTTPError.from_failure(exc) from None
+        if reply is None:
+            if ticket.stop is Stop.SHUTDOWN:
+                raise self._shutdown_error()
+            return  # the client is gone: nobody to answer
+        completion_id = _completion_id()
+        body = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": reply.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason or "stop",
+                }
+            ],
+            "usage": None if reply.usage is None else reply.usage.to_dict(),
+            "system_fingerprint": None,
+            "relayrace": reply_trace(reply),
+        }
+        await _send_json(send, 200, body, [(b"x-relayrace-provider", reply.provider.encode())])
+
+    async def _stream(
+        self, request: Request, include_usage: bool, ticket: Ticket, send: Send
+    ) -> None:
+        try:
+            stream = self.sup.stream(request)
+        except BadRequest as exc:
+            raise self._no_route(exc) from None
+        chunk_id = _completion_id()
+        created = int(time.time())
+        started = False
+
+        def chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            body: dict[str, Any] = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if include_usage:
+                body["usage"] = None
+            return body
+
+        async def start(provider: str) -> None:
+            nonlocal started
+            started = True
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-relayrace-provider", provider.encode()),
+                    ],
+                }
+            )
+
+        reply: Reply | None = None
+        failure: RequestFailed | None = None
+        with ticket.scope:
+            try:
+                async with stream:
+                    async for delta in stream:
+                        model = self._models.get(delta.provider) or request.model
+                        content: dict[str, Any] = {"content": delta.text}
+                        if not started:
+                            await start(delta.provider)
+                            content = {"role": "assistant", "content": delta.text}
+                        await _send_event(send, chunk(model, content, None))
+                reply = stream.reply
+            except RequestFailed as exc:
+                failure = exc
+        if reply is None and failure is None:
+            if ticket.stop is not Stop.SHUTDOWN:
+                return  # the client is gone: nobody to answer
+            if not started:
+                raise self._shutdown_error()
+            error = self._shutdown_error()
+            await _send_event(send, error.body, more=False)
+            return
+        if failure is not None:
+            error = _HTTPError.from_failure(failure)
+            if not started:
+                raise error
+            # The answer is cut short: say so, and never send `[DONE]`, so that no client takes
+            # a truncated answer for a whole one.
+            await _send_event(send, error.body, more=False)
+            return
+        assert reply is not None
+        if not started:
+            await start(reply.provider)
+            await _send_event(send, chunk(reply.model, {"role": "assistant", "content": ""}, None))
+        last = chunk(reply.model, {}, reply.finish_reason or "stop")
+        last["relayrace"] = reply_trace(reply)
+        await _send_event(send, last)
+        if include_usage:
+            usage = chunk(reply.model, {}, None)
+            usage["choices"] = []
+            usage["usage"] = None if reply.usage is None else reply.usage.to_dict()
+            await _send_event(send, usage)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+async def _watch_disconnect(receive: Receive, ticket: Ticket) -> None:
+    """Cancel the request as soon as the client disconnects."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ticket.cancel(Stop.CLIENT_GONE)
+            return
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _send_json(
+    send: Send,
+    status: int,
+    body: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    data = dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _send_event(send: Send, data: dict[str, Any], *, more: bool = True) -> None:
+    await send(
+        {
+            "type": "http.response.body",
+            "body": b"data: " + dumps(data).encode() + b"\n\n",
+            "more_body": more,
+        }
+    )

@@ -1,0 +1,597 @@
+"""The OpenAI-compatible HTTP endpoint, over real loopback sockets: with httpx, and with the
+official ``openai`` SDK (which runs on trio through anyio)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+import trio.testing
+
+from relayrace import Category, Config, Supervisor, open_supervisor
+from relayrace.server import Server, ServerSettings, serve
+from relayrace.testing import SCRIPTED_ANSWER, Answer, Fail, Hang, split_text
+
+from .support import client, config, scripted_provider
+
+C = Category
+TOKEN = "http-s3cret-token"
+MESSAGES = [{"role": "user", "content": "hi"}]
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@asynccontextmanager
+async def running(
+    cfg: Config, **settings: Any
+) -> AsyncIterator[tuple[Supervisor, Server, httpx.AsyncClient]]:
+    """A supervisor for ``cfg``, the HTTP endpoint on a free loopback port, and an httpx client
+    for it (no timeouts of its own: the tests' clock may jump)."""
+    settings.setdefault("ws_port", None)
+    settings.setdefault("tokens", [TOKEN])
+    async with open_supervisor(cfg) as sup, trio.open_nursery() as nursery:
+        server = await nursery.start(serve, sup, ServerSettings(http_port=0, **settings))
+        assert server.http_url is not None
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=None, headers=AUTH) as http:
+            yield sup, server, http
+        nursery.cancel_scope.cancel()
+
+
+def body(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": MESSAGES, **extra}
+
+
+async def events(response: httpx.Response) -> list[Any]:
+    """The ``data:`` payloads of a server-sent event stream (``"[DONE]"`` kept as a string)."""
+    found: list[Any] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            found.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line
+    return found
+
+
+async def raw_request(server: Server, payload: dict[str, Any]) -> trio.SocketStream:
+    """A chat completion request sent on a bare socket, which the test can close at any moment
+    (httpx leaves its inner async generators for the garbage collector when a stream is left
+    early, which trio reports)."""
+    assert server.http_port is not None
+    data = json.dumps(payload).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: relayrace\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+    )
+    return stream
+
+
+# --- non-streamed -----------------------------------------------------------------------------
+
+
+async def test_chat_completion(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(model="upstream-x")))
+    async with running(cfg) as (_, _, http):
+        response = await http.post(
+            "/v1/chat/completions", json=body(temperature=0.2, n=None, top_p=None)
+        )
+    assert response.status_code == 200
+    assert response.headers["x-relayrace-provider"] == "a"
+    assert response.headers["content-type"] == "application/json"
+    data = response.json()
+    assert data["object"] == "chat.completion"
+    assert data["id"].startswith("chatcmpl-")
+    assert data["model"] == "upstream-x"  # the model that answered, not the route
+    assert data["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": SCRIPTED_ANSWER, "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert data["usage"] == {"prompt_tokens": 10, "completion_tokens": 9, "total_tokens": 19}
+    assert data["relayrace"]["provider"] == "a"
+    assert [a["outcome"] for a in data["relayrace"]["attempts"]] == ["ok"]
+    assert data["relayrace"]["decisions"] == []
+    assert client(cfg, "a").calls[0].stream is False
+
+
+async def test_failover_is_reported(autojump_clock):
+    cfg = config(
+        scripted_provider(
+            "a", Fail(category=C.QUOTA_EXHAUSTED, status=429, code="insufficient_quota")
+        ),
+        scripted_provider("b"),
+    )
+    async with running(cfg) as (_, _, http):
+        response = await http.post("/v1/chat/completions", json=body())
+    assert response.status_code == 200
+    assert response.headers["x-relayrace-provider"] == "b"
+    trace = response.json()["relayrace"]
+    assert [(a["actor"], a["outcome"]) for a in trace["attempts"]] == [("a", "failed"), ("b", "ok")]
+    assert trace["attempts"][0]["failure"]["code"] == "insufficient_quota"
+    assert trace["decisions"][0]["action"] == "failover"
+
+
+# --- streamed ---------------------------------------------------------------------------------
+
+
+async def test_streamed_chat_completion(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(chunks=3, delay=1.0)))
+    async with running(cfg) as (_, _, http):
+        async with http.stream("POST", "/v1/chat/completions", json=body(stream=True)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-relayrace-provider"] == "a"
+            chunks = await events(response)
+    *answer, last, done = chunks
+    assert done == "[DONE]"
+    assert [c["choices"][0]["delta"] for c in answer] == [
+        {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        for i, piece in enumerate(split_text(SCRIPTED_ANSWER, 3))
+    ]
+    for chunk in chunks[:-1]:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert chunk["id"] == answer[0]["id"]
+        assert chunk["model"] == "m"
+        assert "usage" not in chunk  # only with stream_options.include_usage
+    assert [c["choices"][0]["finish_reason"] for c in answer] == [None, None, None]
+    assert last["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert last["relayrace"]["provider"] == "a"
+    assert client(cfg, "a").calls[0].stream is True
+
+
+async def test_streamed_usage_when_asked_for(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(chunks=2)))
+    async with running(cfg) as (_, _, http):
+        request = body(stream=True, stream_options={"include_usage": True})
+        async with http.stream("POST", "/v1/chat/completions", json=request) as response:
+            chunks = await events(response)
+    *answer, usage, done = chunks
+    assert done == "[DONE]"
+    assert all(c["usage"] is None for c in answer)
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 10, "completion_tokens": 9, "total_tokens": 19}
+
+
+async def test_streamed_failover_before_the_first_delta_is_invisible(autojump_clock):
+    cfg = config(
+        scripted_provider("a", Fail(category=C.OVERLOADED, status=529)),
+        scripted_provider("b", Answer(chunks=2)),
+    )
+    async with running(cfg) as (_, _, http):
+        async with http.stream("POST", "/v1/chat/completions", json=body(stream=True)) as response:
+            assert response.headers["x-relayrace-provider"] == "b"
+            chunks = await events(response)
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == SCRIPTED_ANSWER
+    )
+    trace = chunks[-2]["relayrace"]
+    assert [a["actor"] for a in trace["attempts"]] == ["a", "b"]
+
+
+async def test_a_stream_broken_midway_ends_with_an_error_event_and_no_done(autojump_clock):
+    cfg = config(
+        scripted_provider("a", Fail(category=C.PROVIDER_5XX, status=500, after_chunks=2)),
+        scripted_provider("b"),
+    )
+    async with running(cfg) as (_, _, http):
+        async with http.stream("POST", "/v1/chat/completions", json=body(stream=True)) as response:
+            assert response.status_code == 200
+            chunks = await events(response)
+    assert "[DONE]" not in chunks
+    first, second, error = chunks
+    assert first["choices"][0]["delta"]["content"] + second["choices"][0]["delta"]["content"]
+    assert error["error"]["type"] == "upstream_error"
+    assert error["error"]["code"] == "interrupted"
+    assert error["relayrace"]["category"] == "stream_error"
+    assert error["relayrace"]["attempts"][0]["actor"] == "a"
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("step", "status", "kind", "code"),
+    [
+        (
+            Fail(category=C.BAD_REQUEST, status=400, code="invalid_value"),
+            400,
+            "invalid_request_error",
+            "invalid_value",
+        ),
+        (
+            Fail(category=C.CONTEXT_LENGTH, status=400, code="context_length_exceeded"),
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+        ),
+        (
+            Fail(category=C.CONTENT_POLICY, status=400),
+            400,
+            "invalid_request_error",
+            "content_policy",
+        ),
+        (
+            Fail(category=C.MODEL_NOT_FOUND, status=404),
+            404,
+            "invalid_request_error",
+            "model_not_found",
+        ),
+        (
+            Fail(category=C.RATE_LIMIT, status=429, retry_after=90),
+            429,
+            "rate_limit_error",
+            "rate_limit",
+        ),
+        (Fail(category=C.OVERLOADED, status=529), 503, "service_unavailable_error", "overloaded"),
+        (Fail(category=C.TIMEOUT), 504, "server_error", "timeout"),
+        (Fail(category=C.PROVIDER_5XX, status=500), 502, "upstream_error", "provider_5xx"),
+        (
+            Fail(category=C.AUTH, status=401, code="invalid_api_key"),
+            502,
+            "upstream_error",
+            "invalid_api_key",
+        ),
+        (Fail(category=C.QUOTA_EXHAUSTED, status=429), 502, "upstream_error", "quota_exhausted"),
+        (Fail(category=C.NETWORK), 502, "upstream_error", "network"),
+    ],
+)
+async def test_failures_map_to_openai_errors(autojump_clock, step, status, kind, code, stream):
+    cfg = config(scripted_provider("a", step))
+    async with running(cfg) as (_, _, http):
+        response = await http.post("/v1/chat/completions", json=body(stream=stream))
+    assert response.status_code == status
+    data = response.json()
+    assert set(data["error"]) == {"message", "type", "param", "code"}
+    assert data["error"]["type"] == kind
+    assert data["error"]["code"] == code
+    assert data["error"]["message"].startswith(step.category.value)
+    assert data["relayrace"]["category"] == step.category.value
+    assert data["relayrace"]["attempts"][0]["actor"] == "a"
+    if step.category is C.RATE_LIMIT:
+        assert response.headers["retry-after"] == "90"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"[1]", 400, "invalid_json", None),
+        (json.dumps({"model": "m"}).encode(), 400, "invalid_request", "messages"),
+        (
+            json.dumps(body(messages=[{"role": "robot", "content": "x"}])).encode(),
+            400,
+            "invalid_request",
+            "messages[0].role",
+        ),
+        (json.dumps(body(temperature=7)).encode(), 400, "invalid_request", "temperature"),
+        (json.dumps(body(stream="yes")).encode(), 400, None, "stream"),
+        (
+            json.dumps(body(stream_options={"include_usage": True})).encode(),
+            400,
+            None,
+            "stream_options",
+        ),
+        (json.dumps(body(n=2)).encode(), 400, None, "n"),
+        (json.dumps(body(model="nope")).encode(), 404, "model_not_found", "model"),
+    ],
+)
+async def test_invalid_requests_get_openai_errors(autojump_clock, payload, status, code, param):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, _, http):
+        response = await http.post("/v1/chat/completions", content=payload)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == code
+    assert error["param"] == param
+    assert error["message"]
+    assert client(cfg, "a").calls == []
+
+
+async def test_the_request_body_is_limited(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, max_body_bytes=1000) as (_, _, http):
+        ok = await http.post("/v1/chat/completions", json=body(user="x" * 800))
+        declared = await http.post("/v1/chat/completions", json=body(user="x" * 1000))
+
+        async def chunked() -> AsyncIterator[bytes]:
+            # No content-length: the limit is enforced while reading.
+            for _ in range(20):
+                yield b" " * 100
+
+        streamed = await http.post("/v1/chat/completions", content=chunked())
+    assert ok.status_code == 200
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+    assert len(client(cfg, "a").calls) == 1
+
+
+async def test_unknown_paths_and_methods(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, _, http):
+        missing = await http.get("/v1/embeddings")
+        wrong = await http.get("/v1/chat/completions")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "unknown_url"
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models", "/healthz"])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Bearer {TOKEN}x", TOKEN])
+async def test_a_missing_or_wrong_token_gets_401(autojump_clock, caplog, path, header):
+    caplog.set_level(logging.DEBUG)
+    cfg = config(scripted_provider("a"))
+    headers = {} if header is None else {"authorization": header}
+    async with running(cfg) as (_, server, _):
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=None) as anonymous:
+            response = await anonymous.request(
+                "POST" if "chat" in path else "GET", path, json=body(), headers=headers
+            )
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["error"] == {
+        "message": "missing or invalid bearer token",
+        "type": "authentication_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    assert TOKEN not in response.text
+    assert TOKEN not in caplog.text
+    assert client(cfg, "a").calls == []
+
+
+async def test_no_tokens_means_no_auth(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, tokens=[]) as (_, server, _):
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=None) as anonymous:
+            response = await anonymous.post("/v1/chat/completions", json=body())
+    assert response.status_code == 200
+
+
+# --- models and health ------------------------------------------------------------------------
+
+
+async def test_models_lists_the_routes(autojump_clock):
+    cfg = config(scripted_provider("a"), scripted_provider("b"))
+    async with running(cfg) as (_, _, http):
+        response = await http.get("/v1/models")
+    assert response.status_code == 200
+    assert response.json() == {
+        "object": "list",
+        "data": [
+            {
+                "id": "m",
+                "object": "model",
+                "created": 0,
+                "owned_by": "relayrace",
+                "chain": ["a", "b"],
+                "strategy": "priority",
+            }
+        ],
+    }
+
+
+async def test_healthz_reports_actor_health(autojump_clock):
+    cfg = config(scripted_provider("a"), scripted_provider("b"))
+    async with running(cfg) as (sup, _, http):
+        healthy = (await http.get("/healthz")).json()
+        sup.bench("b", 30)
+        degraded = await http.get("/healthz")
+    assert healthy["status"] == "ok"
+    assert healthy["actors"]["a"]["state"] == "ok"
+    assert degraded.status_code == 200
+    assert degraded.json()["status"] == "degraded"
+    assert degraded.json()["actors"]["b"]["state"] == "benched"
+    assert degraded.json()["actors"]["b"]["benched_until"] == 30
+
+
+# --- cancellation and shutdown ----------------------------------------------------------------
+
+
+async def test_a_client_leaving_a_stream_cancels_the_upstream_call(autojump_clock):
+    cfg = config(scripted_provider("a", Hang(after_chunks=1)))
+    async with running(cfg, tokens=[]) as (sup, server, _):
+        async with await raw_request(server, body(stream=True)) as stream:
+            received = b""
+            while b"data: " not in received:
+                received += await stream.receive_some()
+            assert received.startswith(b"HTTP/1.1 200")
+        await trio.testing.wait_all_tasks_blocked()
+        assert client(cfg, "a").outcomes == ["cancelled"]
+        assert sup.health()["a"].consecutive_failures == 0
+        assert sup.statistics().in_flight == 0
+        assert trio.current_time() == 0
+
+
+async def test_a_client_disconnecting_cancels_a_non_streamed_request(autojump_clock):
+    cfg = config(scripted_provider("a", Hang()))
+    async with running(cfg, tokens=[]) as (sup, server, _):
+        async with await raw_request(server, body()):
+            await trio.testing.wait_all_tasks_blocked()
+            assert client(cfg, "a").in_flight == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert client(cfg, "a").outcomes == ["cancelled"]
+        assert sup.health()["a"].consecutive_failures == 0
+        assert trio.current_time() == 0
+
+
+async def test_graceful_shutdown(autojump_clock):
+    cfg = config(
+        scripted_provider(
+            "a", Answer(chunks=2, delay=4.0, first_delay=1.0), Hang(after_chunks=1), Hang()
+        )
+    )
+    settings = ServerSettings(ws_port=None, http_port=0, shutdown_grace=10)
+    results: dict[str, Any] = {}
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, sup, settings)
+            assert server.http_url is not None
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=None) as http:
+
+                async def quick() -> None:
+                    results["quick"] = await http.post("/v1/chat/completions", json=body())
+
+                async def stuck_stream() -> None:
+                    request = body(stream=True)
+                    async with http.stream("POST", "/v1/chat/completions", json=request) as r:
+                        results["stuck_stream"] = await events(r)
+
+                async def stuck() -> None:
+                    results["stuck"] = await http.post("/v1/chat/completions", json=body())
+
+                async with trio.open_nursery() as clients:
+                    for run in (quick, stuck_stream, stuck):
+                        clients.start_soon(run)
+                        await trio.testing.wait_all_tasks_blocked()
+                    assert client(cfg, "a").in_flight == 3
+                    begun = trio.current_time()
+                    server.shutdown()
+                    await trio.testing.wait_all_tasks_blocked()
+                    with pytest.raises(httpx.ConnectError):
+                        async with httpx.AsyncClient(base_url=server.http_url) as late:
+                            await late.get("/healthz")
+        stopped_after = trio.current_time() - begun
+    assert results["quick"].status_code == 200
+    assert results["quick"].json()["choices"][0]["message"]["content"] == SCRIPTED_ANSWER
+    *_, error = results["stuck_stream"]
+    assert error["error"]["code"] == "server_shutdown"
+    assert "[DONE]" not in results["stuck_stream"]
+    assert results["stuck"].status_code == 503
+    assert results["stuck"].json()["error"]["code"] == "server_shutdown"
+    assert stopped_after == 10
+    assert sorted(client(cfg, "a").outcomes) == ["cancelled", "cancelled", "ok"]
+
+
+# --- the official openai SDK ------------------------------------------------------------------
+# These run on the real clock: the SDK looks up the platform in a worker thread, and a mock
+# clock would jump while it runs. Nothing here waits on time.
+
+
+@contextmanager
+def unfinished_httpx_generators() -> Iterator[None]:
+    """The SDK stops reading a stream at ``[DONE]`` (or at an error event), leaving httpx's inner
+    async generators suspended; trio warns when it finalizes them. Collect them here, where
+    that is expected, instead of in some later test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        yield
+        gc.collect()
+
+
+@asynccontextmanager
+async def sdk(cfg: Config) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with running(cfg) as (_, server, _):
+        async with httpx.AsyncClient(timeout=None) as http_client:
+            yield openai.AsyncOpenAI(
+                base_url=f"{server.http_url}/v1",
+                api_key=TOKEN,
+                http_client=http_client,
+                max_retries=0,
+            )
+
+
+async def test_openai_sdk_complete_with_failover():
+    cfg = config(
+        scripted_provider("a", Fail(category=C.OVERLOADED, status=529)),
+        scripted_provider("b", Answer(model="upstream-b")),
+    )
+    async with sdk(cfg) as ai:
+        raw = await ai.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        completion = raw.parse()
+    assert raw.headers["x-relayrace-provider"] == "b"
+    assert completion.choices[0].message.content == SCRIPTED_ANSWER
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "upstream-b"
+    assert completion.usage is not None and completion.usage.total_tokens == 19
+    extra = completion.model_extra or {}
+    assert [a["actor"] for a in extra["relayrace"]["attempts"]] == ["a", "b"]
+
+
+async def test_openai_sdk_stream_with_failover():
+    cfg = config(
+        scripted_provider("a", Fail(category=C.OVERLOADED, status=529)),
+        scripted_provider("b", Answer(chunks=4)),
+    )
+    with unfinished_httpx_generators():
+        async with sdk(cfg) as ai:
+            stream = await ai.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+            del stream
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == SCRIPTED_ANSWER
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
+
+
+async def test_openai_sdk_sees_errors():
+    cfg = config(scripted_provider("a", Fail(category=C.RATE_LIMIT, status=429, retry_after=90)))
+    async with sdk(cfg) as ai:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await ai.chat.completions.create(model="m", messages=MESSAGES)
+        with pytest.raises(openai.NotFoundError):
+            await ai.chat.completions.create(model="nope", messages=MESSAGES)
+    assert caught.value.status_code == 429
+    assert caught.value.code == "rate_limit"
+
+
+async def test_openai_sdk_sees_a_broken_stream():
+    cfg = config(scripted_provider("a", Fail(category=C.PROVIDER_5XX, status=500, after_chunks=2)))
+    received = []
+    with unfinished_httpx_generators():
+        async with sdk(cfg) as ai:
+            stream = await ai.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            with pytest.raises(openai.APIError) as caught:
+                async for chunk in stream:
+                    received.append(chunk.choices[0].delta.content)
+            del stream
+    assert len(received) == 2
+    assert caught.value.code == "interrupted"
+
+
+async def test_openai_sdk_with_a_wrong_key():
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, server, _):
+        async with httpx.AsyncClient(timeout=None) as http_client:
+            ai = openai.AsyncOpenAI(
+                base_url=f"{server.http_url}/v1",
+                api_key="wrong",
+                http_client=http_client,
+                max_retries=0,
+            )
+            with pytest.raises(openai.AuthenticationError):
+                await ai.models.list()
+            ai = openai.AsyncOpenAI(
+                base_url=f"{server.http_url}/v1",
+                api_key=TOKEN,
+                http_client=http_client,
+                max_retries=0,
+            )
+            models = [m.id async for m in ai.models.list()]
+    assert models == ["m"]
