@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relayrace._cli import main
-from relayrace._demo import run_demo
+from relayrace._demo import run_demo, run_gateway_demo
 
 
 async def test_the_demo_shows_failover_restart_and_bad_request(autojump_clock) -> None:
@@ -26,3 +26,16 @@ def test_the_cli_requires_a_command(capsys) -> None:
     else:
         raise AssertionError("no command must be an error")
     assert "demo" in capsys.readouterr().err
+
+
+async def test_the_gateway_demo_runs_to_completion(autojump_clock) -> None:
+    lines: list[str] = []
+    summary = await run_gateway_demo(lines.append, requests=40)
+    text = "\n".join(lines)
+    # Every request was served, and the flapping primary was benched, probed and came back.
+    assert sum(c["served"] for c in summary.values()) == 40
+    assert summary["flapping"]["benched"] >= 1 and summary["flapping"]["served"] >= 1
+    assert summary["limited"]["served"] == 0 and summary["healthy"]["served"] >= 1
+    assert "flapping recovered" in text
+    assert "FAILED" not in text
+    assert text.splitlines()[-4].split() == ["provider", "served", "failed", "benched", "state", "now"]

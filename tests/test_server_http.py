@@ -7,8 +7,8 @@ import gc
 import json
 import logging
 import warnings
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -488,15 +488,16 @@ async def test_graceful_shutdown(autojump_clock):
 # clock would jump while it runs. Nothing here waits on time.
 
 
-@contextmanager
-def unfinished_httpx_generators() -> Iterator[None]:
+@asynccontextmanager
+async def unfinished_httpx_generators() -> AsyncIterator[None]:
     """The SDK stops reading a stream at ``[DONE]`` (or at an error event), leaving httpx's inner
-    async generators suspended; trio warns when it finalizes them. Collect them here, where
-    that is expected, instead of in some later test."""
+    async generators suspended; trio warns when it finalizes them. Collect them here, and let
+    trio's finalizer run, where that is expected, instead of in some later test."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         yield
         gc.collect()
+        await trio.testing.wait_all_tasks_blocked()
 
 
 @asynccontextmanager
@@ -533,7 +534,7 @@ async def test_openai_sdk_stream_with_failover():
         scripted_provider("a", Fail(category=C.OVERLOADED, status=529)),
         scripted_provider("b", Answer(chunks=4)),
     )
-    with unfinished_httpx_generators():
+    async with unfinished_httpx_generators():
         async with sdk(cfg) as ai:
             stream = await ai.chat.completions.create(
                 model="m",
@@ -564,7 +565,7 @@ async def test_openai_sdk_sees_errors():
 async def test_openai_sdk_sees_a_broken_stream():
     cfg = config(scripted_provider("a", Fail(category=C.PROVIDER_5XX, status=500, after_chunks=2)))
     received = []
-    with unfinished_httpx_generators():
+    async with unfinished_httpx_generators():
         async with sdk(cfg) as ai:
             stream = await ai.chat.completions.create(model="m", messages=MESSAGES, stream=True)
             with pytest.raises(openai.APIError) as caught:

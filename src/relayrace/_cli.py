@@ -1,10 +1,21 @@
-"""The ``relayrace`` command."""
+"""The ``relayrace`` command: ``demo``, ``serve``, ``check``, ``mock-provider``, ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._gateway import GatewayConfig
+    from .server import Server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -12,13 +23,111 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="relayrace", description="LLM request failover over ranked provider actors."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run the built-in demo on scripted providers")
+    demo = commands.add_parser(
+        "demo", help="mock providers, the gateway and a stream of requests, shown live"
+    )
+    demo.add_argument("--requests", type=int, default=40, help="requests to send (default 40)")
+    demo.add_argument(
+        "--in-process", action="store_true", help="scripted providers, no servers, scene by scene"
+    )
+    serve = commands.add_parser("serve", help="run the gateway from a TOML config file")
+    serve.add_argument("--config", "-c", required=True, help="the TOML config file")
+    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    check = commands.add_parser("check", help="check a TOML config file and exit")
+    check.add_argument("config", help="the TOML config file")
+    commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
+    commands.add_parser("bench", help="run the load benchmarks", add_help=False)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # These two parse their own arguments.
+    if argv and argv[0] == "mock-provider":
+        from .testing._mock_provider import main as mock_main
+
+        return mock_main(argv[1:])
+    if argv and argv[0] == "bench":
+        import importlib
+
+        bench = importlib.import_module("relayrace.bench")
+        return int(bench.main(argv[1:]))
+
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from ._demo import main as demo
+        from ._demo import main as demo_main
 
-        demo()
+        demo_main(in_process=args.in_process, requests=args.requests)
+        return 0
+    if args.command == "check":
+        return _check(args.config)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return _serve(args.config)
+
+
+def _check(path: str) -> int:
+    from ._gateway import load_gateway
+
+    try:
+        gateway = load_gateway(path)
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    config, server = gateway.config, gateway.server
+    routes = ", ".join(f"{r.model} → {' > '.join(r.chain)}" for r in config.routes) or "* → all"
+    print(f"{path}: ok")
+    print(f"  providers: {', '.join(p.name for p in config.providers)}")
+    print(f"  routes:    {routes}")
+    if server.ws_port is not None:
+        print(f"  websocket: {server.ws_host}:{server.ws_port}")
+    if server.http_port is not None:
+        print(f"  http:      {server.http_host}:{server.http_port}")
+    print(f"  auth:      {'bearer tokens' if server.tokens else 'none'}")
     return 0
+
+
+def _serve(path: str) -> int:
+    from ._gateway import load_gateway
+
+    try:
+        gateway = load_gateway(path)
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(run_gateway, gateway)
+    except OSError as exc:  # a port in use, say
+        print(f"relayrace: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def run_gateway(
+    gateway: GatewayConfig, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
+    gracefully: stop accepting, let requests in flight finish within the grace period, cancel
+    the rest (each client gets its terminal frame)."""
+    from .server import serve
+    from .supervisor import open_supervisor
+
+    log = logging.getLogger("relayrace")
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_supervisor(gateway.config) as sup, trio.open_nursery() as nursery:
+
+            async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
+                await serve(sup, gateway.server, task_status=task_status)
+                nursery.cancel_scope.cancel()  # shut down: stop waiting for signals
+
+            server: Server = await nursery.start(serving)
+            for name, url in (("websocket", server.ws_url), ("http", server.http_url)):
+                if url is not None:
+                    log.info("%s endpoint listening on %s", name, url)
+                    print(f"relayrace: {name} on {url}", flush=True)
+            task_status.started(server)
+            async for signum in signals:
+                log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+                server.shutdown()
+                break
 
 
 if __name__ == "__main__":

@@ -373,6 +373,17 @@ def _openai_factory(table: Table) -> Any:
     return OpenAIClient.from_table(table)
 
 
+#: Where ``relayrace mock-provider`` listens by default.
+MOCK_BASE_URL = "http://127.0.0.1:8900/v1"
+
+
+def _mock_factory(table: Table) -> Any:
+    # The mock provider speaks OpenAI's format on /v1: an OpenAI client with the mock's URL.
+    from .actors._openai import OpenAIClient
+
+    return OpenAIClient.from_table(table, base_url=MOCK_BASE_URL)
+
+
 def _anthropic_factory(table: Table) -> Any:
     from .actors._anthropic import AnthropicClient
 
@@ -390,6 +401,7 @@ CLIENT_FACTORIES: dict[str, ClientFactory] = {
     "openai": _openai_factory,
     "anthropic": _anthropic_factory,
     "gemini": _gemini_factory,
+    "mock": _mock_factory,
 }
 
 CATEGORY_NAMES = [c.value for c in Category]

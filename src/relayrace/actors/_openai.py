@@ -104,16 +104,16 @@ class OpenAIClient(HTTPProviderClient):
         self.stream_usage = stream_usage
 
     @classmethod
-    def from_table(cls, table: Table) -> OpenAIClient:
+    def from_table(cls, table: Table, *, base_url: str = OPENAI_BASE_URL) -> OpenAIClient:
         """Build from a provider's config table.
 
-        Keys: ``base_url``, ``api_key_env``, ``auth`` (``bearer`` / ``api-key``), ``headers``,
-        ``query``, ``extra_body``, ``max_tokens``, ``stream_usage``.
+        Keys: ``base_url`` (default: ``base_url``), ``api_key_env``, ``auth`` (``bearer`` /
+        ``api-key``), ``headers``, ``query``, ``extra_body``, ``max_tokens``, ``stream_usage``.
 
         Raises:
             ConfigError: naming the key and what was expected.
         """
-        options = options_from_table(table, base_url=OPENAI_BASE_URL)
+        options = options_from_table(table, base_url=base_url)
         client = cls(
             auth=table.choice("auth", AUTH_MODES, "bearer"),
             max_tokens=table.integer("max_tokens", None, minimum=1),

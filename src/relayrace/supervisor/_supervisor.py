@@ -293,21 +293,25 @@ async def open_supervisor(config: Config) -> AsyncIterator[Supervisor]:
     and every actor, closes the provider clients, and leaves no task behind. Call
     ``await sup.drain()`` first to let requests in flight finish.
     """
-    async with trio.open_nursery() as nursery:
-        sup = Supervisor(config, nursery)
-        try:
-            for actor in sup._actors.values():
-                await nursery.start(sup._supervise, actor)
-            yield sup
-        finally:
-            sup._closed = True
-            nursery.cancel_scope.cancel()
-    with trio.CancelScope(shield=True):
-        with trio.move_on_after(5):
-            for actor in sup._actors.values():
-                aclose = getattr(actor.client, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            sup = Supervisor(config, nursery)
+            try:
+                for actor in sup._actors.values():
+                    await nursery.start(sup._supervise, actor)
+                yield sup
+            finally:
+                sup._closed = True
+                nursery.cancel_scope.cancel()
+    finally:
+        # In a `finally`: when the block (or an actor) raises, the nursery re-raises and the
+        # clients must still be closed, or their pooled connections leak.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(5):
+                for provider in config.providers:
+                    aclose = getattr(provider.client, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
 
 
 class RequestStream:
