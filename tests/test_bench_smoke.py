@@ -1,0 +1,82 @@
+"""``relayrace bench`` smoke check: a tiny quick run (mock provider and workers as their own
+processes, no LiteLLM) writes a results JSON and a Markdown report with the expected keys.
+
+Never asserts a speed: only that the harness runs, every request succeeds, and the figures
+are there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from relayrace.bench import main
+
+
+def test_quick_bench_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(
+        [
+            "--quick",
+            "--only",
+            "overhead,compare,faults",
+            "--no-litellm",
+            "--requests",
+            "6",
+            "--concurrency",
+            "1,2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-plots",
+        ]
+    )
+    assert status == 0
+    (json_path,) = tmp_path.glob("*-quick.json")
+    results = json.loads(json_path.read_text())
+    assert results["errors"] == []
+    assert {"machine", "parameters", "overhead", "compare", "faults", "targets", "mock"} <= set(
+        results
+    )
+    assert results["machine"]["versions"]["trio"]
+    assert results["parameters"]["peers"] == ["httpx", "relayrace"]
+
+    for mode in ("complete", "stream"):
+        row = results["overhead"]["summary"][mode]
+        for key in ("httpx_cpu_us", "relayrace_cpu_us", "httpx_wall_us", "relayrace_wall_us"):
+            assert row[key] > 0
+        assert math.isfinite(row["cpu_overhead_pct"])
+
+    rows = results["compare"]["summary"]
+    assert {(r["peer"], r["mode"], r["concurrency"]) for r in rows} == {
+        (peer, mode, c)
+        for peer in ("httpx", "relayrace")
+        for mode in ("complete", "stream", "failover")
+        for c in (1, 2)
+    }
+    for row in rows:
+        assert row["failed"] == 0
+        assert row["throughput_rps"] > 0 and row["p50_ms"] > 0
+        # Failover really hit the mock twice per request; the others once.
+        assert row["upstream_per_request"] == (2.0 if row["mode"] == "failover" else 1.0)
+    assert results["compare"]["ratios"] == []  # no LiteLLM in this run
+
+    (faults,) = results["faults"]["summary"]
+    assert faults["requests"] > 0 and faults["success_share"] == 1.0
+
+    targets = {t["target"]: t for t in results["targets"]}
+    assert any("supervisor CPU" in name for name in targets)
+
+    markdown = (tmp_path / "latest-quick.md").read_text()
+    assert "## 1. In-process overhead" in markdown
+    assert "## 2. relayrace vs LiteLLM" in markdown
+    assert markdown in capsys.readouterr().out
+
+
+def test_unknown_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--only", "nonsense"])
+    assert "unknown workload nonsense" in capsys.readouterr().err
