@@ -30,7 +30,14 @@ from relayrace.testing import SCRIPTED_ANSWER, Answer, Crash, Fail, Hang, Script
 from .support import request
 
 # Attempts that ended before they reached the provider's client.
-NEVER_CALLED = {"inbox_full", "actor_gone", "probe_in_flight", "actor_restarting", "actor_gave_up"}
+NEVER_CALLED = {
+    "inbox_full",
+    "actor_gone",
+    "probe_in_flight",
+    "benched",
+    "actor_restarting",
+    "actor_gave_up",
+}
 
 categories = st.sampled_from(
     [c for c in Category if c not in (Category.CANCELLED, Category.LOCAL_CAPACITY)]

@@ -80,6 +80,7 @@ class Failure:
 # --- classification -------------------------------------------------------------------------
 
 _MESSAGE_LIMIT = 500
+_CODE_LIMIT = 200
 
 # `error.code` / `error.type` / `error.status` values that name a category outright (lower case).
 _CODE_CATEGORIES: dict[str, Category] = {
@@ -243,9 +244,14 @@ def classify(
     if len(message) > _MESSAGE_LIMIT:
         message = message[: _MESSAGE_LIMIT - 3] + "..."
 
+    # The code is the provider's text too, and leaves the process the same ways as the message
+    # (errors, events, HTTP error bodies): a provider that echoes the key in `error.code` must
+    # not get it out. Codes are short identifiers; a masked one stays a clear placeholder.
+    code = redact(error.codes[0], secrets)[:_CODE_LIMIT] if error.codes else None
+
     return Failure(
         category=category,
-        code=error.codes[0] if error.codes else None,
+        code=code,
         status=status,
         message=message,
         retry_after=retry_after,

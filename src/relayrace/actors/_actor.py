@@ -51,6 +51,9 @@ class Job:
     completion: Completion | None = None
     failure: Failure | None = None
     probe: bool = False
+    #: routed here whatever the actor's health (a terminus, or every actor benched): run it even
+    #: if the actor is benched when the job starts.
+    forced: bool = False
     started_at: float | None = None
     first_delta_at: float | None = None
     ended_at: float | None = None
@@ -220,11 +223,12 @@ class ProviderActor:
         self._wake_timer.set()
         self._emit(EventKind.ACTOR_RECOVERED, detail="manual")
 
-    def close(self) -> None:
-        """Refuse new jobs for good and fail the ones still queued (they fail over)."""
+    def close(self, reason: str = "actor_gave_up") -> None:
+        """Refuse new jobs for good and fail the ones still queued (they fail over, unless the
+        supervisor is shutting down)."""
         self.alive = False
         self._inbox_send.close()
-        self.fail_queued("actor_gave_up")
+        self.fail_queued(reason)
 
     def fail_queued(self, reason: str) -> None:
         """Fail the jobs waiting in the inbox (they fail over): the actor crashed or gave up."""
@@ -296,7 +300,8 @@ class ProviderActor:
         now = trio.current_time()
         job.started_at = now
         health = self.health
-        if health.state(now) is State.PROBING and not health.available(now):
+        state = health.state(now)
+        if state is State.PROBING and not health.available(now):
             # Another job is already the probe; this one must not pile onto a sick provider.
             job.finish(
                 Outcome.FAILED,
@@ -304,6 +309,20 @@ class ProviderActor:
                     category=Category.LOCAL_CAPACITY,
                     code="probe_in_flight",
                     message=f"{self.name} is being probed after a bench",
+                    provider=self.name,
+                ),
+            )
+            return
+        if state is State.BENCHED and not job.forced:
+            # Routed while the actor was healthy (or probing), benched since: typically a probe
+            # failed while this job waited for its turn. Sending it would make a second attempt
+            # on a provider that is benched, so it fails over instead, like the case above.
+            job.finish(
+                Outcome.FAILED,
+                failure=Failure(
+                    category=Category.LOCAL_CAPACITY,
+                    code="benched",
+                    message=f"{self.name} was benched after the request was routed to it",
                     provider=self.name,
                 ),
             )

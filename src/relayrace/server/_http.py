@@ -297,6 +297,12 @@ class OpenAIApp:
             raise _HTTPError(
                 400, f"the body is not valid JSON: {exc}", code="invalid_json"
             ) from None
+        except RecursionError:
+            # JSON nested deeper than the decoder's recursion limit is not a ValueError: without
+            # this it escaped the app and the client got a bare 500 instead of a clear 400.
+            raise _HTTPError(
+                400, "the body is JSON nested too deeply", code="invalid_json"
+            ) from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "the body must be a JSON object", code="invalid_json")
         return body

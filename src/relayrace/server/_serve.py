@@ -141,4 +141,8 @@ def _hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     # error events of the cancelled requests are written before it cuts the connections.
     config.graceful_timeout = settings.shutdown_grace + FLUSH_SECONDS
     config.include_server_header = False
+    # hypercorn's default accept backlog is 100: a burst of more new connections than that (a
+    # few hundred clients starting at once) got connection resets. The websocket listener has
+    # trio's default (4096, capped by the kernel's somaxconn); the HTTP one now has the same.
+    config.backlog = 4096
     return config

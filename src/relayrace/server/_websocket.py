@@ -259,6 +259,10 @@ class _Connection:
             frame = json.loads(message)
         except ValueError as exc:
             raise _FrameError("invalid_json", f"the frame is not valid JSON: {exc}") from None
+        except RecursionError:
+            # JSON nested deeper than the decoder's recursion limit ("[[[[…"): not a ValueError,
+            # and uncaught it would crash the connection's nursery and, through it, ``serve``.
+            raise _FrameError("invalid_json", "the frame is JSON nested too deeply") from None
         if not isinstance(frame, dict):
             raise _FrameError("invalid_frame", "expected a JSON object")
         kind = frame.get("type")
@@ -277,7 +281,9 @@ class _Connection:
                 "actors": {name: snapshot.to_dict() for name, snapshot in health.items()},
             }
             if "id" in frame:
-                reply["id"] = frame["id"]
+                # Checked like a request's id: echoing any JSON value back sent ``NaN`` (which
+                # ``json.loads`` accepts but is not JSON) or a huge nested value to the client.
+                reply["id"] = _request_id(frame)
             await self._put(reply)
         elif isinstance(kind, str):
             raise _FrameError(

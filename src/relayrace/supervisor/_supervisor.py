@@ -66,6 +66,9 @@ class Supervisor:
         self._budget = RetryBudget(config.policies.retry_budget)
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
         self._closed = False
+        #: set when ``open_supervisor``'s block ends: the actors are being cancelled, so a failed
+        #: attempt is the shutdown's doing, and there is no one left to fail over to.
+        self._shut_down = False
         self._next_id = 0
         self._in_flight = 0
         self._idle = trio.Event()
@@ -293,6 +296,7 @@ async def open_supervisor(config: Config) -> AsyncIterator[Supervisor]:
     and every actor, closes the provider clients, and leaves no task behind. Call
     ``await sup.drain()`` first to let requests in flight finish.
     """
+    sup: Supervisor | None = None
     try:
         async with trio.open_nursery() as nursery:
             sup = Supervisor(config, nursery)
@@ -302,8 +306,16 @@ async def open_supervisor(config: Config) -> AsyncIterator[Supervisor]:
                 yield sup
             finally:
                 sup._closed = True
+                sup._shut_down = True
                 nursery.cancel_scope.cancel()
     finally:
+        if sup is not None:
+            # ``complete`` runs in its caller's task, outside our nursery, and waits for its job:
+            # a job left in the inbox of an actor that is gone (queued behind the concurrency
+            # limit, or submitted by a failover during the shutdown) would keep its caller
+            # waiting until the request's whole budget ran out. End them now, refuse new ones.
+            for actor in sup._actors.values():
+                actor.close("supervisor_closed")
         # In a `finally`: when the block (or an actor) raises, the nursery re-raises and the
         # clients must still be closed, or their pooled connections leak.
         with trio.CancelScope(shield=True):
@@ -520,6 +532,11 @@ class _Run:
             policy=policies.health,
         )
         self.decisions.extend(plan.decisions)
+        # Actors planned whatever their health (the terminus; every actor benched): their jobs
+        # run even if the actor is benched when they start, and so do retries, which the policy
+        # chose for this actor knowing its failure. A first attempt on an actor that was planned
+        # as healthy and has been benched since is refused by the actor (code ``benched``).
+        forced = {a for a in plan.actors if a.terminus or not a.available(now)}
         last_failure: Failure | None = plan.failure
         midstream_failure: Failure | None = None
         tried = 0
@@ -545,9 +562,20 @@ class _Run:
             tries = 0
             while True:
                 tries += 1
-                outcome = await self._attempt(actor, tries, released, continuation)
+                outcome = await self._attempt(
+                    actor, tries, released, continuation, forced=actor in forced or tries > 1
+                )
                 if isinstance(outcome, Reply):
                     return outcome
+                if sup._shut_down:
+                    # The attempt was ended by the shutdown (``actor_stopped``, or refused by an
+                    # actor that is gone): not the provider's failure, and nothing to fail over
+                    # to. Say so, as a stream does, instead of retrying or failing over.
+                    return Failure(
+                        category=Category.LOCAL_CAPACITY,
+                        code="supervisor_closed",
+                        message="the supervisor shut down",
+                    )
                 failure = outcome
                 last_failure = failure
                 if self.streaming and self.parts and midstream_failure is None:
@@ -610,7 +638,13 @@ class _Run:
         return last_failure
 
     async def _attempt(
-        self, actor: ProviderActor, number: int, released: int, continuation: bool
+        self,
+        actor: ProviderActor,
+        number: int,
+        released: int,
+        continuation: bool,
+        *,
+        forced: bool = False,
     ) -> Reply | Failure:
         """Run one attempt on ``actor`` and record it."""
         sup = self.sup
@@ -625,7 +659,13 @@ class _Run:
             prefill=prefill,
             actor=actor.name,
         )
-        job = Job(call=call, emit=emit, emit_nowait=emit_nowait, request_id=self.request_id)
+        job = Job(
+            call=call,
+            emit=emit,
+            emit_nowait=emit_nowait,
+            request_id=self.request_id,
+            forced=forced,
+        )
         started = trio.current_time()
         if sup._subscribers:
             sup._publish(

@@ -1,0 +1,156 @@
+"""Health under flapping: a primary that is down for a while, then healthy again.
+
+During the outage every request is served by the backup; the primary is checked by one probe at
+a time, at the end of each bench (5 s, 10 s, 20 s: the cooldown doubles); and traffic returns to
+it within one cooldown of its recovery. Checked against the mock's log, attempt by attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+import trio
+import trio.testing
+
+from relayrace import (
+    Budgets,
+    Category,
+    Config,
+    EventKind,
+    HealthPolicy,
+    Outcome,
+    Policies,
+    ProviderConfig,
+    Request,
+    RetryPolicy,
+    Route,
+    State,
+    open_supervisor,
+)
+from relayrace.actors import OpenAIClient
+from relayrace.testing import Fail, MockAttempt, serve_mock_provider
+
+from .reliability import MESSAGES, live_tasks, open_sockets
+from .support import client, config, request, scripted_provider
+
+DOWN = 30.0  # the primary answers 503 for its first 30 s
+PRIMARY = f"flapping,down={DOWN:g},tag=primary"
+BACKUP = "ok,tag=backup"
+CLIENTS = 4
+EVERY = 0.5
+UNTIL = 80.0
+
+
+def overlapping(attempts: list[MockAttempt]) -> bool:
+    spans = sorted((a.started_at, a.ended_at or 0.0) for a in attempts)
+    return any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+async def test_flapping_primary_is_probed_one_at_a_time_and_gets_its_traffic_back(
+    autojump_clock,
+):
+    tasks, sockets = live_tasks(), open_sockets()
+    served: list[tuple[float, str]] = []
+    benches: list[tuple[float, float]] = []
+    async with serve_mock_provider() as mock:
+        config = Config(
+            providers=[
+                ProviderConfig(
+                    name=name,
+                    client=OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=8),
+                    model=model,
+                    budgets=Budgets(first_token=5.0, idle=5.0),
+                )
+                for name, model in (("primary", PRIMARY), ("backup", BACKUP))
+            ],
+            routes=[Route(model="chat", chain=["primary", "backup"])],
+            policies=Policies(retry=RetryPolicy(max_attempts=1)),
+        )
+        async with open_supervisor(config) as sup:
+            mock.reset()  # the outage starts now
+
+            async def watch() -> None:
+                async with sup.subscribe() as events:
+                    async for event in events:
+                        if event.kind is EventKind.ACTOR_BENCHED and event.actor == "primary":
+                            assert event.until is not None
+                            benches.append((event.time, event.until))
+
+            async def client() -> None:
+                while trio.current_time() < UNTIL:
+                    reply = await sup.complete(Request("chat", MESSAGES))  # never fails
+                    served.append((trio.current_time(), reply.provider))
+                    await trio.sleep(EVERY)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                async with trio.open_nursery() as clients:
+                    for _ in range(CLIENTS):
+                        clients.start_soon(client)
+                nursery.cancel_scope.cancel()
+            snap = sup.health()["primary"]
+            assert snap.state is State.OK and snap.consecutive_failures == 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert mock.open_connections == 0
+        primary = mock.attempts(PRIMARY)
+        backup = mock.attempts(BACKUP)
+    assert live_tasks() == tasks and open_sockets() == sockets
+
+    # The outage: 503s until DOWN, then answers.
+    assert all(a.outcome == "error" and a.status == 503 for a in primary if a.started_at < DOWN)
+    assert all(a.outcome == "ok" for a in primary if a.started_at >= DOWN)
+    assert all(a.outcome == "ok" for a in backup)
+    recovered_at = min(a.started_at for a in primary if a.outcome == "ok")
+
+    # Benched after the threshold (3 failures) at once, then re-benched by each failed probe
+    # for twice as long: 5 s, 10 s, 20 s.
+    assert [until - at for at, until in benches] == [5.0, 10.0, 20.0]
+    assert [at for at, _ in benches] == [0.0, 5.0, 15.0]
+    # During the outage, after the first burst (the requests in flight when it began), the
+    # primary only saw the probes, one at a time, each at the end of a bench.
+    probes = [a for a in primary if a.started_at > 0]
+    assert [a.started_at for a in probes if a.started_at < recovered_at] == [5.0, 15.0]
+    assert not overlapping(probes)
+    # Traffic came back within one cooldown of the recovery: at the end of the bench that was
+    # running when the primary recovered (20 s long, from 15 s to 35 s).
+    bench_at_recovery = [(at, until) for at, until in benches if at <= DOWN < until]
+    ((bench_start, bench_end),) = bench_at_recovery
+    assert recovered_at == bench_end and recovered_at - DOWN <= bench_end - bench_start
+
+    # Every request was served: by the backup while the primary was out, by the primary after.
+    assert len(served) == len(primary) + len(backup) - sum(a.outcome != "ok" for a in primary)
+    assert all(provider == "backup" for at, provider in served if at < recovered_at)
+    assert all(provider == "primary" for at, provider in served if at > recovered_at)
+    assert all(a.started_at <= recovered_at for a in backup)
+
+
+async def test_a_job_that_waited_while_the_probe_failed_does_not_reach_the_benched_provider(
+    autojump_clock,
+):
+    """Found by the test above (now and then, by scheduling): two requests are routed to an
+    actor whose bench has just ended; the first is its probe, the second waits for a slot; the
+    probe fails and benches the actor again; the second must then fail over, not be sent."""
+    cfg = config(
+        scripted_provider("a", Fail(category=Category.PROVIDER_5XX, status=503), max_concurrency=1),
+        scripted_provider("b"),
+        policies=Policies(
+            retry=RetryPolicy(max_attempts=1), health=HealthPolicy(failure_threshold=1)
+        ),
+    )
+    async with open_supervisor(cfg) as sup:
+        assert (await sup.complete(request())).provider == "b"  # a fails: benched for 5 s
+        await trio.sleep(5.0)
+        replies = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(lambda: _append(replies, sup.complete(request())))
+        assert [r.provider for r in replies] == ["b", "b"]
+        assert sup.health()["a"].state is State.BENCHED
+    assert [c.started_at for c in client(cfg, "a").calls] == [0.0, 5.0]  # the probe only
+    refused = [a for r in replies for a in r.attempts if a.failure and a.failure.code == "benched"]
+    assert [(a.actor, a.outcome) for a in refused] == [("a", Outcome.FAILED)]
+
+
+async def _append(out: list[Any], awaitable: Awaitable[Any]) -> None:
+    out.append(await awaitable)
