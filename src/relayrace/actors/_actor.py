@@ -101,25 +101,30 @@ class Job:
 
 
 class _Sink:
-    """The client's sink for one job: forwards deltas and moves the watchdog deadline."""
+    """The client's sink for one job: forwards deltas and moves the attempt's deadline.
 
-    __slots__ = ("_job", "_watchdog", "_idle")
+    One cancel scope holds every time budget of an attempt: its deadline is the earlier of the
+    attempt's end and the first-token (then idle) deadline, which each delta pushes back.
+    """
 
-    def __init__(self, job: Job, watchdog: trio.CancelScope, idle: float):
+    __slots__ = ("_job", "_scope", "_idle", "_end")
+
+    def __init__(self, job: Job, scope: trio.CancelScope, idle: float, end: float):
         self._job = job
-        self._watchdog = watchdog
+        self._scope = scope
         self._idle = idle
+        self._end = end
 
     async def delta(self, text: str) -> None:
         if not text:
             return
         job = self._job
-        watchdog = self._watchdog
+        scope = self._scope
         try:
             # The fast path: the caller is waiting for it. The provider's read is the checkpoint.
             if not job.emit_nowait(text):
                 # Waiting on a slow caller is not the provider's fault: no idle deadline meanwhile.
-                watchdog.deadline = math.inf
+                scope.deadline = self._end
                 await job.emit(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The caller is gone. Cancel rather than raise, so that the client's error mapping
@@ -130,11 +135,11 @@ class _Sink:
         if job.deltas == 0:
             job.first_delta_at = now
         job.deltas += 1
-        watchdog.deadline = now + self._idle
+        scope.deadline = min(self._end, now + self._idle)
 
     def progress(self) -> None:
         self._job.progressed = True
-        self._watchdog.deadline = trio.current_time() + self._idle
+        self._scope.deadline = min(self._end, trio.current_time() + self._idle)
 
 
 class ProviderActor:
@@ -335,37 +340,40 @@ class ProviderActor:
             attempt_budget, budget_name = self._probe_timeout, "probe"
         completion: Completion | None = None
         failure: Failure | None = None
-        with trio.CancelScope(deadline=now + attempt_budget) as attempt_scope:
-            job._scope = attempt_scope
+        end = now + attempt_budget
+        with trio.CancelScope(deadline=min(end, now + budgets.first_token)) as scope:
+            job._scope = scope
             if job.cancel_requested:
-                attempt_scope.cancel()
-            with trio.CancelScope(deadline=now + budgets.first_token) as watchdog:
-                sink = _Sink(job, watchdog, budgets.idle)
-                try:
-                    completion = await self.client.call(job.call, sink)  # type: ignore[attr-defined]
-                except ProviderError as exc:
-                    failure = (
-                        exc.failure
-                        if exc.failure.provider == self.name
-                        else exc.failure.with_provider(self.name)
-                    )
-            if watchdog.cancelled_caught:
-                if job.deltas or job.progressed:
-                    failure = self._timeout("idle_timeout", f"nothing for {budgets.idle:g}s")
-                else:
-                    failure = self._timeout(
-                        "first_token_timeout", f"no answer within {budgets.first_token:g}s"
-                    )
+                scope.cancel()
+            try:
+                completion = await self.client.call(  # type: ignore[attr-defined]
+                    job.call, _Sink(job, scope, budgets.idle, end)
+                )
+            except ProviderError as exc:
+                failure = (
+                    exc.failure
+                    if exc.failure.provider == self.name
+                    else exc.failure.with_provider(self.name)
+                )
         job._scope = None
         now = trio.current_time()
-        if attempt_scope.cancelled_caught:
+        if scope.cancelled_caught:
+            # Which budget ran out (or the caller went away)?
             if job.cancel_requested:
                 health.record_cancelled(probe=probe)
                 job.finish(Outcome.CANCELLED)
                 return
-            failure = self._timeout(
-                f"{budget_name}_timeout", f"the {budget_name} budget of {attempt_budget:g}s ran out"
-            )
+            if now >= end:
+                failure = self._timeout(
+                    f"{budget_name}_timeout",
+                    f"the {budget_name} budget of {attempt_budget:g}s ran out",
+                )
+            elif job.deltas or job.progressed:
+                failure = self._timeout("idle_timeout", f"nothing for {budgets.idle:g}s")
+            else:
+                failure = self._timeout(
+                    "first_token_timeout", f"no answer within {budgets.first_token:g}s"
+                )
         if failure is None:
             assert completion is not None
             if health.record_success(now, probe=probe):
