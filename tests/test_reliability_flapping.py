@@ -125,12 +125,36 @@ async def test_flapping_primary_is_probed_one_at_a_time_and_gets_its_traffic_bac
     assert all(a.started_at <= recovered_at for a in backup)
 
 
-async def test_a_job_that_waited_while_the_probe_failed_does_not_reach_the_benched_provider(
+async def test_a_job_that_waited_for_a_slot_does_not_reach_a_provider_benched_meanwhile(
     autojump_clock,
 ):
-    """Found by the test above (now and then, by scheduling): two requests are routed to an
-    actor whose bench has just ended; the first is its probe, the second waits for a slot; the
-    probe fails and benches the actor again; the second must then fail over, not be sent."""
+    """Found by the test above (now and then, by scheduling): a request is routed to a healthy
+    actor whose only slot is taken, and waits in its inbox; the attempt holding the slot fails
+    and benches the actor; the waiting request must then fail over, not be sent."""
+    cfg = config(
+        scripted_provider(
+            "a", Fail(category=Category.PROVIDER_5XX, status=503, delay=1.0), max_concurrency=1
+        ),
+        scripted_provider("b"),
+        policies=Policies(
+            retry=RetryPolicy(max_attempts=1), health=HealthPolicy(failure_threshold=1)
+        ),
+    )
+    async with open_supervisor(cfg) as sup:
+        replies = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(lambda: _append(replies, sup.complete(request())))
+        assert [r.provider for r in replies] == ["b", "b"]
+        assert sup.health()["a"].state is State.BENCHED
+    assert [c.started_at for c in client(cfg, "a").calls] == [0.0]  # the first request only
+    refused = [a for r in replies for a in r.attempts if a.failure and a.failure.code == "benched"]
+    assert [(a.actor, a.outcome, a.started_at) for a in refused] == [("a", Outcome.FAILED, 1.0)]
+
+
+async def test_a_probe_is_marked_before_the_next_request_is_routed(autojump_clock):
+    """Two requests reach an actor whose bench has just ended at the same instant: the first
+    is its probe, and the second is routed around it (never queued behind the probe)."""
     cfg = config(
         scripted_provider("a", Fail(category=Category.PROVIDER_5XX, status=503), max_concurrency=1),
         scripted_provider("b"),
@@ -148,8 +172,8 @@ async def test_a_job_that_waited_while_the_probe_failed_does_not_reach_the_bench
         assert [r.provider for r in replies] == ["b", "b"]
         assert sup.health()["a"].state is State.BENCHED
     assert [c.started_at for c in client(cfg, "a").calls] == [0.0, 5.0]  # the probe only
-    refused = [a for r in replies for a in r.attempts if a.failure and a.failure.code == "benched"]
-    assert [(a.actor, a.outcome) for a in refused] == [("a", Outcome.FAILED)]
+    tried = sorted(len(r.attempts) for r in replies)
+    assert tried == [1, 2]  # the probe's request failed over; the other went to b at once
 
 
 async def _append(out: list[Any], awaitable: Awaitable[Any]) -> None:

@@ -1,14 +1,25 @@
-"""The provider actor: a long-lived trio task that owns one provider's inbox, health and
-cooldown timer, and runs each job (one attempt) in its own nursery under a concurrency limit.
+"""The provider actor: owns one provider's inbox, health and cooldown timer, and admits each
+job (one attempt) under a concurrency limit.
 
-The actor is the only writer of its health. The supervisor hands it jobs with ``submit`` (which
-never blocks: a full inbox refuses the job, and the supervisor moves on) and waits for
-``job.done``. Time budgets are cancel scopes around the client's call.
+An attempt runs in the task of the request that made it (``run_job``), holding one of the
+actor's slots, inside a cancel scope that the actor can cancel (a crash, a stop). A job that
+finds every slot taken waits in the actor's bounded inbox (first in, first out) or, when that is
+full too, is refused at once (``local_capacity``) and the supervisor moves on. Running the
+attempt in the requester's task rather than in a task of the actor's own is what keeps the
+supervisor's cost per request close to a bare HTTP call: no task to start, no task switch to
+hand the job over or the result back (measured in ``benchmarks/``).
+
+The actor is the only writer of its health: every change goes through its methods, which run
+synchronously (no checkpoint inside), so no two attempts can interleave an update. Its own task
+runs the cooldown timer and is what the supervisor restarts when a client crashes (raises
+anything but ``ProviderError``): a crash interrupts the actor's other attempts and empties its
+inbox; those jobs fail over. Time budgets live in one cancel scope around the client's call.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -38,15 +49,13 @@ class Job:
     """One attempt, from the supervisor to an actor, and its result.
 
     ``emit`` sends a piece of the answer towards the caller (it may wait: backpressure).
-    The actor fills in the result and sets ``done``; the supervisor calls ``cancel`` if the
-    caller goes away or the request runs out of time.
+    ``run_job`` fills in the result; ``cancel`` stops the attempt (the caller went away).
     """
 
     call: ClientCall
     emit: Emit
     emit_nowait: EmitNowait = _never_now
     request_id: int = 0
-    done: trio.Event = attrs.field(factory=trio.Event)
     outcome: Outcome | None = None
     completion: Completion | None = None
     failure: Failure | None = None
@@ -61,11 +70,27 @@ class Job:
     #: the provider started answering (its response headers arrived, or a delta).
     progressed: bool = False
     cancel_requested: bool = False
+    #: why the actor stopped the attempt (it crashed, or was stopped), if it did.
+    interrupted: str | None = None
     _scope: trio.CancelScope | None = None
+    #: set when a queued job is given a slot, or ended while it waited.
+    _wake: trio.Event | None = None
+    _granted: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
 
     def cancel(self) -> None:
-        """Stop the attempt at once (the caller went away or its budget ran out)."""
+        """Stop the attempt at once (the caller went away)."""
         self.cancel_requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the attempt at once: its actor crashed or stopped."""
+        if self.interrupted is None:
+            self.interrupted = reason
         if self._scope is not None:
             self._scope.cancel()
 
@@ -76,55 +101,62 @@ class Job:
         completion: Completion | None = None,
         failure: Failure | None = None,
     ) -> None:
-        if self.done.is_set():
+        if self.outcome is not None:
             return
         self.outcome = outcome
         self.completion = completion
         self.failure = failure
         self.ended_at = trio.current_time()
-        self.done.set()
+        if self._wake is not None:
+            self._wake.set()
 
     def finish_interrupted(self, actor: str, reason: str) -> None:
         """End a job that the actor could not finish itself (it crashed or was stopped)."""
         if self.cancel_requested:
             self.finish(Outcome.CANCELLED)
         else:
-            self.finish(
-                Outcome.FAILED,
-                failure=Failure(
-                    category=Category.UNKNOWN,
-                    code=reason,
-                    message=f"actor {actor}: {reason.replace('_', ' ')}",
-                    provider=actor,
-                ),
-            )
+            self.finish(Outcome.FAILED, failure=_refusal(actor, Category.UNKNOWN, reason))
+
+
+def _refusal(actor: str, category: Category, code: str, message: str | None = None) -> Failure:
+    return Failure(
+        category=category,
+        code=code,
+        message=message or f"actor {actor}: {code.replace('_', ' ')}",
+        provider=actor,
+    )
 
 
 class _Sink:
     """The client's sink for one job: forwards deltas and moves the attempt's deadline.
 
     One cancel scope holds every time budget of an attempt: its deadline is the earlier of the
-    attempt's end and the first-token (then idle) deadline, which each delta pushes back.
+    attempt's end and the first-token (then idle) deadline. The idle deadline is never early
+    (at least ``idle`` after the last delta) and at most ``slack`` late: moving a deadline costs
+    a heap operation in trio's run loop, so a delta moves it only when it must, not every time.
     """
 
-    __slots__ = ("_job", "_scope", "_idle", "_end")
+    __slots__ = ("_job", "_scope", "_idle", "_end", "_slack", "_deadline")
 
     def __init__(self, job: Job, scope: trio.CancelScope, idle: float, end: float):
         self._job = job
         self._scope = scope
         self._idle = idle
         self._end = end
+        self._slack = idle / 16
+        self._deadline = scope.deadline
 
     async def delta(self, text: str) -> None:
         if not text:
             return
         job = self._job
-        scope = self._scope
+        exact = False
         try:
-            # The fast path: the caller is waiting for it. The provider's read is the checkpoint.
+            # The fast path: the caller can take it now. The provider's read is the checkpoint.
             if not job.emit_nowait(text):
                 # Waiting on a slow caller is not the provider's fault: no idle deadline meanwhile.
-                scope.deadline = self._end
+                self._scope.deadline = self._end
+                exact = True
                 await job.emit(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The caller is gone. Cancel rather than raise, so that the client's error mapping
@@ -134,12 +166,17 @@ class _Sink:
         now = trio.current_time()
         if job.deltas == 0:
             job.first_delta_at = now
+            exact = True
         job.deltas += 1
-        scope.deadline = min(self._end, now + self._idle)
+        due = now + self._idle
+        if exact:
+            self._deadline = self._scope.deadline = min(self._end, due)
+        elif due > self._deadline:
+            self._deadline = self._scope.deadline = min(self._end, due + self._slack)
 
     def progress(self) -> None:
         self._job.progressed = True
-        self._scope.deadline = min(self._end, trio.current_time() + self._idle)
+        self._deadline = self._scope.deadline = min(self._end, trio.current_time() + self._idle)
 
 
 class ProviderActor:
@@ -151,7 +188,7 @@ class ProviderActor:
         model: the upstream model to ask for, or ``None`` to pass the route's name through.
         policies: the supervisor's policies (health, demotion).
         budgets: this provider's time budgets.
-        max_concurrency / inbox_size: attempts run at once / queued beyond that.
+        max_concurrency / inbox_size: attempts run at once / jobs waiting for a slot.
         exempt: never benched.
         publish: where events go.
         may_bench: asked before a bench (the supervisor's cap on benched actors).
@@ -180,6 +217,7 @@ class ProviderActor:
         self.model = model
         self.budgets = budgets
         self.max_concurrency = max_concurrency
+        self.inbox_size = inbox_size
         self.terminus = terminus
         self.continues = continues
         self.priority = priority
@@ -188,26 +226,57 @@ class ProviderActor:
         self.demotion = 0
         self.in_flight = 0
         self.alive = True
-        #: crashed and waiting to be restarted: routing skips it meanwhile.
+        #: crashed and waiting to be restarted: routing skips it, and it refuses jobs meanwhile.
         self.restarting = False
         self._demote: Match = policies.demote
         self._probe_timeout = policies.health.probe_timeout
         self._publish = publish
         self._may_bench = may_bench
-        self._inbox_send, self._inbox = trio.open_memory_channel[Job](inbox_size)
-        self._slots = trio.Semaphore(max_concurrency)
-        self._wake_timer = trio.Event()
+        self._call = client.call  # type: ignore[attr-defined]
+        self._inbox: deque[Job] = deque()
         self._running: set[Job] = set()
+        self._wake_timer = trio.Event()
+        self._crash: BaseException | None = None
+        self._crashed = trio.Event()
 
     # --- called by the supervisor -----------------------------------------------------------
 
-    def submit(self, job: Job) -> bool:
-        """Queue a job without waiting. Returns False if the inbox is full or the actor is gone."""
+    async def run_job(self, job: Job) -> None:
+        """Run one attempt in the calling task and fill in its result.
+
+        The job takes a free slot, or waits for one in the inbox, or, when the inbox is full
+        (or the actor is gone or restarting), is refused at once with a ``local_capacity``
+        failure. Cancelling the calling task cancels the attempt (the job ends ``cancelled``)
+        and re-raises.
+        """
+        if not self.alive or self.restarting:
+            code = "actor_restarting" if self.alive else "actor_gone"
+            what = "is restarting after a crash" if self.alive else "is not running"
+            job.finish(
+                Outcome.FAILED,
+                failure=_refusal(self.name, Category.LOCAL_CAPACITY, code, f"{self.name} {what}"),
+            )
+            return
+        if self.in_flight < self.max_concurrency and not self._inbox:
+            self.in_flight += 1
+        elif len(self._inbox) < self.inbox_size:
+            if not await self._wait_for_slot(job):
+                return
+        else:
+            job.finish(
+                Outcome.FAILED,
+                failure=_refusal(
+                    self.name,
+                    Category.LOCAL_CAPACITY,
+                    "inbox_full",
+                    f"{self.name}'s inbox is full",
+                ),
+            )
+            return
         try:
-            self._inbox_send.send_nowait(job)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
-        return True
+            await self._attempt(job)
+        finally:
+            self._release()
 
     def available(self, now: float) -> bool:
         return self.alive and not self.restarting and self.health.available(now)
@@ -229,49 +298,38 @@ class ProviderActor:
         self._emit(EventKind.ACTOR_RECOVERED, detail="manual")
 
     def close(self, reason: str = "actor_gave_up") -> None:
-        """Refuse new jobs for good and fail the ones still queued (they fail over, unless the
-        supervisor is shutting down)."""
+        """Refuse new jobs for good, fail the ones waiting in the inbox and stop the ones
+        running (they fail over, unless the supervisor is shutting down)."""
         self.alive = False
-        self._inbox_send.close()
         self.fail_queued(reason)
+        self.interrupt_running(reason)
 
     def fail_queued(self, reason: str) -> None:
         """Fail the jobs waiting in the inbox (they fail over): the actor crashed or gave up."""
-        while True:
-            try:
-                job = self._inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            job.finish_interrupted(self.name, reason)
+        while self._inbox:
+            self._inbox.popleft().finish_interrupted(self.name, reason)
+
+    def interrupt_running(self, reason: str) -> None:
+        for job in list(self._running):
+            job.interrupt(reason)
 
     # --- the actor's own task ---------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve jobs until cancelled. Raises whatever a client raised that was not a
+        """Run the cooldown timer until cancelled. Raises what a client raised that was not a
         ``ProviderError`` (a bug): the supervisor restarts the actor; its jobs fail over."""
+        self._crash = None
+        self._crashed = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cooldown_timer)
                 task_status.started()
-                while True:
-                    # Take a slot first, so that a busy actor holds no job beyond its inbox.
-                    await self._slots.acquire()
-                    try:
-                        job = await self._inbox.receive()
-                    except BaseException:
-                        self._slots.release()
-                        raise
-                    if job.cancel_requested:
-                        job.finish(Outcome.CANCELLED)
-                        self._slots.release()
-                        continue
-                    nursery.start_soon(self._run_job, job)
-        except trio.EndOfChannel:
-            pass
+                await self._crashed.wait()
+                nursery.cancel_scope.cancel()
         finally:
-            for job in list(self._running):
-                job.finish_interrupted(self.name, "actor_stopped")
-            self._running.clear()
+            self.interrupt_running("actor_stopped")
+        assert self._crash is not None
+        raise self._crash
 
     async def _cooldown_timer(self) -> None:
         # Wakes when a bench ends, so that subscribers hear the actor is being probed.
@@ -284,22 +342,49 @@ class ProviderActor:
             if now >= until and self.health.state(now) is State.PROBING:
                 self._emit(EventKind.ACTOR_PROBING)
 
-    async def _run_job(self, job: Job) -> None:
-        self._running.add(job)
-        self.in_flight += 1
+    # --- slots --------------------------------------------------------------------------------
+
+    async def _wait_for_slot(self, job: Job) -> bool:
+        """Wait in the inbox until a slot is handed over (True) or the job is ended (False)."""
+        job._wake = trio.Event()
+        self._inbox.append(job)
         try:
-            await self._attempt(job)
-        except BaseException as exc:
-            crashed = not isinstance(exc, trio.Cancelled)
-            if not job.done.is_set():
-                if job.probe:
-                    self.health.record_cancelled(probe=True)
-                job.finish_interrupted(self.name, "actor_crashed" if crashed else "actor_stopped")
+            await job._wake.wait()
+        except BaseException:
+            if job._granted:
+                self._release()
+            elif job in self._inbox:
+                self._inbox.remove(job)
+            job.finish(Outcome.CANCELLED)
             raise
-        finally:
-            self.in_flight -= 1
-            self._running.discard(job)
-            self._slots.release()
+        if not job._granted:
+            return False  # ended while it waited (the actor crashed, gave up or stopped)
+        if job.done:
+            self._release()
+            return False
+        return True
+
+    def _release(self) -> None:
+        """Free a slot, or hand it straight to the first job waiting in the inbox."""
+        while self._inbox:
+            job = self._inbox.popleft()
+            if job.done:
+                continue
+            job._granted = True
+            assert job._wake is not None
+            job._wake.set()
+            return
+        self.in_flight -= 1
+
+    def _crashed_by(self, exc: BaseException) -> None:
+        """A client raised a bug: interrupt the other attempts and let the actor's task raise."""
+        if self._crash is None:
+            self._crash = exc
+        self.interrupt_running("actor_crashed")
+        self.fail_queued("actor_restarting")
+        self._crashed.set()
+
+    # --- one attempt --------------------------------------------------------------------------
 
     async def _attempt(self, job: Job) -> None:
         now = trio.current_time()
@@ -310,11 +395,11 @@ class ProviderActor:
             # Another job is already the probe; this one must not pile onto a sick provider.
             job.finish(
                 Outcome.FAILED,
-                failure=Failure(
-                    category=Category.LOCAL_CAPACITY,
-                    code="probe_in_flight",
-                    message=f"{self.name} is being probed after a bench",
-                    provider=self.name,
+                failure=_refusal(
+                    self.name,
+                    Category.LOCAL_CAPACITY,
+                    "probe_in_flight",
+                    f"{self.name} is being probed after a bench",
                 ),
             )
             return
@@ -324,11 +409,11 @@ class ProviderActor:
             # on a provider that is benched, so it fails over instead, like the case above.
             job.finish(
                 Outcome.FAILED,
-                failure=Failure(
-                    category=Category.LOCAL_CAPACITY,
-                    code="benched",
-                    message=f"{self.name} was benched after the request was routed to it",
-                    provider=self.name,
+                failure=_refusal(
+                    self.name,
+                    Category.LOCAL_CAPACITY,
+                    "benched",
+                    f"{self.name} was benched after the request was routed to it",
                 ),
             )
             return
@@ -341,22 +426,40 @@ class ProviderActor:
         completion: Completion | None = None
         failure: Failure | None = None
         end = now + attempt_budget
-        with trio.CancelScope(deadline=min(end, now + budgets.first_token)) as scope:
-            job._scope = scope
-            if job.cancel_requested:
-                scope.cancel()
-            try:
-                completion = await self.client.call(  # type: ignore[attr-defined]
-                    job.call, _Sink(job, scope, budgets.idle, end)
-                )
-            except ProviderError as exc:
-                failure = (
-                    exc.failure
-                    if exc.failure.provider == self.name
-                    else exc.failure.with_provider(self.name)
-                )
-        job._scope = None
+        running = self._running
+        escaped = True
+        try:
+            with trio.CancelScope(deadline=min(end, now + budgets.first_token)) as scope:
+                job._scope = scope
+                running.add(job)
+                try:
+                    if job.cancel_requested:
+                        scope.cancel()
+                    completion = await self._call(job.call, _Sink(job, scope, budgets.idle, end))
+                except ProviderError as exc:
+                    failure = (
+                        exc.failure
+                        if exc.failure.provider == self.name
+                        else exc.failure.with_provider(self.name)
+                    )
+                except Exception as exc:  # a bug in the client, not a provider failure
+                    self._crashed_by(exc)
+                    job.interrupt("actor_crashed")
+                finally:
+                    running.discard(job)
+                    job._scope = None
+            escaped = False
+        finally:
+            if escaped:
+                # The request's own task is cancelled (the caller went away, its budget ran
+                # out, the supervisor shuts down): no one's failure.
+                health.record_cancelled(probe=probe)
+                job.finish(Outcome.CANCELLED)
         now = trio.current_time()
+        if job.interrupted is not None and failure is None and completion is None:
+            health.record_cancelled(probe=probe)
+            job.finish_interrupted(self.name, job.interrupted)
+            return
         if scope.cancelled_caught:
             # Which budget ran out (or the caller went away)?
             if job.cancel_requested:
@@ -395,12 +498,7 @@ class ProviderActor:
         job.finish(Outcome.FAILED, failure=failure)
 
     def _timeout(self, code: str, message: str) -> Failure:
-        return Failure(
-            category=Category.TIMEOUT,
-            code=code,
-            message=f"{self.name}: {message}",
-            provider=self.name,
-        )
+        return _refusal(self.name, Category.TIMEOUT, code, f"{self.name}: {message}")
 
     def _emit(
         self,

@@ -551,10 +551,13 @@ class HTTPProviderClient:
         try:
             while not reader.terminated:
                 chunk: bytes | None = None
-                with trio.move_on_at(tail_deadline) as tail:
+                if tail_deadline == math.inf:
                     chunk = await anext(chunks, None)
-                if tail.cancelled_caught:
-                    return  # the finish reason came, the rest did not: the answer is whole
+                else:
+                    with trio.move_on_at(tail_deadline) as tail:
+                        chunk = await anext(chunks, None)
+                    if tail.cancelled_caught:
+                        return  # the finish reason came, the rest did not: the answer is whole
                 if chunk is None:
                     ended = True
                     events = decoder.close()

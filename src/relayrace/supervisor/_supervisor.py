@@ -1,9 +1,9 @@
 """The supervisor: runs one actor per provider in its nursery, restarts crashed actors, and
 runs each request's failover loop.
 
-``complete`` runs the loop in the caller's own task; ``stream`` runs it in a task of the
-supervisor's nursery tied to the caller's ``async with`` block, and hands deltas over a bounded
-(zero-buffer) channel, so a slow reader slows the provider read.
+``complete`` runs the loop, and each attempt, in the caller's own task; ``stream`` runs it in a
+task of the supervisor's nursery tied to the caller's ``async with`` block, and hands deltas
+over a bounded queue (``STREAM_BUFFER`` deltas), so a slow reader slows the provider read.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -39,6 +40,8 @@ RESTART_WINDOW = 60.0
 RESTART_BACKOFF_BASE = 0.1
 RESTART_BACKOFF_CAP = 5.0
 _EVENT_BUFFER = 1024
+#: How many deltas of a stream may wait for its reader before the provider read waits too.
+STREAM_BUFFER = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -71,8 +74,11 @@ class Supervisor:
         self._shut_down = False
         self._next_id = 0
         self._in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        #: every request running, so that a shutdown can end them (``complete`` runs outside
+        #: the supervisor's nursery, in its caller's task).
+        self._runs: set[_Run] = set()
+        #: set when the last request in flight ends, once ``drain`` waits for it.
+        self._idle: trio.Event | None = None
         self._counts = dict.fromkeys(
             (
                 "requests",
@@ -195,7 +201,12 @@ class Supervisor:
     async def drain(self) -> None:
         """Refuse new requests and wait until every request in flight has ended."""
         self._closed = True
-        await self._idle.wait()
+        if self._in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
     # --- internals --------------------------------------------------------------------------
 
@@ -307,6 +318,8 @@ async def open_supervisor(config: Config) -> AsyncIterator[Supervisor]:
             finally:
                 sup._closed = True
                 sup._shut_down = True
+                for run in list(sup._runs):
+                    run.shut_down()
                 nursery.cancel_scope.cancel()
     finally:
         if sup is not None:
@@ -335,7 +348,7 @@ class RequestStream:
     def __init__(self, sup: Supervisor, request: Request, route: tuple[Route, list[ProviderActor]]):
         self._sup = sup
         self._run = _Run(sup, request, route, streaming=True)
-        self._send, self._receive = trio.open_memory_channel[Delta](0)
+        self._deltas = _Deltas()
         self._scope = trio.CancelScope()
         self._reply: Reply | None = None
         self._error: RequestFailed | None = None
@@ -363,8 +376,8 @@ class RequestStream:
         if self._entered:
             raise RuntimeError("a RequestStream can be entered once")
         self._entered = True
-        self._run.emit = self._send.send
-        self._run.emit_nowait = self._send.send_nowait
+        self._run.emit = self._deltas.put
+        self._run.emit_nowait = self._deltas.put_nowait
         self._sup._nursery.start_soon(self._serve)
         return self
 
@@ -375,22 +388,23 @@ class RequestStream:
         tb: TracebackType | None,
     ) -> None:
         self._scope.cancel()
-        self._receive.close()
+        self._deltas.leave()
 
     async def _serve(self) -> None:
         with self._scope:
-            async with self._send:
-                try:
-                    self._reply = await self._run.execute()
-                except RequestFailed as exc:
-                    self._error = exc
+            try:
+                self._reply = await self._run.execute()
+            except RequestFailed as exc:
+                self._error = exc
+            finally:
+                self._deltas.close()
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> Delta:
         try:
-            return await self._receive.receive()
+            return await self._deltas.get()
         except trio.EndOfChannel:
             if self._error is not None:
                 raise self._error from None
@@ -407,6 +421,90 @@ class RequestStream:
                     request_id=self._run.request_id,
                 ) from None
             raise StopAsyncIteration from None
+
+
+class _Deltas:
+    """The deltas of one stream, from the request's task to its reader.
+
+    Bounded: the producer waits while ``STREAM_BUFFER`` deltas are unread. One producer, one
+    reader; cheaper than a memory channel for that case: the reader takes a delta that is
+    ready without a schedule point, so the deltas of one provider read cost one task switch
+    between them, not one each. ``get`` still raises at once if its task is cancelled.
+    """
+
+    __slots__ = ("_items", "_reader", "_writer", "_closed", "_gone")
+
+    def __init__(self) -> None:
+        self._items: deque[Delta] = deque()
+        self._reader: trio.lowlevel.Task | None = None
+        self._writer: trio.lowlevel.Task | None = None
+        self._closed = False  # the producer is done: the reader gets EndOfChannel once empty
+        self._gone = False  # the reader left: the producer gets BrokenResourceError
+
+    def put_nowait(self, delta: Delta) -> bool:
+        """Queue ``delta`` if there is room (True); False if the producer must wait.
+
+        Raises:
+            trio.BrokenResourceError: the reader is gone.
+        """
+        if self._gone:
+            raise trio.BrokenResourceError
+        if len(self._items) >= STREAM_BUFFER:
+            return False
+        self._items.append(delta)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(reader)
+        return True
+
+    async def put(self, delta: Delta) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.put_nowait(delta):
+            self._writer = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_writer)
+
+    async def get(self) -> Delta:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        items = self._items
+        while not items:
+            if self._closed:
+                raise trio.EndOfChannel
+            self._reader = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_reader)
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            trio.lowlevel.reschedule(writer)
+        return items.popleft()
+
+    def close(self) -> None:
+        """The producer is done."""
+        self._closed = True
+        self._wake_reader()
+
+    def leave(self) -> None:
+        """The reader is done: drop what it did not read, and stop the producer."""
+        self._gone = True
+        self._items.clear()
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            trio.lowlevel.reschedule(writer)
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(reader)
+
+    def _abort_reader(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _abort_writer(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._writer = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _Run:
@@ -426,7 +524,9 @@ class _Run:
         self.streaming = streaming
         # Set by RequestStream for streams.
         self.emit: Callable[[Delta], Awaitable[None]] | None = None
-        self.emit_nowait: Callable[[Delta], None] | None = None
+        self.emit_nowait: Callable[[Delta], bool] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._stopped = False
         sup._next_id += 1
         self.request_id = sup._next_id
         self.attempts: list[Attempt] = []
@@ -447,14 +547,22 @@ class _Run:
             )
         sup._counts["requests"] += 1
         sup._in_flight += 1
-        if sup._in_flight == 1:
-            sup._idle = trio.Event()
+        sup._runs.add(self)
         sup._budget.record_request(now)
         budget = sup._policies.failover.total_budget
         self.deadline = now + budget
         try:
-            with trio.move_on_at(self.deadline) as scope:
+            with trio.CancelScope(deadline=self.deadline) as scope:
+                self._scope = scope
                 result = await self._loop()
+            if scope.cancelled_caught and self._stopped:
+                raise self._failed(
+                    Failure(
+                        category=Category.LOCAL_CAPACITY,
+                        code="supervisor_closed",
+                        message="the supervisor shut down",
+                    )
+                )
             if scope.cancelled_caught:
                 failure = Failure(
                     category=Category.TIMEOUT,
@@ -503,8 +611,15 @@ class _Run:
             raise
         finally:
             sup._in_flight -= 1
-            if sup._in_flight == 0:
+            sup._runs.discard(self)
+            if sup._in_flight == 0 and sup._idle is not None:
                 sup._idle.set()
+
+    def shut_down(self) -> None:
+        """End the request at once: the supervisor is shutting down."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     def _failed(self, failure: Failure) -> RequestFailed:
         released = sum(map(len, self.parts)) if self.streaming else 0
@@ -676,26 +791,15 @@ class _Run:
                     actor=actor.name,
                 )
             )
-        if not actor.submit(job):
-            failure = Failure(
-                category=Category.LOCAL_CAPACITY,
-                code="inbox_full" if actor.alive else "actor_gone",
-                message=f"{actor.name}'s inbox is full"
-                if actor.alive
-                else f"{actor.name} is not running",
-                provider=actor.name,
+        try:
+            await actor.run_job(job)
+        except BaseException:
+            # The caller went away, the request's budget ran out or the supervisor shuts down:
+            # the attempt was stopped where it stood.
+            self.attempts.append(
+                self._record(actor, number, job, started, Outcome.CANCELLED, continuation)
             )
-            job.finish(Outcome.FAILED, failure=failure)
-        else:
-            try:
-                await job.done.wait()
-            finally:
-                if not job.done.is_set():
-                    # The caller went away or the request's budget ran out: stop the attempt now.
-                    job.cancel()
-                    self.attempts.append(
-                        self._record(actor, number, job, started, Outcome.CANCELLED, continuation)
-                    )
+            raise
         outcome = job.outcome
         assert outcome is not None
         self.attempts.append(self._record(actor, number, job, started, outcome, continuation))
@@ -750,6 +854,21 @@ class _Run:
             return collect, collect_nowait
         send, send_nowait = self.emit, self.emit_nowait
         assert send is not None and send_nowait is not None
+        if not skip:
+
+            def forward_all_nowait(text: str) -> bool:
+                if not send_nowait(Delta(self.seq, text, actor)):
+                    return False
+                self.seq += 1
+                parts.append(text)
+                return True
+
+            async def forward_all(text: str) -> None:
+                await send(Delta(self.seq, text, actor))
+                self.seq += 1
+                parts.append(text)
+
+            return forward_all, forward_all_nowait
         to_skip = [skip]
 
         def trim(text: str) -> tuple[str, int]:
@@ -764,9 +883,7 @@ class _Run:
         def forward_nowait(text: str) -> bool:
             out, left = trim(text)
             if out:
-                try:
-                    send_nowait(Delta(self.seq, out, actor))
-                except trio.WouldBlock:
+                if not send_nowait(Delta(self.seq, out, actor)):
                     return False
                 self.seq += 1
                 parts.append(out)
