@@ -136,9 +136,10 @@ class _Sink:
     a heap operation in trio's run loop, so a delta moves it only when it must, not every time.
     """
 
-    __slots__ = ("_job", "_scope", "_idle", "_end", "_slack", "_deadline")
+    __slots__ = ("_job", "_scope", "_idle", "_end", "_slack", "_deadline", "_now")
 
     def __init__(self, job: Job, scope: trio.CancelScope, idle: float, end: float):
+        self._now = trio.lowlevel.current_clock().current_time
         self._job = job
         self._scope = scope
         self._idle = idle
@@ -163,7 +164,7 @@ class _Sink:
             # never mistakes this for a provider failure.
             job.cancel()
             await trio.lowlevel.checkpoint()
-        now = trio.current_time()
+        now = self._now()
         if job.deltas == 0:
             job.first_delta_at = now
             exact = True
@@ -176,7 +177,7 @@ class _Sink:
 
     def progress(self) -> None:
         self._job.progressed = True
-        self._deadline = self._scope.deadline = min(self._end, trio.current_time() + self._idle)
+        self._deadline = self._scope.deadline = min(self._end, self._now() + self._idle)
 
 
 class ProviderActor:

@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, help="repeats of each comparison (medians reported)")
     p.add_argument("--requests", type=int, help="measured requests per peer, mode and concurrency")
-    p.add_argument("--concurrency", type=_ints, help="concurrency levels, e.g. 1,8,32,128")
+    p.add_argument("--concurrency", type=_ints, help="concurrency levels, e.g. 1,8,50,128")
     p.add_argument("--scale", type=_ints, help="in-flight stream counts, e.g. 1,10,100,1000,10000")
     p.add_argument("--chunks", type=int, default=20, help="deltas per streamed answer (20)")
     p.add_argument("--rate", type=int, help="gateway: open-loop request rate per second (500)")
@@ -85,7 +85,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "workloads": args.only,
         "repeats": args.repeats or (1 if quick else 3),
         "requests": args.requests or (60 if quick else 400),
-        "concurrency": args.concurrency or ([1, 8] if quick else [1, 8, 32, 128]),
+        "concurrency": args.concurrency or ([1, 8] if quick else [1, 8, 50, 128]),
         "chunks": args.chunks,
         "overhead": {
             "requests": args.requests or (300 if quick else 2000),

@@ -80,6 +80,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "×",
             worst is not None and worst >= at_least,
         )
+    relay_failover, relay_complete = _row(results, "failover", 1, "relayrace"), _row(
+        results, "complete", 1, "relayrace"
+    )
+    extra = (
+        relay_failover["cpu_us_per_request"] - relay_complete["cpu_us_per_request"]
+        if relay_failover and relay_complete
+        else None
+    )
+    add(
+        "CPU of a failover beyond a plain request, c=1 (the failed HTTP attempt included)",
+        "< 1000",
+        extra,
+        "µs",
+        extra is not None and extra < 1000,
+    )
     gw = _get(results, "gateway", "summary") or {}
     for surface in ("http", "ws"):
         value = _get(gw, "rate", surface, "p99_overhead_ms")
