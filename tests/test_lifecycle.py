@@ -202,3 +202,56 @@ async def test_local_capacity_refuses_fast_when_every_inbox_is_full(autojump_clo
     # One runs, one waits in the inbox, three are refused at once.
     assert len(refused) == 3
     assert all(t == 0 for t, f in errors if f.category is Category.LOCAL_CAPACITY)
+
+
+async def test_a_caller_that_leaves_while_queued_gives_its_place_back(autojump_clock):
+    cfg = config(
+        scripted_provider(
+            "a", Answer(first_delay=2.0), Answer(), max_concurrency=1, inbox_size=2
+        )
+    )
+    replies: dict[str, object] = {}
+
+    async def caller(name: str, leave_at: float | None = None) -> None:
+        with trio.move_on_at(leave_at if leave_at is not None else float("inf")):
+            replies[name] = await sup.complete(request())
+
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller, "first")
+            await trio.sleep(0.1)
+            nursery.start_soon(caller, "leaves", 1.0)  # queued, gives up at t=1
+            nursery.start_soon(caller, "third")  # queued behind it
+            await trio.sleep(0.5)
+            assert sup.health()["a"].in_flight == 1
+        assert sorted(replies) == ["first", "third"]
+        assert sup.health()["a"].in_flight == 0
+        # The one that left was never sent; the third ran when the first ended, at t=2.
+        calls = client(cfg, "a").calls
+        assert [c.started_at for c in calls] == [0.0, 2.0]
+        # The slot is free again: a new request runs at once.
+        started = trio.current_time()
+        await sup.complete(request())
+        assert client(cfg, "a").calls[-1].started_at == started
+
+
+async def test_a_crash_interrupts_the_actors_other_attempts_and_they_fail_over(autojump_clock):
+    cfg = config(
+        scripted_provider("a", Answer(first_delay=5.0), Crash(), max_concurrency=2),
+        scripted_provider("b"),
+    )
+    replies = []
+
+    async def caller() -> None:
+        replies.append(await sup.complete(request()))
+
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)  # a's slow answer
+            await trio.sleep(1.0)
+            nursery.start_soon(caller)  # a crashes on this one
+    assert [r.provider for r in replies] == ["b", "b"]
+    codes = sorted(r.attempts[0].failure.code for r in replies)
+    assert codes == ["actor_crashed", "actor_crashed"]
+    assert all(r.attempts[0].ended_at == 1.0 for r in replies)  # interrupted at the crash
+    assert sorted(client(cfg, "a").outcomes) == ["cancelled", "crashed"]
