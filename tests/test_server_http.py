@@ -596,3 +596,46 @@ async def test_openai_sdk_with_a_wrong_key():
             )
             models = [m.id async for m in ai.models.list()]
     assert models == ["m"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("first", [False, True])
+def test_content_chunks_are_exactly_the_json_of_their_objects(include_usage, first):
+    # Content chunks are formatted around the encoded text, not built as a dict per delta.
+    from relayrace.server._common import dumps
+    from relayrace.server._http import _ChunkEncoder
+
+    encoder = _ChunkEncoder("chatcmpl-0a1b", 1700000000, include_usage)
+    for model, text in [("m", "x"), ('mö"del', 'naïve "q" \\ \n\u2028 ☃ \x00'), ("m", "")]:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        chunk: dict[str, Any] = {
+            "id": "chatcmpl-0a1b",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+        }
+        if include_usage:
+            chunk["usage"] = None
+        expected = b"data: " + dumps(chunk).encode() + b"\n\n"
+        assert encoder.content(model, text, first=first) == expected
+
+
+async def test_deltas_that_are_ready_together_stream_intact(autojump_clock):
+    # Chunks that become ready while a write is in progress go out in one body message; each
+    # is still its own event, in order, and the stream ends as usual.
+    cfg = config(scripted_provider("a", Answer(chunks=40)))
+    async with running(cfg) as (_, _, http):
+        request = body(stream=True, stream_options={"include_usage": True})
+        async with http.stream("POST", "/v1/chat/completions", json=request) as response:
+            assert response.status_code == 200
+            chunks = await events(response)
+    *answer, last, usage, done = chunks
+    assert done == "[DONE]"
+    assert [c["choices"][0]["delta"] for c in answer] == [
+        {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        for i, piece in enumerate(split_text(SCRIPTED_ANSWER, 40))
+    ]
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert usage["choices"] == []

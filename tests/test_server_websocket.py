@@ -22,6 +22,8 @@ from trio_websocket import (
 
 from relayrace import Category, Config, ConfigError, Route, Supervisor, open_supervisor
 from relayrace.server import Server, ServerSettings, serve
+from relayrace.server._common import dumps
+from relayrace.server._websocket import _WS_INTERNALS
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Fail, Hang, split_text
 
 from .support import client, config, scripted_provider
@@ -564,3 +566,43 @@ async def test_graceful_shutdown_with_nothing_in_flight_is_immediate(autojump_cl
                     await receive(ws)
         assert trio.current_time() == 0
     assert caught.value.reason.code == 1001
+
+
+async def test_frames_are_exactly_the_json_of_their_objects(autojump_clock):
+    # Delta frames are formatted around the encoded text rather than built as a dict and
+    # encoded: byte for byte what ``json.dumps`` writes (compact, unescaped non-ASCII).
+    text = 'naïve "quoted" \\ back\nslash \u2028 ☃ \x00 \t end'
+    cfg = config(scripted_provider("a", Answer(text=text, chunks=7)))
+    async with running(cfg) as (_, server), connect(server) as ws:
+        for request_id in ('r"1é', 7):
+            await send(ws, request_frame(request_id))
+            raw: list[str] = []
+            while not raw or json.loads(raw[-1])["type"] == "delta":
+                message = await ws.get_message()
+                assert isinstance(message, str)
+                raw.append(message)
+            frames = [json.loads(message) for message in raw]
+            assert raw == [dumps(frame) for frame in frames]
+            *deltas, done = frames
+            assert done["type"] == "done"
+            assert [list(d) for d in deltas] == [["type", "id", "seq", "text"]] * len(deltas)
+            assert [d["id"] for d in deltas] == [request_id] * len(deltas)
+            assert [d["seq"] for d in deltas] == list(range(len(deltas)))
+            assert "".join(d["text"] for d in deltas) == text
+
+
+async def test_the_writer_can_batch_frames(autojump_clock):
+    # The writer encodes a batch of frames with trio-websocket's own wsproto state and writes
+    # them at once. Without these internals it falls back to one ``send_message`` per frame:
+    # still correct, but slower, so an upgrade of trio-websocket that removes them fails here.
+    cfg = config(scripted_provider("a", Answer(chunks=40)))
+    async with running(cfg, send_queue_frames=4) as (_, server), connect(server) as ws:
+        assert all(hasattr(ws, name) for name in _WS_INTERNALS)
+        for i in range(8):
+            await send(ws, request_frame(i))
+        frames = await until_terminal(ws, *range(8))
+    for i in range(8):
+        *deltas, done = frames[i]
+        assert done["type"] == "done"
+        assert [d["seq"] for d in deltas] == list(range(40))
+        assert "".join(d["text"] for d in deltas) == SCRIPTED_ANSWER

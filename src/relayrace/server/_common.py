@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import hmac
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -43,6 +43,11 @@ def authorized(tokens: frozenset[str], headers: Iterable[tuple[bytes, bytes]]) -
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+#: ``dumps`` of a string (the C encoder ``json.dumps`` itself uses with ``ensure_ascii=False``),
+#: for frames formatted around a JSON string rather than built as a dict per delta.
+dumps_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def reply_trace(reply: Reply) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ._common import (
     Ticket,
     authorized,
     dumps,
+    dumps_str,
     failure_trace,
     reply_trace,
 )
@@ -259,7 +260,7 @@ class OpenAIApp:
                 # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
                 try:
                     if stream:
-                        await self._stream(request, include_usage, ticket, send)
+                        await self._stream(request, include_usage, ticket, send, nursery)
                     else:
                         await self._complete(request, ticket, send)
                 except _HTTPError as exc:
@@ -349,7 +350,12 @@ class OpenAIApp:
         await _send_json(send, 200, body, [(b"x-relayrace-provider", reply.provider.encode())])
 
     async def _stream(
-        self, request: Request, include_usage: bool, ticket: Ticket, send: Send
+        self,
+        request: Request,
+        include_usage: bool,
+        ticket: Ticket,
+        send: Send,
+        nursery: trio.Nursery,
     ) -> None:
         try:
             stream = self.sup.stream(request)
@@ -391,22 +397,28 @@ class OpenAIApp:
 
         reply: Reply | None = None
         failure: RequestFailed | None = None
+        encoder = _ChunkEncoder(chunk_id, created, include_usage)
+        models = self._models
+        body = _Body(send)
         with ticket.scope:
             try:
                 async with stream:
                     async for delta in stream:
-                        model = self._models.get(delta.provider) or request.model
-                        content: dict[str, Any] = {"content": delta.text}
-                        if not started:
+                        model = models.get(delta.provider) or request.model
+                        if started:
+                            await body.put(encoder.content(model, delta.text))
+                        else:
                             await start(delta.provider)
-                            content = {"role": "assistant", "content": delta.text}
-                        await _send_event(send, chunk(model, content, None))
+                            body.start(nursery)
+                            await body.put(encoder.content(model, delta.text, first=True))
                 reply = stream.reply
             except RequestFailed as exc:
                 failure = exc
+        if reply is None and failure is None and ticket.stop is not Stop.SHUTDOWN:
+            return  # the client is gone: nobody to answer (the caller cancels the writer)
+        # What follows is written after every chunk already handed over.
+        await body.close()
         if reply is None and failure is None:
-            if ticket.stop is not Stop.SHUTDOWN:
-                return  # the client is gone: nobody to answer
             if not started:
                 raise self._shutdown_error()
             error = self._shutdown_error()
@@ -421,18 +433,112 @@ class OpenAIApp:
             await _send_event(send, error.body, more=False)
             return
         assert reply is not None
+        # The end of the stream goes out in one body message: the last chunk, the usage chunk
+        # and `[DONE]` (the same bytes as one message each, for a fraction of the cost).
+        events: list[dict[str, Any]] = []
         if not started:
             await start(reply.provider)
-            await _send_event(send, chunk(reply.model, {"role": "assistant", "content": ""}, None))
+            events.append(chunk(reply.model, {"role": "assistant", "content": ""}, None))
         last = chunk(reply.model, {}, reply.finish_reason or "stop")
         last["relayrace"] = reply_trace(reply)
-        await _send_event(send, last)
+        events.append(last)
         if include_usage:
             usage = chunk(reply.model, {}, None)
             usage["choices"] = []
             usage["usage"] = None if reply.usage is None else reply.usage.to_dict()
-            await _send_event(send, usage)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            events.append(usage)
+        tail = "".join([f"data: {dumps(event)}\n\n" for event in events]) + "data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
+
+
+class _Body:
+    """The content chunks of one streamed response, written by a task of their own.
+
+    Chunks that became ready while a write was in progress go out together in one body message
+    (hypercorn's cost is per message, not per byte): when the deltas come faster than they can
+    be written, the writes get bigger instead of falling behind. At most ``_QUEUE`` chunks wait.
+    """
+
+    __slots__ = ("_send", "_in", "_out", "_done", "_running")
+
+    def __init__(self, send: Send):
+        self._send = send
+        self._in, self._out = trio.open_memory_channel[bytes](_QUEUE)
+        self._done = trio.Event()
+        self._running = False
+
+    async def put(self, data: bytes) -> None:
+        # No schedule point while there is room: deltas that are ready are handed over at once.
+        try:
+            self._in.send_nowait(data)
+        except trio.WouldBlock:
+            await self._in.send(data)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._running = True
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        out, send = self._out, self._send
+        try:
+            while True:
+                try:
+                    chunks = [out.receive_nowait()]
+                except trio.WouldBlock:
+                    try:
+                        chunks = [await out.receive()]
+                    except trio.EndOfChannel:
+                        return
+                except trio.EndOfChannel:
+                    return
+                while True:
+                    try:
+                        chunks.append(out.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            self._done.set()
+
+    async def close(self) -> None:
+        """Wait until every chunk handed over is written (the writer then ends)."""
+        self._in.close()
+        if self._running:
+            await self._done.wait()
+
+
+_QUEUE = 16
+
+
+class _ChunkEncoder:
+    """The SSE event of one content delta, byte for byte what ``dumps`` writes for the
+    ``chat.completion.chunk`` dict of ``OpenAIApp._stream``, formatted around the encoded text
+    instead of building and encoding a dict per delta."""
+
+    __slots__ = ("_head", "_end", "_model", "_prefix")
+
+    def __init__(self, chunk_id: str, created: int, include_usage: bool):
+        self._head = (
+            f'data: {{"id":{dumps(chunk_id)},"object":"chat.completion.chunk",'
+            f'"created":{dumps(created)},"model":'
+        )
+        self._end = ',"usage":null}\n\n' if include_usage else "}\n\n"
+        self._model: str | None = None
+        self._prefix = ""
+
+    def content(self, model: str, text: str, *, first: bool = False) -> bytes:
+        if model != self._model:
+            self._model = model
+            self._prefix = (
+                f'{self._head}{dumps(model)},"system_fingerprint":null,'
+                '"choices":[{"index":0,"delta":{'
+            )
+        role = '"role":"assistant",' if first else ""
+        return (
+            f'{self._prefix}{role}"content":{dumps_str(text)}}},'
+            f'"logprobs":null,"finish_reason":null}}]{self._end}'
+        ).encode()
 
 
 def _completion_id() -> str:

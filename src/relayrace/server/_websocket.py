@@ -22,12 +22,22 @@ from trio_websocket import (
     WebSocketRequest,
     serve_websocket,
 )
+from wsproto.events import TextMessage
 
 from .._errors import BadRequest, RequestFailed
 from .._events import Event
 from .._values import Request
 from ..supervisor import RequestStream, Supervisor
-from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, failure_trace
+from ._common import (
+    Gate,
+    ShuttingDown,
+    Stop,
+    Ticket,
+    authorized,
+    dumps,
+    dumps_str,
+    failure_trace,
+)
 from ._settings import ServerSettings
 
 log = logging.getLogger("relayrace.server")
@@ -218,10 +228,29 @@ class _Connection:
     # --- the writer ---------------------------------------------------------------------------
 
     async def _write(self, connection_scope: trio.CancelScope) -> None:
+        outbox = self._outbox
+        sink = _FrameSink(self.ws)
+        most = self.settings.send_queue_frames
         try:
-            async with self._outbox:
-                async for text in self._outbox:
-                    await self.ws.send_message(text)
+            async with outbox:
+                while True:
+                    # Every frame already queued goes out in the same write (one syscall),
+                    # up to one queue's worth: under load the batches grow, idle they are 1.
+                    try:
+                        frames = [outbox.receive_nowait()]
+                    except trio.WouldBlock:
+                        try:
+                            frames = [await outbox.receive()]
+                        except trio.EndOfChannel:
+                            break
+                    except trio.EndOfChannel:
+                        break
+                    while len(frames) < most:
+                        try:
+                            frames.append(outbox.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await sink.send(frames)
             # The outbox was closed by a graceful shutdown, and every frame is out.
             await self.ws.aclose(_GOING_AWAY, "server shutting down")
         except ConnectionClosed:
@@ -229,8 +258,18 @@ class _Connection:
         connection_scope.cancel()
 
     async def _put(self, frame: dict[str, Any]) -> None:
+        await self._put_text(dumps(frame))
+
+    async def _put_text(self, text: str) -> None:
+        # No schedule point when the queue has room: a request relaying deltas that are ready
+        # hands them all to the writer in one go. A full queue waits (backpressure).
         try:
-            await self._send.send(dumps(frame))
+            self._send.send_nowait(text)
+        except trio.WouldBlock:
+            try:
+                await self._send.send(text)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the connection is closing: there is no one to tell
 
@@ -389,12 +428,14 @@ class _Connection:
 
     async def _relay(self, request_id: RequestId, stream: RequestStream) -> dict[str, Any]:
         """Send the deltas; return the terminal frame."""
+        # ``{"type":"delta","id":…,"seq":…,"text":…}``, as ``dumps`` writes it, without building
+        # and encoding a dict per delta.
+        head = '{"type":"delta","id":' + dumps(request_id) + ',"seq":'
+        put = self._put_text
         try:
             async with stream:
                 async for delta in stream:
-                    await self._put(
-                        {"type": "delta", "id": request_id, "seq": delta.seq, "text": delta.text}
-                    )
+                    await put(f'{head}{delta.seq},"text":{dumps_str(delta.text)}}}')
             reply = stream.reply
         except RequestFailed as exc:
             return _error_frame(request_id, exc)
@@ -422,6 +463,52 @@ class _Connection:
                 # Every event of this request was published before its stream ended; the relay
                 # sends what is still queued, then stops.
                 relay.finish()
+
+
+class _FrameSink:
+    """Writes a batch of text frames to a websocket connection in one ``send_all``.
+
+    ``WebSocketConnection.send_message`` writes one frame per call (a lock, a syscall and two
+    schedule points each); this encodes every frame of the batch with the connection's wsproto
+    state, exactly as ``send_message`` does, and writes them together, under the same lock and
+    with the same handling of a broken stream. It relies on trio-websocket's internals
+    (``_wsproto``, ``_stream``, ``_stream_lock``, ``_close_reason``, ``_abort_web_socket``,
+    checked by the tests); without them it falls back to ``send_message`` per frame.
+    """
+
+    def __init__(self, ws: WebSocketConnection):
+        self._ws = ws
+        self._fast = all(hasattr(ws, name) for name in _WS_INTERNALS)
+
+    async def send(self, frames: list[str]) -> None:
+        ws = self._ws
+        if not self._fast:
+            for frame in frames:
+                await ws.send_message(frame)
+            return
+        internal: Any = ws
+        if internal._close_reason:
+            raise ConnectionClosed(internal._close_reason)
+        encode = internal._wsproto.send
+        if len(frames) == 1:
+            data = encode(TextMessage(data=frames[0]))
+        else:
+            data = b"".join([encode(TextMessage(data=frame)) for frame in frames])
+        lock: trio.Lock = internal._stream_lock
+        try:
+            lock.acquire_nowait()  # uncontended (the usual case): no schedule point
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await internal._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await internal._abort_web_socket()
+            raise ConnectionClosed(internal._close_reason) from None
+        finally:
+            lock.release()
+
+
+_WS_INTERNALS = ("_wsproto", "_stream", "_stream_lock", "_close_reason", "_abort_web_socket")
 
 
 class _EventRelay:
