@@ -1411,3 +1411,73 @@ async def test_a_whole_answer_switches_to_the_idle_budget_once_headers_arrive(
             await sup.complete(Request("any", [{"role": "user", "content": "hi"}]))
         assert trio.current_time() - start == pytest.approx(9.0)
     assert info.value.failure.category is C.TIMEOUT
+
+
+# --- connection pools: sharding -----------------------------------------------------------------
+
+
+def test_a_client_with_many_connections_spreads_them_over_small_pools() -> None:
+    from relayrace.actors._http import POOL_SHARD, ShardedTransport, make_http_client
+
+    small = make_http_client(headers={}, max_connections=POOL_SHARD, connect_timeout=1)
+    assert not isinstance(small._transport, ShardedTransport)  # one pool is cheap enough
+    big = make_http_client(headers={}, max_connections=50, connect_timeout=1)
+    transport = big._transport
+    assert isinstance(transport, ShardedTransport)
+    assert len(transport.shards) == 7 and transport.per_shard == 8  # 7 × 8 ≥ 50
+    limits = [s._pool._max_connections for s in transport.shards]  # type: ignore[attr-defined]
+    assert limits == [8] * 7
+
+
+async def test_sharded_pools_fill_in_order_and_free_a_place_when_a_response_closes() -> None:
+    from relayrace.actors._http import ShardedTransport
+
+    hits: list[int] = []
+
+    class Body(httpx.AsyncByteStream):  # a body read off the wire, as a real transport gives
+        async def __aiter__(self) -> Any:
+            yield b"ok"
+
+    def shard(index: int) -> httpx.MockTransport:
+        def handle(request: httpx.Request) -> httpx.Response:
+            hits.append(index)
+            return httpx.Response(200, stream=Body())
+
+        return httpx.MockTransport(handle)
+
+    transport = ShardedTransport([shard(0), shard(1), shard(2)], per_shard=2)
+    async with httpx.AsyncClient(transport=transport) as client:
+        # One after another: always the first pool (its connections are reused).
+        for _ in range(3):
+            await client.get("http://x/")
+        assert hits == [0, 0, 0]
+        hits.clear()
+        # Held open together: the first pool takes two, then the next, in order.
+        responses = []
+        for _ in range(5):
+            responses.append(await client.send(client.build_request("GET", "http://x/"), stream=True))
+        assert hits == [0, 0, 1, 1, 2]
+        # Every pool is full: the least busy takes the next.
+        responses.append(await client.send(client.build_request("GET", "http://x/"), stream=True))
+        assert hits[-1] == 2
+        # Closing a response frees its place: the first pool has room again.
+        await responses[0].aclose()
+        await client.get("http://x/")
+        assert hits[-1] == 0
+        for response in responses[1:]:
+            await response.aclose()
+        assert transport._busy == [0, 0, 0]
+
+
+async def test_a_failed_request_frees_its_place_in_a_sharded_pool() -> None:
+    from relayrace.actors._http import ShardedTransport
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    transport = ShardedTransport([httpx.MockTransport(refuse)], per_shard=1)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(3):
+            with pytest.raises(httpx.ConnectError):
+                await client.get("http://x/")
+    assert transport._busy == [0]

@@ -321,6 +321,91 @@ def _labelled(failure: Failure, label: str, secrets: Sequence[str]) -> Failure:
 
 # --- the shared client --------------------------------------------------------------------------
 
+#: Connections per connection pool. httpcore re-plans its whole pool on every request and every
+#: response close, at a cost that grows with the connections times the idle ones (1.0.9:
+#: ``_assign_requests_to_connections``): at 50 requests in flight one pool costs ~4× the CPU
+#: per request of pools of 8 (benchmarks/README.md). A provider client with more connections
+#: spreads them over several pools.
+POOL_SHARD = 8
+
+
+def sharded_transport(connections: int, shard: int = POOL_SHARD) -> ShardedTransport:
+    """``connections`` spread over pools of at most ``shard`` connections, sharing one TLS
+    context (building one per pool would load the CA bundle each time)."""
+    count = -(-connections // shard)
+    per = -(-connections // count)
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    tls = httpx.create_ssl_context()
+    return ShardedTransport(
+        [httpx.AsyncHTTPTransport(limits=limits, verify=tls) for _ in range(count)], per
+    )
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Several transports (connection pools) behind one. Each request goes to the first pool
+    with fewer than ``per_shard`` requests in flight (the least busy if none has), and counts
+    there until its response is closed: requests one after another reuse the first pool's
+    connections, and pools fill in order under load."""
+
+    def __init__(self, shards: Sequence[httpx.AsyncBaseTransport], per_shard: int):
+        if not shards:
+            raise ValueError("shards: expected at least one transport")
+        self.shards = list(shards)
+        self.per_shard = per_shard
+        self._busy = [0] * len(self.shards)
+        self._low = 0  # no pool before this one has room
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        busy = self._busy
+        per = self.per_shard
+        i = self._low
+        while i < len(busy) and busy[i] >= per:
+            i += 1
+        self._low = i
+        if i == len(busy):
+            i = min(range(len(busy)), key=busy.__getitem__)
+        busy[i] += 1
+        try:
+            response = await self.shards[i].handle_async_request(request)
+        except BaseException:
+            self._release(i)
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _Released(response.stream, self, i)
+        return response
+
+    def _release(self, i: int) -> None:
+        self._busy[i] -= 1
+        if i < self._low:
+            self._low = i
+
+    async def aclose(self) -> None:
+        for shard in self.shards:
+            await shard.aclose()
+
+
+class _Released(httpx.AsyncByteStream):
+    """A response body that frees its place in its pool's count when closed."""
+
+    __slots__ = ("_stream", "_owner", "_index")
+
+    def __init__(self, stream: httpx.AsyncByteStream, owner: ShardedTransport, index: int):
+        self._stream = stream
+        self._owner: ShardedTransport | None = owner
+        self._index = index
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._owner is not None:
+                self._owner._release(self._index)
+                self._owner = None
+
 
 def make_http_client(
     *,
@@ -334,8 +419,10 @@ def make_http_client(
     Only connecting and writing have httpx timeouts; reading and waiting for a pooled connection
     are bounded by the actor's cancel scopes (time to first token, idle, attempt). The pool
     holds as many connections as the actor runs attempts, and keeps them all alive between
-    attempts.
+    attempts; above ``POOL_SHARD`` connections they are spread over several pools.
     """
+    if transport is None and max_connections > POOL_SHARD:
+        transport = sharded_transport(max_connections)
     timeout = httpx.Timeout(
         connect=connect_timeout,
         read=None,

@@ -24,6 +24,7 @@ from .._events import EventKind
 from .._policy import HealthPolicy, Policies, RetryPolicy
 from .._values import Request
 from ..actors import OpenAIClient
+from ..actors._http import POOL_SHARD, sharded_transport
 from ..supervisor import Supervisor, open_supervisor
 from ._common import API_KEY, MESSAGES, ROUTE, rss_bytes, summarise_ms
 
@@ -133,35 +134,13 @@ def httpx_client(
 
 
 def sharded(connections: int, shard: int) -> httpx.AsyncBaseTransport | None:
-    """``connections`` spread over pools of at most ``shard`` connections, or ``None`` (the
-    default single pool) when shard is 0 or one pool is enough.
-
-    httpcore's pool scans every connection for every queued request on every change
-    (``_assign_requests_to_connections``): quadratic in the pool size, it dominates past a few
-    hundred connections (1 000 streams: 29 of 38 s in that scan). Several small pools keep
-    each scan short; any ``OpenAIClient(transport=...)`` can do the same.
-    """
+    """``connections`` spread over pools of at most ``shard`` connections (relayrace's own
+    ``ShardedTransport``, which every ``OpenAIClient`` above ``POOL_SHARD`` connections uses),
+    or ``None`` (one pool) when shard is 0 or one pool is enough. For bare httpx in the scale
+    workload: with one pool of 1 000 connections httpcore's pool re-planning dominates."""
     if shard <= 0 or connections <= shard:
         return None
-    count = -(-connections // shard)
-    limits = httpx.Limits(max_connections=shard, max_keepalive_connections=shard)
-    return ShardedTransport([httpx.AsyncHTTPTransport(limits=limits) for _ in range(count)])
-
-
-@attrs.define(eq=False)
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Round-robin over several transports (connection pools)."""
-
-    shards: list[httpx.AsyncBaseTransport]
-    turn: int = 0
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.turn = (self.turn + 1) % len(self.shards)
-        return await self.shards[self.turn].handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for shard in self.shards:
-            await shard.aclose()
+    return sharded_transport(connections, shard)
 
 
 def httpx_request(
@@ -429,7 +408,7 @@ async def scale_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
         }
 
     fast, _ = models_for("stream", chunks, job["tag"] + "-warm")
-    shard = job.get("shard", 128)
+    shard = job.get("shard", POOL_SHARD)
     if peer == "httpx":
         async with httpx_client(n, transport=sharded(n, shard)) as client:
             warm = httpx_request(client, url, fast, fast, True)
@@ -442,7 +421,6 @@ async def scale_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
         n,
         budgets=budgets,
         connect_timeout=120.0,
-        transports=[sharded(n, shard), None],
     )
     warm_config = relay_config(url, [fast, fast], 1)
     async with open_supervisor(config) as sup, open_supervisor(warm_config) as warm_sup:
