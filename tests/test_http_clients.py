@@ -1481,3 +1481,19 @@ async def test_a_failed_request_frees_its_place_in_a_sharded_pool() -> None:
             with pytest.raises(httpx.ConnectError):
                 await client.get("http://x/")
     assert transport._busy == [0]
+
+
+async def test_a_cookie_a_provider_sets_never_rides_on_the_next_request() -> None:
+    whole = {
+        "model": "m",
+        "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    }
+    client, server = openai(answer(whole, headers={"set-cookie": "session=abc; Path=/"}))
+    sink = Sink()
+    try:
+        for _ in range(2):
+            await client.call(call(stream=False), sink)
+        assert client._client().cookies.jar is not None and not client._client().cookies
+    finally:
+        await client.aclose()
+    assert [r.headers.get("cookie") for r in server.requests] == [None, None]
