@@ -6,10 +6,9 @@ and what was expected.
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +27,7 @@ from ._policy import (
     RetryPolicy,
     StreamPolicy,
 )
+from ._table import Table
 
 STRATEGIES = ("priority", "round_robin", "weighted", "least_busy")
 
@@ -238,162 +238,44 @@ def _validate(config: Config) -> None:
 
 # --- reading plain data -------------------------------------------------------------------------
 
-ClientFactory = Callable[["Table"], Any]
+#: Builds a provider client from what is left of its table, with the pool size and connect
+#: timeout that the provider's ``max_concurrency`` and ``budgets.connect`` give it.
+ClientFactory = Callable[..., Any]
 
 
-class Table:
-    """A view of one table of plain config data that knows its path and reports mistakes.
-
-    Each getter removes the key it reads; ``done()`` then reports any key nobody read.
-    """
-
-    def __init__(self, data: Any, path: str):
-        if not isinstance(data, Mapping):
-            raise ConfigError(path, "a table", data)
-        self._data = dict(data)
-        self.path = path
-
-    def _at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def has(self, key: str) -> bool:
-        return key in self._data
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        return self._data.pop(key, default)
-
-    def text(self, key: str, default: Any = attrs.NOTHING) -> Any:
-        value = self._required(key, default)
-        if value is default and default is not attrs.NOTHING:
-            return value
-        if not isinstance(value, str) or not value:
-            raise ConfigError(self._at(key), "a non-empty string", value)
-        return value
-
-    def flag(self, key: str, default: Any = attrs.NOTHING) -> Any:
-        value = self._required(key, default)
-        if not isinstance(value, bool) and not (value is default and default is not attrs.NOTHING):
-            raise ConfigError(self._at(key), "true or false", value)
-        return value
-
-    def integer(self, key: str, default: Any = attrs.NOTHING, *, minimum: int = 0) -> Any:
-        value = self._required(key, default)
-        if value is default and default is not attrs.NOTHING:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(self._at(key), f"an integer ≥ {minimum}", value)
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: Any = attrs.NOTHING,
-        *,
-        minimum: float = 0.0,
-        positive: bool = False,
-        maximum: float = math.inf,
-    ) -> Any:
-        value = self._required(key, default)
-        if value is default and default is not attrs.NOTHING:
-            return value
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < minimum
-            or (positive and value <= 0)
-            or value > maximum
-        ):
-            what = "a positive number" if positive else f"a number ≥ {minimum}"
-            if maximum != math.inf:
-                what += f" and ≤ {maximum}"
-            raise ConfigError(self._at(key), what, value)
-        return float(value)
-
-    def choice(self, key: str, choices: Sequence[str], default: Any = attrs.NOTHING) -> Any:
-        value = self._required(key, default)
-        if value is default and default is not attrs.NOTHING:
-            return value
-        if value not in choices:
-            raise ConfigError(self._at(key), f"one of {', '.join(choices)}", value)
-        return value
-
-    def items(self, key: str, default: Any = attrs.NOTHING) -> Any:
-        value = self._required(key, default)
-        if value is default and default is not attrs.NOTHING:
-            return value
-        if not isinstance(value, list):
-            raise ConfigError(self._at(key), "a list", value)
-        return value
-
-    def strings(self, key: str) -> list[str]:
-        values = self.items(key, [])
-        for i, v in enumerate(values):
-            if not isinstance(v, str) or not v:
-                raise ConfigError(f"{self._at(key)}[{i}]", "a non-empty string", v)
-        return list(values)
-
-    def table(self, key: str) -> Table:
-        return Table(self._data.pop(key, {}), self._at(key))
-
-    def env(self, key: str) -> str | None:
-        """Read ``key`` as the NAME of an environment variable and return its value."""
-        name = self.text(key, None)
-        if name is None:
-            return None
-        value = os.environ.get(name)
-        if not value:
-            raise ConfigError(
-                self._at(key), f"the environment variable {name} to be set", show_got=False
-            )
-        return value
-
-    def done(self) -> None:
-        if self._data:
-            key = sorted(self._data)[0]
-            raise ConfigError(self._at(key), "no such key here", self._data[key], show_got=False)
-
-    def _required(self, key: str, default: Any) -> Any:
-        if key in self._data:
-            return self._data.pop(key)
-        if default is attrs.NOTHING:
-            raise ConfigError(self._at(key), "a value (this key is required)", show_got=False)
-        return default
-
-
-def _scripted_factory(table: Table) -> Any:
+def _scripted_factory(table: Table, **_sizing: Any) -> Any:
     from .testing._scripted import ScriptedClient
 
     return ScriptedClient.from_table(table)
 
 
-def _openai_factory(table: Table) -> Any:
+def _openai_factory(table: Table, **sizing: Any) -> Any:
     from .actors._openai import OpenAIClient
 
-    return OpenAIClient.from_table(table)
+    return OpenAIClient.from_table(table, **sizing)
 
 
 #: Where ``relayrace mock-provider`` listens by default.
 MOCK_BASE_URL = "http://127.0.0.1:8900/v1"
 
 
-def _mock_factory(table: Table) -> Any:
+def _mock_factory(table: Table, **sizing: Any) -> Any:
     # The mock provider speaks OpenAI's format on /v1: an OpenAI client with the mock's URL.
     from .actors._openai import OpenAIClient
 
-    return OpenAIClient.from_table(table, base_url=MOCK_BASE_URL)
+    return OpenAIClient.from_table(table, base_url=MOCK_BASE_URL, **sizing)
 
 
-def _anthropic_factory(table: Table) -> Any:
+def _anthropic_factory(table: Table, **sizing: Any) -> Any:
     from .actors._anthropic import AnthropicClient
 
-    return AnthropicClient.from_table(table)
+    return AnthropicClient.from_table(table, **sizing)
 
 
-def _gemini_factory(table: Table) -> Any:
+def _gemini_factory(table: Table, **sizing: Any) -> Any:
     from .actors._gemini import GeminiClient
 
-    return GeminiClient.from_table(table)
+    return GeminiClient.from_table(table, **sizing)
 
 
 CLIENT_FACTORIES: dict[str, ClientFactory] = {
@@ -469,7 +351,9 @@ def _provider(table: Table, factories: Mapping[str, ClientFactory]) -> ProviderC
     accepts_continuation = table.flag("accepts_continuation", None)
     budgets = _budgets(table.table("budgets"))
     # What is left belongs to the client factory (base_url, api_key_env, script, ...).
-    client = factories[kind](_ClientTable(table, budgets, max_concurrency))
+    client = factories[kind](
+        table, max_connections=max_concurrency, connect_timeout=budgets.connect
+    )
     table.done()
     return ProviderConfig(
         name=name,
@@ -484,16 +368,6 @@ def _provider(table: Table, factories: Mapping[str, ClientFactory]) -> ProviderC
         accepts_continuation=accepts_continuation,
         budgets=budgets,
     )
-
-
-class _ClientTable(Table):
-    """The provider's table as a client factory sees it, with the budgets and concurrency that
-    size the client's connection pool and connect timeout."""
-
-    def __init__(self, table: Table, budgets: Budgets, max_concurrency: int):
-        self.__dict__.update(table.__dict__)
-        self.budgets = budgets
-        self.max_concurrency = max_concurrency
 
 
 def _policies(table: Table) -> Policies:

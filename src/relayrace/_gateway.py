@@ -22,8 +22,9 @@ from typing import Any
 
 import attrs
 
-from ._config import ClientFactory, Config, Table, read_toml
+from ._config import ClientFactory, Config, read_toml
 from ._errors import ConfigError
+from ._table import Table
 from .server._settings import ServerSettings
 
 

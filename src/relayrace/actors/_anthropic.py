@@ -39,7 +39,7 @@ from ._http import (
 )
 
 if TYPE_CHECKING:
-    from .._config import Table
+    from .._table import Table
 
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -113,7 +113,9 @@ class AnthropicClient(HTTPProviderClient):
         self.max_tokens = max_tokens
 
     @classmethod
-    def from_table(cls, table: Table) -> AnthropicClient:
+    def from_table(
+        cls, table: Table, *, max_connections: int = 64, connect_timeout: float = 5.0
+    ) -> AnthropicClient:
         """Build from a provider's config table.
 
         Keys: ``base_url``, ``api_key_env``, ``version``, ``max_tokens``, ``headers``,
@@ -122,7 +124,12 @@ class AnthropicClient(HTTPProviderClient):
         Raises:
             ConfigError: naming the key and what was expected.
         """
-        options = options_from_table(table, base_url=ANTHROPIC_BASE_URL)
+        options = options_from_table(
+            table,
+            base_url=ANTHROPIC_BASE_URL,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+        )
         client = cls(
             version=table.text("version", ANTHROPIC_VERSION),
             max_tokens=table.integer("max_tokens", DEFAULT_MAX_TOKENS, minimum=1),

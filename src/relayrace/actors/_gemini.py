@@ -42,7 +42,7 @@ from ._http import (
 )
 
 if TYPE_CHECKING:
-    from .._config import Table
+    from .._table import Table
 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 GEMINI_API_VERSION = "v1beta"
@@ -117,7 +117,9 @@ class GeminiClient(HTTPProviderClient):
         self.max_tokens = max_tokens
 
     @classmethod
-    def from_table(cls, table: Table) -> GeminiClient:
+    def from_table(
+        cls, table: Table, *, max_connections: int = 64, connect_timeout: float = 5.0
+    ) -> GeminiClient:
         """Build from a provider's config table.
 
         Keys: ``base_url``, ``api_key_env``, ``api_version``, ``max_tokens``, ``headers``,
@@ -126,7 +128,12 @@ class GeminiClient(HTTPProviderClient):
         Raises:
             ConfigError: naming the key and what was expected.
         """
-        options = options_from_table(table, base_url=GEMINI_BASE_URL)
+        options = options_from_table(
+            table,
+            base_url=GEMINI_BASE_URL,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+        )
         client = cls(
             api_version=table.text("api_version", GEMINI_API_VERSION),
             max_tokens=table.integer("max_tokens", None, minimum=1),

@@ -31,6 +31,7 @@ import trio
 from .._errors import ConfigError, ProviderError
 from .._failure import Category, Failure, classify
 from .._redact import redact
+from .._table import Table
 from .._values import Usage
 from ._client import ClientCall, Completion, Sink
 
@@ -851,14 +852,16 @@ def parse_data_url(url: str) -> tuple[str, str] | None:
 # --- reading a client's config table ------------------------------------------------------------
 
 
-def options_from_table(table: Any, *, base_url: str) -> dict[str, Any]:
+def options_from_table(
+    table: Table, *, base_url: str, max_connections: int, connect_timeout: float
+) -> dict[str, Any]:
     """The constructor options every HTTP client reads from its provider's config table.
 
     Reads ``base_url`` (defaults to the provider's public API), ``api_key_env`` (the NAME of
     the environment variable that holds the key), ``headers`` and ``query`` (tables of strings)
     and ``extra_body`` (a table merged into every request body, under what the request sets).
-    Sizes the pool from the provider's ``max_concurrency`` and the connect timeout from its
-    ``budgets.connect``.
+    The pool size and connect timeout come from the provider's ``max_concurrency`` and
+    ``budgets.connect``, read by the config before the client's own keys.
 
     Raises:
         ConfigError: a key has the wrong type, or the named environment variable is unset.
@@ -869,19 +872,18 @@ def options_from_table(table: Any, *, base_url: str) -> dict[str, Any]:
     extra_body = table.raw("extra_body", None)
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise ConfigError(_at(table, "extra_body"), "a table", extra_body)
-    budgets = getattr(table, "budgets", None)
     return {
         "base_url": url,
         "api_key": table.env("api_key_env"),
         "headers": _string_table(table, "headers"),
         "query": _string_table(table, "query"),
         "extra_body": extra_body,
-        "max_connections": getattr(table, "max_concurrency", 64),
-        "connect_timeout": budgets.connect if budgets is not None else 5.0,
+        "max_connections": max_connections,
+        "connect_timeout": connect_timeout,
     }
 
 
-def _string_table(table: Any, key: str) -> dict[str, str] | None:
+def _string_table(table: Table, key: str) -> dict[str, str] | None:
     value = table.raw(key, None)
     if value is None:
         return None
@@ -893,5 +895,5 @@ def _string_table(table: Any, key: str) -> dict[str, str] | None:
     return dict(value)
 
 
-def _at(table: Any, key: str) -> str:
+def _at(table: Table, key: str) -> str:
     return f"{table.path}.{key}" if table.path else key

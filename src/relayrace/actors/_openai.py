@@ -30,7 +30,7 @@ from ._http import (
 )
 
 if TYPE_CHECKING:
-    from .._config import Table
+    from .._table import Table
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -104,7 +104,14 @@ class OpenAIClient(HTTPProviderClient):
         self.stream_usage = stream_usage
 
     @classmethod
-    def from_table(cls, table: Table, *, base_url: str = OPENAI_BASE_URL) -> OpenAIClient:
+    def from_table(
+        cls,
+        table: Table,
+        *,
+        base_url: str = OPENAI_BASE_URL,
+        max_connections: int = 64,
+        connect_timeout: float = 5.0,
+    ) -> OpenAIClient:
         """Build from a provider's config table.
 
         Keys: ``base_url`` (default: ``base_url``), ``api_key_env``, ``auth`` (``bearer`` /
@@ -113,7 +120,12 @@ class OpenAIClient(HTTPProviderClient):
         Raises:
             ConfigError: naming the key and what was expected.
         """
-        options = options_from_table(table, base_url=base_url)
+        options = options_from_table(
+            table,
+            base_url=base_url,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+        )
         client = cls(
             auth=table.choice("auth", AUTH_MODES, "bearer"),
             max_tokens=table.integer("max_tokens", None, minimum=1),

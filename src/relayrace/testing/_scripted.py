@@ -20,7 +20,7 @@ from .._values import Usage
 from ..actors._client import ClientCall, Completion, Sink
 
 if TYPE_CHECKING:
-    from .._config import Table
+    from .._table import Table
 
 SCRIPTED_ANSWER = "The quick brown fox jumps over the lazy dog."
 
@@ -137,7 +137,7 @@ class ScriptedClient:
         category = "rate_limit", retry_after = 1}]``."""
         steps: list[Step] = []
         for i, raw in enumerate(table.items("script", [])):
-            from .._config import Table as _Table
+            from .._table import Table as _Table
 
             step = _Table(raw, f"{table.path}.script[{i}]")
             kind = step.choice("do", ["answer", "fail", "hang", "crash"])
