@@ -2,8 +2,9 @@
 
 ``run_gateway_demo`` (``relayrace demo``): mock providers (one flapping, one rate-limited, one
 healthy) behind a real HTTP server, the gateway serving them, and a stream of requests over its
-websocket endpoint, shown live: who served each request, the failovers, the benches and
-recoveries as they happen, and a summary table at the end.
+websocket endpoint, narrated (``_narration``): a legend of the providers and their faults, who
+answered each request and why not the ones before it, the benches and recoveries as they
+happen, and a summary that counts requests apart from attempts.
 
 ``run_demo`` (``relayrace demo --in-process``): a supervisor over scripted providers, scene by
 scene: the provider that served, the text, and every decision with the rule that made it.
@@ -11,16 +12,16 @@ scene: the provider that served, the text, and every decision with the rule that
 
 from __future__ import annotations
 
-from collections import Counter
+import random
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import trio
 
 from ._config import Budgets, Config, ProviderConfig, Route
 from ._errors import BadRequest
 from ._failure import Category
+from ._narration import DemoProvider, Narrator, demo_providers, legend
 from ._policy import HealthPolicy, MidStream, Policies, RetryPolicy, StreamPolicy
 from ._values import Reply, Request
 from .supervisor import Supervisor, open_supervisor
@@ -118,14 +119,10 @@ async def _scene_bad(sup: Supervisor, out: Callable[[str], None]) -> None:
 
 # --- the gateway demo -------------------------------------------------------------------------
 
-DEMO_PROVIDERS = (
-    ("flapping", "flapping,down=1,up=2,chunks=6,delay=0.01"),
-    ("limited", "rate-limit,retry_after=1"),
-    ("healthy", "ok,chunks=6,delay=0.01"),
-)
+DEMO_HEALTH = HealthPolicy(failure_threshold=2, cooldown_base=1.0)
 
 
-def gateway_config(mock_url: str) -> Config:
+def gateway_config(mock_url: str, providers: tuple[DemoProvider, ...], *, seed: int) -> Config:
     """The demo's providers: OpenAI-format clients pointed at the mock provider, one route
     ``chat`` trying them in order."""
     from .actors import OpenAIClient
@@ -133,31 +130,30 @@ def gateway_config(mock_url: str) -> Config:
     return Config(
         providers=[
             ProviderConfig(
-                name=name,
+                name=p.name,
                 client=OpenAIClient(base_url=f"{mock_url}/v1", max_connections=16),
-                model=model,
+                model=p.scenario,
                 priority=i,
                 budgets=Budgets(first_token=2.0, idle=2.0),
             )
-            for i, (name, model) in enumerate(DEMO_PROVIDERS)
+            for i, p in enumerate(providers)
         ],
-        routes=[Route(model="chat", chain=[name for name, _ in DEMO_PROVIDERS])],
-        policies=Policies(
-            retry=RetryPolicy(max_attempts=1),
-            health=HealthPolicy(failure_threshold=2, cooldown_base=1.0),
-        ),
+        routes=[Route(model="chat", chain=[p.name for p in providers])],
+        policies=Policies(retry=RetryPolicy(max_attempts=1), health=DEMO_HEALTH),
+        seed=seed,
     )
 
 
 async def run_gateway_demo(
-    out: Callable[[str], None] = print, *, requests: int = 40, gap: float = 0.15
-) -> dict[str, Counter[str]]:
-    """Play the gateway demo; return the summary (per provider: served, failed, benched).
+    out: Callable[[str], None] = print, *, requests: int = 40, gap: float = 0.15, seed: int = 0
+) -> Narrator:
+    """Play the gateway demo; return its narrator (what it counted).
 
     Args:
         out: where lines go.
         requests: how many requests to send.
         gap: seconds between two requests (they overlap).
+        seed: picks the timing of the mock providers' faults and seeds the supervisor.
     """
     import json
 
@@ -166,16 +162,16 @@ async def run_gateway_demo(
     from .server import ServerSettings, serve
     from .testing import serve_mock_provider
 
-    summary: dict[str, Counter[str]] = {name: Counter() for name, _ in DEMO_PROVIDERS}
+    providers = demo_providers(seed, DEMO_HEALTH)
+    narrator = Narrator(providers)
+    for line in legend(providers, seed=seed, requests=requests, gap=gap):
+        out(line)
     async with serve_mock_provider() as mock:
-        config = gateway_config(mock.base_url)
+        config = gateway_config(mock.base_url, providers, seed=seed)
         async with open_supervisor(config) as sup, trio.open_nursery() as nursery:
             server = await nursery.start(serve, sup, ServerSettings(ws_port=0, http_port=0))
-            out(f"mock provider: {mock.base_url}")
-            out(f"gateway:       {server.ws_url} (websocket)  {server.http_url}/v1 (OpenAI HTTP)")
-            out("")
             watching = trio.CancelScope()
-            nursery.start_soon(_watch_health, sup, out, summary, watching)
+            nursery.start_soon(_watch_health, sup, out, narrator, watching)
             assert server.ws_url is not None
             async with open_websocket_url(server.ws_url) as ws:
                 pending: dict[str, float] = {}
@@ -197,69 +193,32 @@ async def run_gateway_demo(
                             continue
                         done += 1
                         took = (trio.current_time() - pending.pop(frame["id"])) * 1000
-                        out(_request_line(frame, took, summary))
+                        out(narrator.request_line(frame, took))
+            health, now = sup.health(), trio.current_time()
             server.shutdown()
             watching.cancel()
-        out("")
-        out(_summary_table(summary, sup.health()))
-    return summary
-
-
-def _request_line(frame: dict[str, Any], took_ms: float, summary: dict[str, Counter[str]]) -> str:
-    path = []
-    for attempt in frame.get("attempts", []):
-        actor = attempt["actor"]
-        if attempt["outcome"] == "ok":
-            summary[actor]["served"] += 1
-        elif attempt["outcome"] == "failed":
-            summary[actor]["failed"] += 1
-            failure = attempt.get("failure") or {}
-            path.append(f"{actor}: {failure.get('category')}")
-    skipped = [d["actor"] for d in frame.get("decisions", []) if d.get("action") == "skip"]
-    notes = "; ".join(path + [f"{name}: benched, skipped" for name in skipped])
-    if frame["type"] == "done":
-        head = f"{frame['id']}  served by {frame['provider']:<9} {took_ms:6.0f} ms"
-    else:
-        head = f"{frame['id']}  FAILED ({frame['category']}) {took_ms:6.0f} ms"
-    return head + (f"   ← {notes}" if notes else "")
+    out("")
+    for line in narrator.summary(health, now):
+        out(line)
+    return narrator
 
 
 async def _watch_health(
-    sup: Supervisor,
-    out: Callable[[str], None],
-    summary: dict[str, Counter[str]],
-    scope: trio.CancelScope,
+    sup: Supervisor, out: Callable[[str], None], narrator: Narrator, scope: trio.CancelScope
 ) -> None:
     with scope:
-        await _show_events(sup, out, summary)
+        async with sup.subscribe() as events:
+            async for event in events:
+                line = narrator.event_line(event)
+                if line is not None:
+                    out(line)
 
 
-async def _show_events(
-    sup: Supervisor, out: Callable[[str], None], summary: dict[str, Counter[str]]
-) -> None:
-    async with sup.subscribe() as events:
-        async for event in events:
-            kind = event.kind.value
-            if kind == "actor_benched":
-                summary[event.actor or ""]["benched"] += 1
-                until = "" if event.until is None else f" for {event.until - event.time:.1f}s"
-                out(f"      ⏸  {event.actor} benched{until}")
-            elif kind in ("actor_probing", "actor_recovered"):
-                out(f"      ▶  {event.actor} {kind.removeprefix('actor_')}")
-
-
-def _summary_table(summary: dict[str, Counter[str]], health: dict[str, Any]) -> str:
-    rows = [f"{'provider':<10} {'served':>6} {'failed':>6} {'benched':>7}  state now"]
-    for name, counts in summary.items():
-        rows.append(
-            f"{name:<10} {counts['served']:>6} {counts['failed']:>6} {counts['benched']:>7}"
-            f"  {health[name].state.value}"
-        )
-    return "\n".join(rows)
-
-
-def main(in_process: bool = False, requests: int = 40) -> None:
+def main(in_process: bool = False, requests: int = 40, seed: int | None = None) -> None:
+    """Run a demo (``relayrace demo``); without ``seed``, a random one (printed)."""
     if in_process:
         trio.run(run_demo)
     else:
-        trio.run(partial(run_gateway_demo, requests=requests))
+        if seed is None:
+            seed = random.randrange(1000)
+        trio.run(partial(run_gateway_demo, requests=requests, seed=seed))
