@@ -1,4 +1,5 @@
-"""The ``relayrace`` command: ``demo``, ``serve``, ``check``, ``mock-provider``, ``bench``."""
+"""The ``relayrace`` command: ``demo``, ``init``, ``serve``, ``check``, ``mock-provider``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -6,34 +7,115 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._errors import ConfigError
+from ._starter import STARTER_KINDS
 
 if TYPE_CHECKING:
     from ._gateway import GatewayConfig
     from .server import Server
 
 
+# Shown at the end of each command's --help: real commands a newcomer can paste.
+_EXAMPLES = {
+    "relayrace": """examples:
+  relayrace demo                       watch failover on mock providers, narrated
+  relayrace init --provider openai --provider anthropic > relayrace.toml
+  relayrace serve --config relayrace.toml
+""",
+    "demo": """examples:
+  relayrace demo                       40 requests, faults timed by a random seed
+  relayrace demo --seed 7              the same faults as the last run with seed 7
+  relayrace demo --in-process          scripted providers, scene by scene, every rule
+""",
+    "init": """examples:
+  relayrace init --provider openai --provider anthropic > relayrace.toml
+  relayrace init -p mock > relayrace.toml    then: relayrace mock-provider
+  relayrace init -p gemini -p openai -p mock > relayrace.toml
+""",
+    "serve": """examples:
+  relayrace serve --config relayrace.toml
+  relayrace serve -c examples/relayrace.toml --log-level DEBUG
+""",
+    "check": """examples:
+  relayrace check relayrace.toml
+  relayrace check examples/relayrace.toml
+""",
+}
+_EXAMPLE_FORMAT = argparse.RawDescriptionHelpFormatter
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="relayrace", description="LLM request failover over ranked provider actors."
+        prog="relayrace",
+        description="LLM request failover over ranked provider actors.",
+        epilog=_EXAMPLES["relayrace"],
+        formatter_class=_EXAMPLE_FORMAT,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="mock providers, the gateway and a stream of requests, shown live"
+        "demo",
+        help="mock providers, the gateway and a stream of requests, shown live",
+        description=textwrap.fill(
+            "Mock providers (one flapping, one rate-limited, one healthy) behind the gateway,"
+            " and a stream of requests over its websocket, narrated: who answered each request,"
+            " why not the providers before it, the benches and recoveries, and a summary.",
+            width=78,
+        ),
+        epilog=_EXAMPLES["demo"],
+        formatter_class=_EXAMPLE_FORMAT,
     )
     demo.add_argument("--requests", type=int, default=40, help="requests to send (default 40)")
     demo.add_argument(
         "--in-process", action="store_true", help="scripted providers, no servers, scene by scene"
     )
-    serve = commands.add_parser("serve", help="run the gateway from a TOML config file")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="picks the timing of the mock providers' faults and seeds the supervisor; the same"
+        " seed plays the same faults (default: a random seed, printed)",
+    )
+    init = commands.add_parser(
+        "init",
+        help="print a commented starter config for the providers you name",
+        description=textwrap.fill(
+            "Print a starter config (TOML) to standard output: one [[providers]] table per"
+            " --provider, in the order given (the first is tried first), a route 'chat' over"
+            " them, a [server] table and the policies, commented, with their defaults.",
+            width=78,
+        ),
+        epilog=_EXAMPLES["init"],
+        formatter_class=_EXAMPLE_FORMAT,
+    )
+    init.add_argument(
+        "--provider",
+        "-p",
+        action="append",
+        required=True,
+        choices=list(STARTER_KINDS),
+        metavar="KIND",
+        help=f"a provider kind ({', '.join(STARTER_KINDS)}); repeat it, in priority order",
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway from a TOML config file",
+        epilog=_EXAMPLES["serve"],
+        formatter_class=_EXAMPLE_FORMAT,
+    )
     serve.add_argument("--config", "-c", required=True, help="the TOML config file")
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    check = commands.add_parser("check", help="check a TOML config file and exit")
+    check = commands.add_parser(
+        "check",
+        help="check a TOML config file and exit",
+        epilog=_EXAMPLES["check"],
+        formatter_class=_EXAMPLE_FORMAT,
+    )
     check.add_argument("config", help="the TOML config file")
     commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
@@ -54,7 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import main as demo_main
 
-        demo_main(in_process=args.in_process, requests=args.requests)
+        demo_main(in_process=args.in_process, requests=args.requests, seed=args.seed)
+        return 0
+    if args.command == "init":
+        from ._starter import starter_config
+
+        command = "relayrace init " + " ".join(f"--provider {kind}" for kind in args.provider)
+        sys.stdout.write(starter_config(args.provider, command=command))
         return 0
     if args.command == "check":
         return _check(args.config)
