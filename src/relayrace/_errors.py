@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._failure import Failure
-    from ._values import Attempt, Decision
+    from ._record import Attempt, Decision
 
 
 class RelayraceError(Exception):
