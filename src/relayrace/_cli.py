@@ -113,12 +113,33 @@ def _serve(path: str) -> int:
     except ConfigError as exc:
         _report(path, exc)
         return 2
+    failed: list[str] = []
     try:
         trio.run(run_gateway, gateway)
-    except OSError as exc:  # a port in use, say
-        print(f"relayrace: cannot serve: {exc}", file=sys.stderr)
+    except* OSError as group:  # a port in use, a host that does not resolve (in nursery groups)
+        failed += _messages(group)
+    if failed:
+        server = gateway.server
+        where = ", ".join(
+            f"{name} {host}:{port}"
+            for name, host, port in (
+                ("websocket", server.ws_host, server.ws_port),
+                ("http", server.http_host, server.http_port),
+            )
+            if port is not None
+        )
+        for message in dict.fromkeys(failed):  # each once, in order
+            print(f"relayrace: cannot serve ({where}): {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
+    """The message of every exception in a (nested) group."""
+    messages: list[str] = []
+    for exc in group.exceptions:
+        messages += _messages(exc) if isinstance(exc, BaseExceptionGroup) else [str(exc)]
+    return messages
 
 
 async def run_gateway(
