@@ -91,8 +91,6 @@ class Table:
         """The path of ``key`` in this table."""
         return f"{self.path}.{key}" if self.path else key
 
-    _at = at
-
     def mistake(
         self,
         path: str,
