@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import relayrace
 from relayrace import (
@@ -12,10 +14,13 @@ from relayrace import (
     Category,
     Config,
     ConfigError,
+    ConfigErrors,
     FailoverAction,
     MidStream,
     ProviderConfig,
     Route,
+    load_config,
+    read_config,
 )
 from relayrace.testing import Answer, Fail, ScriptedClient
 
@@ -44,7 +49,7 @@ GOOD = {
 
 
 def test_a_good_config_reads_every_section() -> None:
-    cfg = Config.from_dict(GOOD)
+    cfg = load_config(GOOD)
     a, b = cfg.providers
     assert (a.name, a.priority, a.max_concurrency, a.budgets.first_token) == ("a", 1, 4, 2.5)
     assert isinstance(a.client, ScriptedClient)
@@ -104,14 +109,14 @@ def broken(path: list, value: object) -> dict:
 )
 def test_every_mistake_names_its_key(path, value, message) -> None:
     with pytest.raises(ConfigError) as info:
-        Config.from_dict(broken(path, value))
+        load_config(broken(path, value))
     assert message in str(info.value)
 
 
 def test_duplicate_provider_names_are_refused() -> None:
     data = broken(["providers", 1, "name"], "a")
     with pytest.raises(ConfigError, match="providers"):
-        Config.from_dict(data)
+        load_config(data)
 
 
 def test_config_in_code_is_validated_too() -> None:
@@ -143,10 +148,18 @@ def test_the_public_api_is_exported() -> None:
         "Route",
         "Policies",
         "HealthSnapshot",
+        "ConfigErrors",
+        "load_config",
+        "read_config",
+        "load_gateway",
+        "read_gateway",
+        "GatewayConfig",
     ]:
         assert name in relayrace.__all__, name
         assert getattr(relayrace, name) is not None
     assert issubclass(relayrace.ConfigError, relayrace.RelayraceError)
+    assert issubclass(relayrace.ConfigErrors, relayrace.ConfigError)
+    assert relayrace.__all__ == sorted(relayrace.__all__)
     assert issubclass(relayrace.BadRequest, relayrace.RelayraceError)
     assert issubclass(relayrace.RequestFailed, relayrace.RelayraceError)
 
@@ -180,7 +193,7 @@ http_port = 8080
 async def test_a_toml_file_builds_a_working_supervisor(tmp_path, autojump_clock) -> None:
     path = tmp_path / "relayrace.toml"
     path.write_text(GOOD_TOML)
-    cfg = Config.from_toml(path)
+    cfg = read_config(path)
     assert [p.name for p in cfg.providers] == ["a", "b"]
     assert cfg.providers[1].budgets.first_token == 4.0
     async with relayrace.open_supervisor(cfg) as sup:
@@ -193,13 +206,165 @@ def test_toml_syntax_errors_and_missing_files_are_config_errors(tmp_path) -> Non
     path = tmp_path / "bad.toml"
     path.write_text('[[providers]]\nname = "a\n')
     with pytest.raises(ConfigError, match=r"bad.toml: expected valid TOML: .*line 2"):
-        Config.from_toml(path)
+        read_config(path)
     with pytest.raises(ConfigError, match="missing.toml: expected a readable TOML file"):
-        Config.from_toml(tmp_path / "missing.toml")
+        read_config(tmp_path / "missing.toml")
 
 
 def test_toml_mistakes_name_the_key(tmp_path) -> None:
     path = tmp_path / "relayrace.toml"
     path.write_text(GOOD_TOML.replace("max_attempts = 1", 'max_attempts = "one"'))
     with pytest.raises(ConfigError, match=r"policies\.retry\.max_attempts: expected an integer"):
-        Config.from_toml(path)
+        read_config(path)
+
+
+# --- every mistake at once ---------------------------------------------------------------------
+
+#: Independent mistakes in GOOD: (where, value, the path the problem names).
+MISTAKES = [
+    (["providers", 0, "priority"], "high", "providers[0].priority"),
+    (["providers", 0, "max_concurency"], 4, "providers[0].max_concurency"),
+    (["providers", 0, "budgets", "ttft"], 1, "providers[0].budgets.ttft"),
+    (["providers", 1, "weight"], -1, "providers[1].weight"),
+    (["providers", 1, "exempt"], "yes", "providers[1].exempt"),
+    (["providers", 1, "script", 0, "chunks"], 0, "providers[1].script[0].chunks"),
+    (["routes", 0, "strategy"], "fastest", "routes[0].strategy"),
+    (["routes", 0, "chain", 1], "ghost", "routes[0].chain[1]"),
+    (["policies", "retry", "max_attempts"], 0, "policies.retry.max_attempts"),
+    (["policies", "retry", "deny", "categories"], ["nope"], "policies.retry.deny.categories[0]"),
+    (["policies", "failover", "actions", "timeout"], "maybe", "policies.failover.actions.timeout"),
+    (["policies", "health", "max_benched_share"], 2, "policies.health.max_benched_share"),
+    (["policies", "stream", "mid_stream"], "resume", "policies.stream.mid_stream"),
+    (["policies", "colour"], {}, "policies.colour"),
+    (["seed"], -1, "seed"),
+]
+
+
+def with_mistakes(chosen: list[int]) -> dict:
+    data = copy.deepcopy(GOOD)
+    for i in chosen:
+        path, value, _ = MISTAKES[i]
+        target = data
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return data
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.sampled_from(range(len(MISTAKES)))))
+def test_k_independent_mistakes_report_k_problems(chosen: set[int]) -> None:
+    data = with_mistakes(sorted(chosen))
+    if not chosen:
+        load_config(data)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(data)
+    problems = info.value.problems
+    assert sorted(p.path for p in problems) == sorted(MISTAKES[i][2] for i in chosen)
+    assert isinstance(info.value, ConfigErrors) == (len(chosen) > 1)
+    assert str(info.value).splitlines() == [str(p) for p in problems]
+
+
+def test_a_misspelt_key_gets_the_nearest_known_key() -> None:
+    data = broken(["providers", 0, "max_concurency"], 4)
+    data["policies"]["health"]["failure_treshold"] = data["policies"]["health"].pop(
+        "failure_threshold"
+    )
+    data["providers"][1]["kind"] = "scriptd"
+    with pytest.raises(ConfigErrors) as info:
+        load_config(data)
+    assert [str(p) for p in info.value.problems] == [
+        "providers[0].max_concurency: expected no such key here (did you mean 'max_concurrency'?)",
+        "providers[1].kind: expected one of anthropic, gemini, mock, openai, scripted, "
+        "got str 'scriptd' (did you mean 'scripted'?)",
+        "policies.health.failure_treshold: expected no such key here "
+        "(did you mean 'failure_threshold'?)",
+    ]
+
+
+def test_a_provider_with_a_bad_kind_still_counts_for_the_routes() -> None:
+    # Its name is known: the route naming it is not a second mistake.
+    with pytest.raises(ConfigError) as info:
+        load_config(broken(["providers", 1, "kind"], "nope"))
+    assert [p.path for p in info.value.problems] == ["providers[1].kind"]
+
+
+def test_unset_environment_variables_are_one_problem_listing_them_all(monkeypatch) -> None:
+    for name in ("RR_KEY_A", "RR_KEY_B"):
+        monkeypatch.delenv(name, raising=False)
+    data = {
+        "providers": [
+            {"name": "a", "kind": "openai", "api_key_env": "RR_KEY_A"},
+            {"name": "b", "kind": "anthropic", "api_key_env": "RR_KEY_B", "priority": "x"},
+            {"name": "c", "kind": "gemini", "api_key_env": "RR_KEY_A"},
+        ]
+    }
+    with pytest.raises(ConfigErrors) as info:
+        load_config(data)
+    assert [str(p) for p in info.value.problems] == [
+        "providers[1].priority: expected an integer ≥ -1000000, got str 'x'",
+        "environment: expected the variables RR_KEY_A (providers[0].api_key_env, "
+        "providers[2].api_key_env), RR_KEY_B (providers[1].api_key_env) to be set",
+    ]
+    monkeypatch.setenv("RR_KEY_A", "sk-secret-a")
+    del data["providers"][1]["priority"]
+    with pytest.raises(ConfigError) as one:
+        load_config(data)
+    assert str(one.value) == (
+        "providers[1].api_key_env: expected the environment variable RR_KEY_B to be set"
+    )
+    assert "sk-secret-a" not in str(one.value)
+
+
+def test_without_the_environment_only_the_names_are_checked(monkeypatch) -> None:
+    monkeypatch.delenv("RR_KEY_A", raising=False)
+    data = {"providers": [{"name": "a", "kind": "openai", "api_key_env": "RR_KEY_A"}]}
+    assert load_config(data, env=False).providers[0].name == "a"
+    data["providers"][0]["api_key_env"] = "sk-pasted-the-key-itself"
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.api_key_env: expected the name of an"):
+        load_config(data, env=False)
+
+
+def test_config_in_code_reports_every_mistake() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        Config(
+            providers=[
+                ProviderConfig(name="a", client=ScriptedClient(), max_concurrency=0),
+                ProviderConfig(name="a", client=object()),
+            ],
+            routes=[Route(model="m", chain=["a", "ghost"], strategy="fastest")],
+        )
+    assert [p.path for p in info.value.problems] == [
+        "providers[0].max_concurrency",
+        "providers[1].client",
+        "providers[1].name",
+        "routes[0].chain[1]",
+        "routes[0].strategy",
+    ]
+
+
+def test_the_readers_refuse_a_path_where_data_belongs(tmp_path) -> None:
+    with pytest.raises(TypeError, match="read_config"):
+        load_config(str(tmp_path / "relayrace.toml"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="read_gateway"):
+        relayrace.load_gateway(tmp_path / "relayrace.toml")  # type: ignore[arg-type]
+
+
+def test_the_gateway_reader_checks_the_server_table_with_the_rest(tmp_path) -> None:
+    path = tmp_path / "relayrace.toml"
+    path.write_text(
+        GOOD_TOML.replace("http_port = 8080", "http_port = 70000\nws_prot = 1")
+        .replace("max_attempts = 1", "max_attempts = 0")
+    )
+    with pytest.raises(ConfigErrors) as info:
+        relayrace.read_gateway(path)
+    assert [str(p) for p in info.value.problems] == [
+        "server.http_port: expected a port from 0 to 65535, got int 70000",
+        "server.ws_prot: expected no such key here (did you mean 'ws_port'?)",
+        "policies.retry.max_attempts: expected an integer ≥ 1, got int 0",
+    ]
+    path.write_text(GOOD_TOML)
+    gateway = relayrace.read_gateway(path)
+    assert gateway.server.http_port == 8080
+    assert [p.name for p in gateway.config.providers] == ["a", "b"]

@@ -29,6 +29,7 @@ from relayrace import (
     RequestFailed,
     RetryPolicy,
     Usage,
+    load_config,
     open_supervisor,
 )
 from relayrace.actors import (
@@ -1236,7 +1237,7 @@ async def test_gemini_error_inside_the_stream() -> None:
 
 
 def provider_config(kind: str, **client: Any) -> Config:
-    return Config.from_dict(
+    return load_config(
         {
             "providers": [
                 {

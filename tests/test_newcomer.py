@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from relayrace import Budgets, Policies
+from relayrace import Budgets, Policies, read_gateway
 from relayrace._cli import main
-from relayrace._gateway import load_gateway
 from relayrace._starter import STARTER_KINDS, starter_config
 from relayrace.server import ServerSettings
 
@@ -35,7 +34,7 @@ def keys(monkeypatch: pytest.MonkeyPatch) -> None:
 def _load(text: str, tmp_path: Path):
     path = tmp_path / "relayrace.toml"
     path.write_text(text)
-    return load_gateway(path)
+    return read_gateway(path)
 
 
 @pytest.mark.parametrize("kinds", COMBINATIONS, ids="+".join)
@@ -127,6 +126,30 @@ def test_init_then_check_as_a_newcomer_types_them(tmp_path: Path) -> None:
         env=env,
     )
     assert check.returncode == 2 and "ANTHROPIC_API_KEY" in check.stderr
+
+
+def test_init_piped_into_check_as_the_readme_shows() -> None:
+    # relayrace init -p openai -p anthropic -p gemini | relayrace check --no-env -
+    pipeline = subprocess.run(
+        f"{RELAYRACE} init -p openai -p anthropic -p gemini | {RELAYRACE} check --no-env -",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert (pipeline.returncode, pipeline.stderr) == (0, "")
+    assert "chat → openai > anthropic > gemini" in pipeline.stdout
+    # Without --no-env every missing variable is named, in one report.
+    pipeline = subprocess.run(
+        f"{RELAYRACE} init -p openai -p anthropic -p gemini | {RELAYRACE} check -",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert pipeline.returncode == 2
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        assert name in pipeline.stderr
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["init"], ["serve"], ["check"]])

@@ -6,6 +6,7 @@ from ._config import ProviderConfig as ProviderConfig
 from ._config import Route as Route
 from ._errors import BadRequest as BadRequest
 from ._errors import ConfigError as ConfigError
+from ._errors import ConfigErrors as ConfigErrors
 from ._errors import ProviderError as ProviderError
 from ._errors import RelayraceError as RelayraceError
 from ._errors import RequestFailed as RequestFailed
@@ -14,6 +15,11 @@ from ._events import EventKind as EventKind
 from ._failure import Category as Category
 from ._failure import Failure as Failure
 from ._failure import classify as classify
+from ._loader import GatewayConfig as GatewayConfig
+from ._loader import load_config as load_config
+from ._loader import load_gateway as load_gateway
+from ._loader import read_config as read_config
+from ._loader import read_gateway as read_gateway
 from ._policy import AllBenched as AllBenched
 from ._policy import FailoverAction as FailoverAction
 from ._policy import FailoverPolicy as FailoverPolicy
@@ -24,15 +30,15 @@ from ._policy import Policies as Policies
 from ._policy import RetryBudgetPolicy as RetryBudgetPolicy
 from ._policy import RetryPolicy as RetryPolicy
 from ._policy import StreamPolicy as StreamPolicy
-from ._values import Action as Action
-from ._values import Attempt as Attempt
-from ._values import Decision as Decision
+from ._record import Action as Action
+from ._record import Attempt as Attempt
+from ._record import Decision as Decision
+from ._record import Outcome as Outcome
+from ._record import Rule as Rule
+from ._record import Scope as Scope
 from ._values import Delta as Delta
-from ._values import Outcome as Outcome
 from ._values import Reply as Reply
 from ._values import Request as Request
-from ._values import Rule as Rule
-from ._values import Scope as Scope
 from ._values import Usage as Usage
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
@@ -50,6 +56,7 @@ __all__ = [
     "Category",
     "Config",
     "ConfigError",
+    "ConfigErrors",
     "Decision",
     "Delta",
     "Event",
@@ -57,6 +64,7 @@ __all__ = [
     "FailoverAction",
     "FailoverPolicy",
     "Failure",
+    "GatewayConfig",
     "HealthPolicy",
     "HealthSnapshot",
     "Match",
@@ -81,5 +89,9 @@ __all__ = [
     "SupervisorStatistics",
     "Usage",
     "classify",
+    "load_config",
+    "load_gateway",
     "open_supervisor",
+    "read_config",
+    "read_gateway",
 ]

@@ -17,7 +17,7 @@ from ._errors import ConfigError
 from ._starter import STARTER_KINDS
 
 if TYPE_CHECKING:
-    from ._gateway import GatewayConfig
+    from ._loader import GatewayConfig
     from .server import Server
 
 
@@ -44,7 +44,8 @@ _EXAMPLES = {
 """,
     "check": """examples:
   relayrace check relayrace.toml
-  relayrace check examples/relayrace.toml
+  relayrace check --no-env examples/relayrace.toml
+  relayrace check --no-env - < relayrace.toml
 """,
 }
 _EXAMPLE_FORMAT = argparse.RawDescriptionHelpFormatter
@@ -112,11 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     check = commands.add_parser(
         "check",
-        help="check a TOML config file and exit",
+        help="check a TOML config file, report every mistake in it, and exit",
         epilog=_EXAMPLES["check"],
         formatter_class=_EXAMPLE_FORMAT,
     )
-    check.add_argument("config", help="the TOML config file")
+    check.add_argument("config", help="the TOML config file ('-': read it from stdin)")
+    check.add_argument(
+        "--no-env",
+        action="store_true",
+        help="do not read environment variables (their names are still checked)",
+    )
     commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
 
@@ -145,48 +151,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(starter_config(args.provider, command=command))
         return 0
     if args.command == "check":
-        return _check(args.config)
+        return _check(args.config, env=not args.no_env)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     return _serve(args.config)
 
 
-def _check(path: str) -> int:
-    from ._gateway import load_gateway
+def _report(source: str, error: ConfigError) -> None:
+    """One line per mistake on stderr, each naming the file."""
+    for problem in error.problems:
+        print(f"{source}: {problem}", file=sys.stderr)
 
+
+def _check(path: str, *, env: bool = True) -> int:
+    from ._loader import load_gateway, parse_toml, read_gateway
+
+    source = "<stdin>" if path == "-" else path
     try:
-        gateway = load_gateway(path)
+        if path == "-":
+            gateway = load_gateway(parse_toml(sys.stdin.read(), source), env=env)
+        else:
+            gateway = read_gateway(path, env=env)
     except ConfigError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
+        _report(source, exc)
         return 2
     config, server = gateway.config, gateway.server
     routes = ", ".join(f"{r.model} → {' > '.join(r.chain)}" for r in config.routes) or "* → all"
-    print(f"{path}: ok")
+    print(f"{source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers)}")
     print(f"  routes:    {routes}")
     if server.ws_port is not None:
         print(f"  websocket: {server.ws_host}:{server.ws_port}")
     if server.http_port is not None:
         print(f"  http:      {server.http_host}:{server.http_port}")
-    print(f"  auth:      {'bearer tokens' if server.tokens else 'none'}")
+    if env:
+        print(f"  auth:      {'bearer tokens' if server.tokens else 'none'}")
+    else:
+        print("  auth:      not checked (--no-env: environment variables not read)")
     return 0
 
 
 def _serve(path: str) -> int:
-    from ._gateway import load_gateway
+    from ._loader import read_gateway
 
     try:
-        gateway = load_gateway(path)
+        gateway = read_gateway(path)
     except ConfigError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
+        _report(path, exc)
         return 2
+    failed: list[str] = []
     try:
         trio.run(run_gateway, gateway)
-    except OSError as exc:  # a port in use, say
-        print(f"relayrace: cannot serve: {exc}", file=sys.stderr)
+    except* OSError as group:  # a port in use, a host that does not resolve (in nursery groups)
+        failed += _messages(group)
+    if failed:
+        server = gateway.server
+        where = ", ".join(
+            f"{name} {host}:{port}"
+            for name, host, port in (
+                ("websocket", server.ws_host, server.ws_port),
+                ("http", server.http_host, server.http_port),
+            )
+            if port is not None
+        )
+        for message in dict.fromkeys(failed):  # each once, in order
+            print(f"relayrace: cannot serve ({where}): {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
+    """The message of every exception in a (nested) group."""
+    messages: list[str] = []
+    for exc in group.exceptions:
+        messages += _messages(exc) if isinstance(exc, BaseExceptionGroup) else [str(exc)]
+    return messages
 
 
 async def run_gateway(

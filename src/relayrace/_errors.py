@@ -4,6 +4,7 @@ Every exception derives from one root::
 
     RelayraceError
     ├── ConfigError        a configuration is invalid (raised while it is read, before anything starts)
+    │   └── ConfigErrors   several mistakes at once, each a ``ConfigError`` in ``problems``
     ├── BadRequest         a request is invalid (raised before any provider is called)
     ├── RequestFailed      a valid request could not be served; carries the deciding ``Failure``
     │                      and every attempt and decision made on the way
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._failure import Failure
-    from ._values import Attempt, Decision
+    from ._record import Attempt, Decision
 
 
 class RelayraceError(Exception):
@@ -33,16 +34,65 @@ class ConfigError(RelayraceError):
 
     Raised when a ``Config`` is built, read from a dict or from a TOML file. ``path`` is the
     dotted path of the offending key (``providers[1].max_concurrency``), ``expected`` says what
-    would have been accepted.
+    would have been accepted; a ``hint`` (a misspelt key's nearest known key) is added to the
+    message as ``(did you mean 'max_concurrency'?)``.
     """
 
-    def __init__(self, path: str, expected: str, got: object = None, *, show_got: bool = True):
+    def __init__(
+        self,
+        path: str,
+        expected: str,
+        got: object = None,
+        *,
+        show_got: bool = True,
+        hint: str | None = None,
+    ):
         self.path = path
         self.expected = expected
         message = f"{path}: expected {expected}" if path else f"expected {expected}"
         if show_got:
             message += f", got {_describe(got)}"
+        if hint is not None:
+            message += f" (did you mean {hint!r}?)"
         super().__init__(message)
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """Every mistake this error reports, one ``ConfigError`` each (here: itself)."""
+        return (self,)
+
+
+class ConfigErrors(ConfigError):
+    """Several mistakes in one configuration, found in one reading and raised together.
+
+    ``problems`` holds one ``ConfigError`` per mistake, in the order they were found; the
+    message has one line per mistake. ``path`` and ``expected`` are the first one's.
+    """
+
+    def __init__(self, problems: Sequence[ConfigError]):
+        flat = tuple(one for problem in problems for one in problem.problems)
+        if len(flat) < 2:
+            raise ValueError("ConfigErrors carries at least two problems")
+        RelayraceError.__init__(self, "\n".join(str(problem) for problem in flat))
+        self.path = flat[0].path
+        self.expected = flat[0].expected
+        self._problems = flat
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        return self._problems
+
+
+def raise_config_errors(problems: Sequence[ConfigError]) -> None:
+    """Raise nothing if ``problems`` is empty, the one ``ConfigError``, or ``ConfigErrors``.
+
+    Raises:
+        ConfigError: one problem; ``ConfigErrors`` for more.
+    """
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigErrors(problems)
 
 
 class BadRequest(RelayraceError):

@@ -15,7 +15,8 @@ from typing import Any
 
 import attrs
 
-from ._config import MOCK_BASE_URL, Budgets, ProviderConfig
+from ._config import Budgets, ProviderConfig
+from ._loader import MOCK_BASE_URL
 from ._policy import Policies
 
 

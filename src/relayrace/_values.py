@@ -6,7 +6,6 @@ invalid request never reaches a provider.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +13,15 @@ from typing import Any
 import attrs
 
 from ._errors import BadRequest
-from ._failure import Failure
+
+# The records of a request's history live in ``_record`` (which ``_errors`` needs without
+# needing ``Request``); they are re-exported here for the modules that read them with it.
+from ._record import Action as Action
+from ._record import Attempt as Attempt
+from ._record import Decision as Decision
+from ._record import Outcome as Outcome
+from ._record import Rule as Rule
+from ._record import Scope as Scope
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -164,107 +171,6 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-        }
-
-
-class Outcome(enum.Enum):
-    """How one attempt ended."""
-
-    OK = "ok"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@attrs.frozen(kw_only=True)
-class Attempt:
-    """One try of one actor.
-
-    ``number`` counts the tries on this actor within the request (1 = first try).
-    Times are ``trio.current_time()`` values; ``first_delta_at`` is ``None`` if nothing arrived.
-    """
-
-    actor: str
-    number: int
-    outcome: Outcome
-    failure: Failure | None
-    started_at: float
-    ended_at: float
-    first_delta_at: float | None = None
-    deltas: int = 0
-    probe: bool = False
-    continuation: bool = False
-
-    @property
-    def duration(self) -> float:
-        return self.ended_at - self.started_at
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "actor": self.actor,
-            "number": self.number,
-            "outcome": self.outcome.value,
-            "failure": None if self.failure is None else self.failure.to_dict(),
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "first_delta_at": self.first_delta_at,
-            "deltas": self.deltas,
-            "probe": self.probe,
-            "continuation": self.continuation,
-        }
-
-
-@attrs.frozen
-class Rule:
-    """The rule that made a decision: where it came from (``default`` or ``config``), which
-    policy, which rule inside it, and the value that matched."""
-
-    source: str
-    policy: str
-    rule: str
-    value: str
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.policy}.{self.rule}={self.value}"
-
-
-class Scope(enum.Enum):
-    SAME_ACTOR = "same_actor"
-    NEXT_ACTOR = "next_actor"
-    REQUEST = "request"
-
-
-class Action(enum.Enum):
-    RETRY = "retry"
-    FAILOVER = "failover"
-    SKIP = "skip"
-    STOP = "stop"
-
-
-@attrs.frozen(kw_only=True)
-class Decision:
-    """One routing decision: what was done after a failure (or before an actor was tried), why,
-    and the rule that matched.
-
-    ``wait`` is the pause before a retry, in seconds.
-    """
-
-    scope: Scope
-    action: Action
-    reason: str
-    rule: Rule
-    actor: str | None = None
-    category: str | None = None
-    wait: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "scope": self.scope.value,
-            "action": self.action.value,
-            "reason": self.reason,
-            "rule": attrs.asdict(self.rule),
-            "actor": self.actor,
-            "category": self.category,
-            "wait": self.wait,
         }
 
 

@@ -19,8 +19,13 @@ ROUTE = "bench"
 #: What the bench sends as the API key (the mock accepts any).
 API_KEY = "sk-bench"
 
-PEERS = ("httpx", "relayrace", "litellm")
 MODES = ("complete", "stream", "failover")
+#: Prefix of a worker's result lines (anything else on its stdout is a peer's chatter).
+MARK = "@@bench "
+
+
+class BenchError(Exception):
+    """A process of the bench could not start or broke."""
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

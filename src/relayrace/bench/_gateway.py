@@ -17,16 +17,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import trio
 
-from ._common import API_KEY, MESSAGES, ROUTE, cpu_seconds_of, summarise_ms
-from ._procs import BenchError
-
-if TYPE_CHECKING:
-    from ._main import _Runner
+from ._common import API_KEY, MESSAGES, ROUTE, BenchError, cpu_seconds_of, summarise_ms
+from ._procs import Runner
 
 _GATEWAY_CODE = "from relayrace.bench._gateway import gateway_main; gateway_main()"
 
@@ -67,7 +64,6 @@ async def _serve_gateway(spec: dict[str, Any]) -> None:
 
 # --- the load worker's job ----------------------------------------------------------------------
 
-Timings = tuple[float, float | None]  # (end, first delta) perf_counter times
 OneCall = Callable[[], Awaitable[float | None]]
 
 
@@ -269,6 +265,11 @@ async def gateway_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
+    """Run the gateway job in a fresh trio loop (in the load worker)."""
+    return trio.run(gateway_job, url, job)
+
+
 async def _ws_connection(
     open_url: Any, url: str, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -281,7 +282,7 @@ async def _ws_connection(
 # --- orchestration ------------------------------------------------------------------------------
 
 
-def run_gateway_workload(runner: _Runner) -> dict[str, Any]:
+def run_gateway_workload(runner: Runner) -> dict[str, Any]:
     p = runner.params["gateway"]
     tag = runner.tag("gw")
     models = [f"ok,chunks={p['chunks']},tag={tag}-p", f"ok,chunks={p['chunks']},tag={tag}-s"]

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._common import MODES, cpu_seconds_of, machine, median
-from ._procs import BenchError, mock_process, run_worker
+from ._common import MODES, BenchError, cpu_seconds_of, machine, median
+from ._procs import Runner, mock_process
 from ._progress import Progress
 from ._report import targets, write_reports
 
@@ -173,40 +173,8 @@ def _weight(params: dict[str, Any]) -> float:
     return total
 
 
-class _Runner:
-    """Runs each workload's worker processes and turns their results into summaries."""
-
-    def __init__(
-        self, url: str, params: dict[str, Any], progress: Progress, errors: list[dict[str, Any]]
-    ):
-        self.url = url
-        self.params = params
-        self.progress = progress
-        self.errors = errors
-        self._tag = 0
-
-    def tag(self, prefix: str) -> str:
-        self._tag += 1
-        return f"{prefix}{self._tag}"
-
-    def run(
-        self,
-        runtime: str,
-        jobs: list[dict[str, Any]],
-        weights: list[float],
-        labels: list[str],
-    ) -> list[dict[str, Any] | None]:
-        self.progress.start(labels[0])
-
-        def on_result(index: int, message: dict[str, Any]) -> None:
-            following = labels[index + 1] if index + 1 < len(labels) else labels[index]
-            self.progress.advance(weights[index], following)
-
-        results = run_worker(self.url, runtime, jobs, on_result)
-        for job, result in zip(jobs, results, strict=True):
-            if result is None or "error" in result:
-                self.errors.append({"job": job, "error": result})
-        return results
+class _Runner(Runner):
+    """The workloads: each runs its jobs in worker processes and summarises their results."""
 
     # --- workload 1 ---
 

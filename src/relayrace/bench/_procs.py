@@ -10,7 +10,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._worker import MARK
+from ._common import MARK, BenchError
+from ._progress import Progress
 
 _MOCK_CODE = (
     "import sys\n"
@@ -20,10 +21,6 @@ _MOCK_CODE = (
     "sys.exit(main(sys.argv[1:]))\n"
 )
 _WORKER_CODE = "from relayrace.bench._worker import main; main()"
-
-
-class BenchError(Exception):
-    """A process of the bench could not start or broke."""
 
 
 @contextlib.contextmanager
@@ -111,3 +108,41 @@ def run_worker(
                     results[i] = {"error": f"the worker exited with {code}", "stderr": tail}
                     on_result(i, {"job": i, "error": "worker died"})
     return results
+
+
+class Runner:
+    """Runs a workload's jobs in worker processes against the mock at ``url``, advancing the
+    progress bar and recording the jobs that failed in ``errors``. Each workload (``_main``,
+    ``_gateway``) builds its jobs and summaries on top of it."""
+
+    def __init__(
+        self, url: str, params: dict[str, Any], progress: Progress, errors: list[dict[str, Any]]
+    ):
+        self.url = url
+        self.params = params
+        self.progress = progress
+        self.errors = errors
+        self._tag = 0
+
+    def tag(self, prefix: str) -> str:
+        self._tag += 1
+        return f"{prefix}{self._tag}"
+
+    def run(
+        self,
+        runtime: str,
+        jobs: list[dict[str, Any]],
+        weights: list[float],
+        labels: list[str],
+    ) -> list[dict[str, Any] | None]:
+        self.progress.start(labels[0])
+
+        def on_result(index: int, message: dict[str, Any]) -> None:
+            following = labels[index + 1] if index + 1 < len(labels) else labels[index]
+            self.progress.advance(weights[index], following)
+
+        results = run_worker(self.url, runtime, jobs, on_result)
+        for job, result in zip(jobs, results, strict=True):
+            if result is None or "error" in result:
+                self.errors.append({"job": job, "error": result})
+        return results

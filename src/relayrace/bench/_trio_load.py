@@ -555,19 +555,11 @@ class FaultInjector(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-async def gateway_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Workload 3, in the load worker (see ``_gateway``)."""
-    from ._gateway import gateway_job as run
-
-    return await run(url, job)
-
-
 JOBS: dict[str, Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "load": load_job,
     "overhead": overhead_job,
     "scale": scale_job,
     "faults": faults_job,
-    "gateway": gateway_job,
 }
 
 

@@ -12,8 +12,7 @@ import sys
 import traceback
 from typing import Any
 
-#: Prefix of the worker's result lines (anything else on stdout is a peer's chatter).
-MARK = "@@bench "
+from ._common import MARK
 
 
 def emit(message: dict[str, Any]) -> None:
@@ -39,6 +38,10 @@ def main() -> None:
                 from ._litellm_load import run_job as run_asyncio
 
                 result = run_asyncio(url, job, litellm)
+            elif job["kind"] == "gateway":
+                from ._gateway import run_job as run_gateway
+
+                result = run_gateway(url, job)
             else:
                 from ._trio_load import run_job as run_trio
 
