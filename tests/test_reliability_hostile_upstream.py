@@ -476,7 +476,6 @@ async def test_row8_an_sse_line_that_never_ends_stops_at_the_limit_and_fails_ove
         assert cpu < 2.0, f"{cpu:.1f} s of CPU to refuse one line"
 
 
-
 # --- the hostile server itself -------------------------------------------------------------------
 
 
