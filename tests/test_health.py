@@ -129,7 +129,8 @@ def test_immediate_categories_bench_long_at_once() -> None:
     assert health.state(600.0) is State.BENCHED
     assert health.consecutive_failures == 0
 
-    health = Health(HealthPolicy(long_bench=600.0))
+    # A provider's longer wait wins over long_bench, up to cooldown_cap.
+    health = Health(HealthPolicy(long_bench=600.0, cooldown_cap=1000.0))
     assert health.record_failure(fail(C.QUOTA_EXHAUSTED, 900.0), 0.0, probe=False) == 900.0
 
     health = Health(HealthPolicy(long_bench=600.0))
@@ -487,7 +488,7 @@ class Model:
         if category in NO_PENALTY:
             return None
         p = self.policy
-        ra = retry_after if retry_after and retry_after > 0 else None
+        ra = min(retry_after, p.cooldown_cap) if retry_after and retry_after > 0 else None
         own: float | None = None
         if category in p.bench_immediately:
             own = max(p.long_bench, ra or 0.0)
@@ -714,3 +715,41 @@ HealthMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestHealthMachine = HealthMachine.TestCase
+
+
+# --- provider-sent waits are capped (#11 row 5) ----------------------------------------------
+
+
+@pytest.mark.parametrize("category", [C.RATE_LIMIT, C.OVERLOADED])
+@pytest.mark.parametrize("retry_after", [99_999_999.0, 251_606_169_464.0, math.inf])
+def test_a_provider_sent_wait_benches_for_at_most_cooldown_cap(
+    category: Category, retry_after: float
+) -> None:
+    health = Health(HealthPolicy(cooldown_cap=300.0))
+    assert health.record_failure(fail(category, retry_after), 10.0, probe=False) == 310.0
+    assert health.snapshot(10.0, "a", 0).benched_until == 310.0
+    assert health.state(309.9) is State.BENCHED
+    assert health.state(310.0) is State.PROBING
+
+
+def test_a_provider_sent_wait_under_the_cap_is_honoured_as_sent() -> None:
+    health = Health(HealthPolicy(cooldown_cap=300.0))
+    assert health.record_failure(fail(C.RATE_LIMIT, 42.0), 0.0, probe=False) == 42.0
+
+
+def test_a_provider_sent_wait_does_not_stretch_an_immediate_bench_past_long_bench() -> None:
+    health = Health(HealthPolicy(long_bench=600.0, cooldown_cap=300.0))
+    assert health.record_failure(fail(C.AUTH, 99_999_999.0), 0.0, probe=False) == 600.0
+
+
+def test_a_nan_wait_is_no_wait() -> None:
+    health = Health(HealthPolicy())
+    assert health.record_failure(fail(C.RATE_LIMIT, math.nan), 0.0, probe=False) is None
+
+
+def test_a_manual_bench_is_not_capped_by_cooldown_cap() -> None:
+    health = Health(HealthPolicy(cooldown_cap=300.0))
+    health.bench(0.0, 99_999_999.0)
+    assert health.snapshot(0.0, "a", 0).benched_until == 99_999_999.0
+    health.bench(0.0, None)
+    assert health.state(1e12) is State.BENCHED

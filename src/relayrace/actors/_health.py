@@ -13,6 +13,10 @@ States::
 
 A manual bench is kept apart from the automatic one: automatic logic never shortens or lifts it.
 When it ends the state is whatever the automatic part says (OK, BENCHED or PROBING).
+
+A bench for a provider-sent wait (``Retry-After``, a rate-limit reset) lasts at most the
+policy's ``cooldown_cap``; ``long_bench`` (auth, quota) and manual benches are ours and are not
+capped by it.
 """
 
 from __future__ import annotations
@@ -216,8 +220,11 @@ class Health:
             return None
         policy = self.policy
         retry_after = failure.retry_after
-        if retry_after is not None and retry_after <= 0:
-            retry_after = None
+        if retry_after is not None:
+            # A wait the provider sent (Retry-After, a rate-limit reset) is the provider's word,
+            # not ours: `Retry-After: 99999999` or a year-9999 date must not bench it for years.
+            # It is capped like our own cooldowns (a manual bench is not). NaN and <= 0: none.
+            retry_after = min(retry_after, policy.cooldown_cap) if retry_after > 0 else None
 
         own: float | None  # the category's own bench, if it has one
         if category in policy.bench_immediately:
