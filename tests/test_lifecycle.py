@@ -17,7 +17,8 @@ from relayrace import (
     open_supervisor,
 )
 from relayrace.actors import ClientCall, Completion, Sink, State
-from relayrace.supervisor._supervisor import MAX_RESTARTS, STREAM_BUFFER
+from relayrace.supervisor._stream import STREAM_BUFFER
+from relayrace.supervisor._supervisor import MAX_RESTARTS
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Crash, Hang
 
 from .support import client, config, request, scripted_provider

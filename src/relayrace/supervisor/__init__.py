@@ -1,8 +1,8 @@
 """The supervisor: routing, the failover loop, streaming to callers, actor supervision."""
 
-from ._supervisor import RequestStream as RequestStream
+from ._ledger import SupervisorStatistics as SupervisorStatistics
+from ._stream import RequestStream as RequestStream
 from ._supervisor import Supervisor as Supervisor
-from ._supervisor import SupervisorStatistics as SupervisorStatistics
 from ._supervisor import open_supervisor as open_supervisor
 
 __all__ = ["RequestStream", "Supervisor", "SupervisorStatistics", "open_supervisor"]
