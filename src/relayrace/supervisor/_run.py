@@ -175,7 +175,8 @@ class Run:
         max_providers = policies.failover.max_providers
         for actor in plan.actors:
             released = sum(map(len, self.parts)) if self.streaming else 0
-            continuation = continues_partial(released, policies.stream)
+            # (Guarded: a call less per actor on the hot path, where nothing was released.)
+            continuation = bool(released) and continues_partial(released, policies.stream)
             if continuation:
                 skip = skip_for_continuation(
                     actor.name, continues=actor.continues, continuation=continuation
