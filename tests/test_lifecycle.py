@@ -17,8 +17,7 @@ from relayrace import (
     open_supervisor,
 )
 from relayrace.actors import ClientCall, Completion, Sink, State
-from relayrace.supervisor._stream import STREAM_BUFFER
-from relayrace.supervisor._supervisor import MAX_RESTARTS
+from relayrace.supervisor import MAX_RESTARTS, STREAM_BUFFER
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Crash, Hang
 
 from .reliability import live_tasks

@@ -389,3 +389,31 @@ async def test_events_tell_the_story(autojump_clock):
         ("attempt_started", "b"),
         ("completed", "b"),
     ]
+
+
+def test_the_supervisor_uses_only_public_names_of_the_actors():
+    """The supervisor package imports ``relayrace.actors`` by its public face only, and exports
+    just its own public names."""
+    import ast
+    import pathlib
+
+    import relayrace.supervisor
+
+    package = pathlib.Path(relayrace.supervisor.__file__).parent
+    private = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                if node.module.startswith("actors."):
+                    private.append(f"{path.name}: {node.module}")
+    assert private == []
+    assert set(relayrace.supervisor.__all__) == {
+        "MAX_RESTARTS",
+        "RESTART_WINDOW",
+        "STREAM_BUFFER",
+        "RequestStream",
+        "Supervisor",
+        "SupervisorStatistics",
+        "open_supervisor",
+    }
+    assert all(hasattr(relayrace.supervisor, name) for name in relayrace.supervisor.__all__)

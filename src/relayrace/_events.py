@@ -69,9 +69,6 @@ class Subscribers:
         self._channels: list[trio.MemorySendChannel[Event]] = []
         self.dropped = 0
 
-    def __bool__(self) -> bool:
-        return bool(self._channels)
-
     def publish(
         self,
         kind: EventKind,
