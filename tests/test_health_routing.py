@@ -200,10 +200,14 @@ async def test_the_all_benched_policy(autojump_clock, when):
             assert info.value.failure.code == "all_benched"
             assert info.value.failure.retry_after == pytest.approx(29.0)
             assert len(client(cfg, "a").calls) == 1
+            stop, last = info.value.decisions[-2:]
+            assert str(stop.rule) == "config:health.when_all_benched=fail"
+            assert last.reason == "no provider left to try"
         elif when is AllBenched.TERMINUS:
             reply = await sup.complete(request())
             assert reply.provider == "t" and reply.text == "from the terminus"
             assert len(client(cfg, "a").calls) == 1
+            assert str(reply.decisions[-1].rule) == "config:health.when_all_benched=terminus"
         else:
             reply = await sup.complete(request())
             assert reply.provider == "a"  # tried anyway, soonest back first
@@ -213,8 +217,11 @@ async def test_the_all_benched_policy(autojump_clock, when):
 @pytest.mark.parametrize("category", [C.MODEL_NOT_FOUND, C.CONTEXT_LENGTH])
 async def test_advancing_categories_leave_health_untouched(autojump_clock, category):
     policies = Policies(health=HealthPolicy(failure_threshold=1))
-    cfg = config(scripted_provider("a", Fail(category=category, status=400)), scripted_provider("b"))
-    cfg = type(cfg)(providers=cfg.providers, routes=cfg.routes, policies=policies)
+    cfg = config(
+        scripted_provider("a", Fail(category=category, status=400)),
+        scripted_provider("b"),
+        policies=policies,
+    )
     async with open_sup(cfg) as sup:
         for _ in range(3):
             assert (await sup.complete(request())).provider == "b"

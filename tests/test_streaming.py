@@ -65,8 +65,11 @@ async def test_mid_stream_error_is_the_default_and_never_looks_complete(autojump
 
 
 async def test_mid_stream_restart_never_repeats_what_the_caller_has(autojump_clock):
-    cfg = config(scripted_provider("a", cut(4)), scripted_provider("b", Answer(chunks=7)))
-    cfg = type(cfg)(providers=cfg.providers, routes=cfg.routes, policies=policies(MidStream.RESTART))
+    cfg = config(
+        scripted_provider("a", cut(4)),
+        scripted_provider("b", Answer(chunks=7)),
+        policies=policies(MidStream.RESTART),
+    )
     async with open_supervisor(cfg) as sup:
         deltas, reply = await collect(sup)
     assert "".join(d.text for d in deltas) == SCRIPTED_ANSWER
@@ -81,9 +84,7 @@ async def test_mid_stream_continue_sends_a_prefill_to_actors_that_accept_it(auto
         scripted_provider("a", cut(4)),
         scripted_provider("no", accepts_continuation=False),
         scripted_provider("yes", Answer(chunks=3), accepts_continuation=True),
-    )
-    cfg = type(cfg)(
-        providers=cfg.providers, routes=cfg.routes, policies=policies(MidStream.CONTINUE)
+        policies=policies(MidStream.CONTINUE),
     )
     async with open_supervisor(cfg) as sup:
         deltas, reply = await collect(sup)
@@ -100,9 +101,7 @@ async def test_a_rejected_continuation_keeps_the_original_failure(autojump_clock
     cfg = config(
         scripted_provider("a", cut(2)),
         scripted_provider("b", Fail(category=C.BAD_REQUEST, status=400), accepts_continuation=True),
-    )
-    cfg = type(cfg)(
-        providers=cfg.providers, routes=cfg.routes, policies=policies(MidStream.CONTINUE)
+        policies=policies(MidStream.CONTINUE),
     )
     async with open_supervisor(cfg) as sup:
         with pytest.raises(RequestFailed) as info:

@@ -10,13 +10,17 @@ import trio
 from relayrace import (
     Action,
     BadRequest,
+    Budgets,
     Category,
     FailoverAction,
     FailoverPolicy,
+    HealthPolicy,
     Match,
+    MidStream,
     Policies,
     RequestFailed,
     RetryPolicy,
+    StreamPolicy,
     open_supervisor,
 )
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Fail, Hang
@@ -234,10 +238,52 @@ async def test_total_budget_covers_every_retry_and_failover(autojump_clock):
     assert [(a.actor, a.outcome.value) for a in caught.value.attempts] == [("a", "cancelled")]
     assert client(cfg, "a").calls[0].outcome == "cancelled"
     assert health["a"].consecutive_failures == 0
+    assert str(caught.value.decisions[-1].rule) == "config:failover.total_budget=12"
+
+
+@pytest.mark.parametrize(
+    ("total_budget", "rule"),
+    [
+        (None, "default:failover.total_budget=600"),
+        (600.0, "default:failover.total_budget=600"),  # configured as the default: the default
+        (900.0, "config:failover.total_budget=900"),
+    ],
+)
+async def test_the_budget_rule_says_whether_the_budget_was_configured(
+    autojump_clock, total_budget, rule
+):
+    failover = FailoverPolicy() if total_budget is None else FailoverPolicy(total_budget=total_budget)
+    cfg = config(
+        scripted_provider("a", Hang(), budgets=Budgets(first_token=10_000.0, idle=10_000.0, attempt=10_000.0)),
+        policies=Policies(failover=failover),
+    )
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(RequestFailed) as caught:
+            await sup.complete(request())
+        assert trio.current_time() == failover.total_budget
+    assert str(caught.value.decisions[-1].rule) == rule
+    assert caught.value.decisions[-1].category == "timeout"
+
+
+def test_policy_values_say_which_fields_hold_their_class_default():
+    assert FailoverPolicy().is_default("total_budget")
+    assert FailoverPolicy(total_budget=600).source("total_budget") == "default"
+    assert FailoverPolicy(total_budget=30).source("total_budget") == "config"
+    assert FailoverPolicy(max_providers=2).source("max_providers") == "config"
+    assert FailoverPolicy(max_providers=2).source("total_budget") == "default"
+    # Fields with a factory default compare with what the factory makes.
+    assert HealthPolicy().is_default("bench_immediately")
+    assert HealthPolicy(bench_immediately=["quota_exhausted", "auth"]).is_default("bench_immediately")
+    assert not HealthPolicy(bench_immediately=["auth"]).is_default("bench_immediately")
+    assert FailoverPolicy().is_default("actions")
+    assert not FailoverPolicy(actions={C.AUTH: FailoverAction.STOP}).is_default("actions")
+    assert StreamPolicy(mid_stream=MidStream.RESTART).source("mid_stream") == "config"
+    assert not Policies(retry=RetryPolicy(max_attempts=3)).is_default("retry")
+    with pytest.raises(KeyError):
+        FailoverPolicy().is_default("no_such_field")
 
 
 async def test_silent_provider_is_abandoned_at_the_first_token_budget(autojump_clock):
-    from relayrace import Budgets
 
     cfg = config(
         scripted_provider("a", Hang(), budgets=Budgets(first_token=3)),
@@ -253,7 +299,6 @@ async def test_silent_provider_is_abandoned_at_the_first_token_budget(autojump_c
 
 
 async def test_idle_budget_between_chunks(autojump_clock):
-    from relayrace import Budgets
 
     cfg = config(
         scripted_provider("a", Answer(chunks=5, stall_after=2, stall=100), budgets=Budgets(idle=2)),
@@ -344,3 +389,31 @@ async def test_events_tell_the_story(autojump_clock):
         ("attempt_started", "b"),
         ("completed", "b"),
     ]
+
+
+def test_the_supervisor_uses_only_public_names_of_the_actors():
+    """The supervisor package imports ``relayrace.actors`` by its public face only, and exports
+    just its own public names."""
+    import ast
+    import pathlib
+
+    import relayrace.supervisor
+
+    package = pathlib.Path(relayrace.supervisor.__file__).parent
+    private = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                if node.module.startswith("actors."):
+                    private.append(f"{path.name}: {node.module}")
+    assert private == []
+    assert set(relayrace.supervisor.__all__) == {
+        "MAX_RESTARTS",
+        "RESTART_WINDOW",
+        "STREAM_BUFFER",
+        "RequestStream",
+        "Supervisor",
+        "SupervisorStatistics",
+        "open_supervisor",
+    }
+    assert all(hasattr(relayrace.supervisor, name) for name in relayrace.supervisor.__all__)

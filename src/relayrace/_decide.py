@@ -1,12 +1,16 @@
-"""Pure routing decisions: what to do after a failed attempt.
+"""Pure routing decisions: what to do after a failed attempt, and the request-level ones.
 
 ``decide`` takes the failure and everything it depends on as arguments (time left, tries so
 far, whether the caller already holds part of the answer) and returns a ``Decision`` naming the
-rule that matched. It does no I/O, so it can be tested exhaustively.
+rule that matched. The request-level decisions (the total budget, no provider left, skipping an
+actor that cannot continue a partial answer or is not available, every actor benched, the cap on
+benched actors) live here too, so that the supervisor and its routing only carry them out. Every
+function here does no I/O, so it can be tested exhaustively.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import attrs
@@ -14,21 +18,21 @@ import attrs
 from ._failure import Category, Failure
 from ._policy import (
     DEFAULT_RETRYABLE,
+    AllBenched,
     FailoverAction,
     FailoverPolicy,
+    HealthPolicy,
     Match,
     MidStream,
     Policies,
     RetryPolicy,
+    StreamPolicy,
 )
 from ._values import Action, Decision, Rule, Scope
 
 #: Failure codes of attempts the actor itself could not finish (it crashed, was stopped or gave
 #: up): never retried on the same actor, which is restarting or gone.
 INTERRUPTED = frozenset({"actor_crashed", "actor_restarting", "actor_stopped", "actor_gave_up"})
-
-_DEFAULT_RETRY = RetryPolicy()
-_DEFAULT_FAILOVER = FailoverPolicy()
 
 
 @attrs.frozen(kw_only=True)
@@ -52,10 +56,6 @@ class Situation:
     released: bool = False
     continuation: bool = False
     retry_allowed: bool = True
-
-
-def _source(value: object, default: object) -> str:
-    return "default" if value == default else "config"
 
 
 def _matched(match: Match, failure: Failure, policy: str, prefix: str) -> Rule | None:
@@ -112,7 +112,7 @@ def decide(
     mode = policies.stream.mid_stream
     why_not_retry = ""
     if s.released:
-        rule = Rule(_source(mode, MidStream.ERROR), "stream", "mid_stream", mode.value)
+        rule = Rule(policies.stream.source("mid_stream"), "stream", "mid_stream", mode.value)
         if mode is MidStream.ERROR:
             return stop("the stream broke after the caller received part of the answer", rule)
     else:
@@ -203,25 +203,155 @@ def _failover(failure: Failure, s: Situation, policy: FailoverPolicy) -> Decisio
         return stop(
             f"{s.actors_tried} of max_providers={policy.max_providers} providers tried",
             Rule(
-                _source(policy.max_providers, 0),
+                policy.source("max_providers"),
                 "failover",
                 "max_providers",
                 str(policy.max_providers),
             ),
         )
     if s.remaining <= 0:
-        return stop(
-            "the request's time budget is spent",
-            Rule(
-                _source(policy.total_budget, _DEFAULT_FAILOVER.total_budget),
-                "failover",
-                "total_budget",
-                f"{policy.total_budget:g}",
-            ),
-        )
+        return budget_spent(policy)
     return Decision(
         scope=Scope.NEXT_ACTOR,
         action=Action.FAILOVER,
         reason=f"{category}: try the next provider",
         rule=rule,
     )
+
+
+# --- request-level decisions ------------------------------------------------------------------
+
+
+def budget_spent(policy: FailoverPolicy, category: str | None = None) -> Decision:
+    """Stop: the request's total time budget is spent."""
+    return Decision(
+        scope=Scope.REQUEST,
+        action=Action.STOP,
+        reason="the request's time budget is spent",
+        rule=Rule(
+            policy.source("total_budget"), "failover", "total_budget", f"{policy.total_budget:g}"
+        ),
+        category=category,
+    )
+
+
+def no_provider_left(route: str, failure: Failure) -> Decision:
+    """Stop: every actor of route ``route`` was tried or skipped; ``failure`` is the last one."""
+    return Decision(
+        scope=Scope.REQUEST,
+        action=Action.STOP,
+        reason="no provider left to try",
+        rule=Rule("config", "route", "chain", route),
+        category=failure.category.value,
+    )
+
+
+def continues_partial(released: int, policy: StreamPolicy) -> bool:
+    """Whether the next attempt must continue a partial answer: the caller holds ``released``
+    characters of it and the policy says to continue rather than restart."""
+    return bool(released) and policy.mid_stream is MidStream.CONTINUE
+
+
+def skip_for_continuation(actor: str, *, continues: bool, continuation: bool) -> Decision | None:
+    """Skip ``actor`` if the next attempt must continue a partial answer and it cannot."""
+    if not continuation or continues:
+        return None
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.SKIP,
+        reason="cannot continue a partial answer",
+        rule=Rule("config", "stream", "accepts_continuation", "false"),
+        actor=actor,
+    )
+
+
+def skip_unavailable(actor: str, *, alive: bool, restarting: bool, probing: bool) -> Decision:
+    """Skip an actor that routing found unavailable, saying why."""
+    if not alive:
+        reason, value = "the actor gave up after repeated crashes", "gave_up"
+    elif restarting:
+        reason, value = "the actor is restarting after a crash", "restarting"
+    elif probing:
+        reason, value = "a probe is already in flight", "probing"
+    else:
+        reason, value = "benched", "benched"
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.SKIP,
+        reason=reason,
+        rule=Rule("default", "health", "state", value),
+        actor=actor,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class AllBenchedChoice:
+    """What to do when every actor of a route (but the terminus) is benched.
+
+    Attributes:
+        decision: the recorded decision.
+        try_benched: try the benched actors anyway (those that may be tried).
+        try_terminus: try the terminus.
+        failure: the request fails at once with this, if set.
+    """
+
+    decision: Decision
+    try_benched: bool = False
+    try_terminus: bool = False
+    failure: Failure | None = None
+
+
+def when_all_benched(
+    policy: HealthPolicy, *, has_terminus: bool, next_change: float, now: float
+) -> AllBenchedChoice:
+    """Decide for a route whose every actor (but the terminus) is benched.
+
+    Args:
+        policy: the health policy (``when_all_benched``).
+        has_terminus: the route has a terminus.
+        next_change: when the first benched actor's state changes (``inf``: never by itself).
+        now: the current time.
+    """
+    mode = policy.when_all_benched
+    rule = Rule(policy.source("when_all_benched"), "health", "when_all_benched", mode.value)
+    if mode is AllBenched.TRY_ANYWAY:
+        return AllBenchedChoice(
+            decision=Decision(
+                scope=Scope.REQUEST,
+                action=Action.FAILOVER,
+                reason="every provider is benched: trying them anyway",
+                rule=rule,
+            ),
+            try_benched=True,
+            try_terminus=True,
+        )
+    if mode is AllBenched.TERMINUS and has_terminus:
+        return AllBenchedChoice(
+            decision=Decision(
+                scope=Scope.REQUEST,
+                action=Action.FAILOVER,
+                reason="every provider is benched: trying the terminus",
+                rule=rule,
+            ),
+            try_terminus=True,
+        )
+    wait = None if math.isinf(next_change) else max(0.0, next_change - now)
+    return AllBenchedChoice(
+        decision=Decision(
+            scope=Scope.REQUEST, action=Action.STOP, reason="every provider is benched", rule=rule
+        ),
+        failure=Failure(
+            category=Category.LOCAL_CAPACITY,
+            code="all_benched",
+            message="every provider of this route is benched"
+            + ("" if wait is None else f"; the first returns in {wait:.3g}s"),
+            retry_after=wait,
+        ),
+    )
+
+
+def may_bench(policy: HealthPolicy, *, benched_others: int, actors: int) -> bool:
+    """Whether one more actor may be benched: at most ``max_benched_share`` of all ``actors``
+    are benched at once (``benched_others``: those benched now, the candidate aside)."""
+    share = policy.max_benched_share
+    return share >= 1.0 or benched_others + 1 <= share * actors

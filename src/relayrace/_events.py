@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import trio
 
 from ._failure import Failure
 from ._values import Decision
@@ -50,3 +53,64 @@ class Event:
             "until": self.until,
             "detail": self.detail,
         }
+
+
+class Subscribers:
+    """The subscribers of one supervisor, and the one way events reach them.
+
+    ``publish`` builds the event only if someone listens, so publishing costs a call and a test
+    when no one does. A subscriber that falls more than its buffer behind loses the newest
+    events (counted in ``dropped``) rather than slowing requests down.
+    """
+
+    __slots__ = ("_channels", "dropped")
+
+    def __init__(self) -> None:
+        self._channels: list[trio.MemorySendChannel[Event]] = []
+        self.dropped = 0
+
+    def publish(
+        self,
+        kind: EventKind,
+        *,
+        request_id: int | None = None,
+        actor: str | None = None,
+        failure: Failure | None = None,
+        decision: Decision | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Publish an event of ``kind`` stamped with the current time, if anyone listens."""
+        if self._channels:
+            self.deliver(
+                Event(
+                    kind=kind,
+                    time=trio.current_time(),
+                    request_id=request_id,
+                    actor=actor,
+                    failure=failure,
+                    decision=decision,
+                    detail=detail,
+                )
+            )
+
+    def deliver(self, event: Event) -> None:
+        """Hand a built event to every subscriber that has room for it."""
+        for channel in self._channels:
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    @asynccontextmanager
+    async def subscribe(self, buffer: int) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
+        """Receive the events published while the block runs."""
+        send, receive = trio.open_memory_channel[Event](buffer)
+        self._channels.append(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            self._channels.remove(send)
+            send.close()

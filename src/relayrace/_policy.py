@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from typing import Any, cast
 
 import attrs
 
@@ -31,6 +32,28 @@ def _keywords(values: Iterable[str]) -> tuple[str, ...]:
 
 def _categories(values: Iterable[Category | str]) -> frozenset[Category]:
     return frozenset(v if isinstance(v, Category) else Category(v) for v in values)
+
+
+class Configurable:
+    """A policy value that can say, field by field, whether it holds its class default (read
+    from the attrs field definition): the ``source`` of a decision's ``Rule``."""
+
+    __slots__ = ()
+
+    def is_default(self, name: str) -> bool:
+        """Whether field ``name`` holds the default its class declares.
+
+        Raises:
+            KeyError: the class has no such field.
+        """
+        default: Any = attrs.fields_dict(cast(Any, type(self)))[name].default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory(self) if default.takes_self else default.factory()
+        return bool(getattr(self, name) == default)
+
+    def source(self, name: str) -> str:
+        """``"default"`` if field ``name`` holds its class default, else ``"config"``."""
+        return "default" if self.is_default(name) else "config"
 
 
 @attrs.frozen(kw_only=True)
@@ -69,7 +92,7 @@ DEFAULT_RETRYABLE = frozenset({C.RATE_LIMIT, C.PROVIDER_5XX, C.NETWORK, C.UNKNOW
 
 
 @attrs.frozen(kw_only=True)
-class RetryPolicy:
+class RetryPolicy(Configurable):
     """Retrying the same actor.
 
     Attributes:
@@ -106,7 +129,7 @@ DEFAULT_FAILOVER_ACTIONS: dict[Category, FailoverAction] = {
 
 
 @attrs.frozen(kw_only=True)
-class FailoverPolicy:
+class FailoverPolicy(Configurable):
     """Moving on to the next actor.
 
     Attributes:
@@ -142,7 +165,7 @@ class AllBenched(enum.Enum):
 
 
 @attrs.frozen(kw_only=True)
-class HealthPolicy:
+class HealthPolicy(Configurable):
     """How actors are benched and recover.
 
     Attributes:
@@ -185,7 +208,7 @@ NO_PENALTY = frozenset(
 
 
 @attrs.frozen(kw_only=True)
-class RetryBudgetPolicy:
+class RetryBudgetPolicy(Configurable):
     """Caps retries across the whole supervisor: within a sliding ``window`` (seconds), retries
     may not exceed ``ratio`` × requests + ``floor``."""
 
@@ -203,12 +226,12 @@ class MidStream(enum.Enum):
 
 
 @attrs.frozen(kw_only=True)
-class StreamPolicy:
+class StreamPolicy(Configurable):
     mid_stream: MidStream = MidStream.ERROR
 
 
 @attrs.frozen(kw_only=True)
-class Policies:
+class Policies(Configurable):
     """Every policy, each with its defaults.
 
     ``hard_stop`` ends a request at once whatever else says; ``demote`` pushes an actor one step

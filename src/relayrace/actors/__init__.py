@@ -1,5 +1,8 @@
 """Provider actors and the provider clients they drive."""
 
+from ._actor import Emit as Emit
+from ._actor import EmitNowait as EmitNowait
+from ._actor import Job as Job
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
 from ._client import ClientCall as ClientCall
@@ -15,8 +18,11 @@ __all__ = [
     "AnthropicClient",
     "ClientCall",
     "Completion",
+    "Emit",
+    "EmitNowait",
     "GeminiClient",
     "HealthSnapshot",
+    "Job",
     "OpenAIClient",
     "ProviderActor",
     "ProviderClient",

@@ -3,16 +3,15 @@ over the healthy ones, benched ones skipped with a recorded decision, the termin
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 
 from .._config import Route
-from .._failure import Category, Failure
-from .._policy import AllBenched, HealthPolicy
-from .._values import Action, Decision, Rule, Scope
-from ..actors._actor import ProviderActor
-from ..actors._health import State
+from .._decide import skip_unavailable, when_all_benched
+from .._failure import Failure
+from .._policy import HealthPolicy
+from .._values import Decision
+from ..actors import ProviderActor, State
 
 
 class RoutePlan:
@@ -68,65 +67,32 @@ def plan_route(
         return RoutePlan(healthy + terminus, decisions)
 
     # Every actor of the route (but the terminus) is benched.
-    rule_value = policy.when_all_benched.value
-    source = "default" if policy.when_all_benched is AllBenched.TRY_ANYWAY else "config"
-    rule = Rule(source, "health", "when_all_benched", rule_value)
-    if policy.when_all_benched is AllBenched.TRY_ANYWAY:
-        tryable = [a for a in benched if a.alive and not a.health.snapshot(now, a.name, 0).manual]
-        tryable.sort(key=lambda a: a.health.next_change())
-        decisions.append(
-            Decision(
-                scope=Scope.REQUEST,
-                action=Action.FAILOVER,
-                reason="every provider is benched: trying them anyway",
-                rule=rule,
-            )
-        )
-        return RoutePlan(tryable + terminus, decisions)
-    if policy.when_all_benched is AllBenched.TERMINUS and terminus:
-        decisions.append(
-            Decision(
-                scope=Scope.REQUEST,
-                action=Action.FAILOVER,
-                reason="every provider is benched: trying the terminus",
-                rule=rule,
-            )
-        )
-        return RoutePlan(terminus, decisions)
-    earliest = min(a.health.next_change() for a in benched)
-    wait = None if math.isinf(earliest) else max(0.0, earliest - now)
-    decisions.append(
-        Decision(
-            scope=Scope.REQUEST, action=Action.STOP, reason="every provider is benched", rule=rule
-        )
+    choice = when_all_benched(
+        policy,
+        has_terminus=bool(terminus),
+        next_change=min(a.health.next_change() for a in benched),
+        now=now,
     )
-    failure = Failure(
-        category=Category.LOCAL_CAPACITY,
-        code="all_benched",
-        message="every provider of this route is benched"
-        + ("" if wait is None else f"; the first returns in {wait:.3g}s"),
-        retry_after=wait,
-    )
-    return RoutePlan(
-        terminus if policy.when_all_benched is AllBenched.TERMINUS else [], decisions, failure
-    )
+    decisions.append(choice.decision)
+    if choice.failure is not None:
+        return RoutePlan([], decisions, choice.failure)
+    actors_to_try: list[ProviderActor] = []
+    if choice.try_benched:
+        actors_to_try = [
+            a for a in benched if a.alive and not a.health.snapshot(now, a.name, 0).manual
+        ]
+        actors_to_try.sort(key=lambda a: a.health.next_change())
+    if choice.try_terminus:
+        actors_to_try += terminus
+    return RoutePlan(actors_to_try, decisions)
 
 
 def _skip(actor: ProviderActor, now: float) -> Decision:
-    if not actor.alive:
-        reason, value = "the actor gave up after repeated crashes", "gave_up"
-    elif actor.restarting:
-        reason, value = "the actor is restarting after a crash", "restarting"
-    elif actor.health.state(now) is State.PROBING:
-        reason, value = "a probe is already in flight", "probing"
-    else:
-        reason, value = "benched", "benched"
-    return Decision(
-        scope=Scope.NEXT_ACTOR,
-        action=Action.SKIP,
-        reason=reason,
-        rule=Rule("default", "health", "state", value),
-        actor=actor.name,
+    return skip_unavailable(
+        actor.name,
+        alive=actor.alive,
+        restarting=actor.restarting,
+        probing=actor.health.state(now) is State.PROBING,
     )
 
 

@@ -1,0 +1,401 @@
+"""One request's failover loop (``Run``).
+
+A run asks the routing for an order, makes attempts on the actors in that order (in the
+requesting task: ``complete``'s caller, or a stream's task) and carries out what ``_decide.py``
+decides after each failure. It records its own attempts and decisions, and writes the
+supervisor-wide counters, the requests in flight and the retry budget in the supervisor's
+``Ledger``, never the supervisor itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from .._config import Route
+from .._decide import (
+    Situation,
+    budget_spent,
+    continues_partial,
+    decide,
+    no_provider_left,
+    skip_for_continuation,
+)
+from .._errors import RequestFailed
+from .._events import EventKind, Subscribers
+from .._failure import Category, Failure
+from .._values import Action, Attempt, Decision, Delta, Outcome, Reply, Request
+from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
+from ._ledger import Ledger
+from ._routing import plan_route
+
+
+def supervisor_closed(*, refused: bool = False) -> Failure:
+    """The failure of a request the supervisor's shutdown ended (``refused``: it arrived after
+    the shutdown began, and never started)."""
+    return Failure(
+        category=Category.LOCAL_CAPACITY,
+        code="supervisor_closed",
+        message="the supervisor is shutting down" if refused else "the supervisor shut down",
+    )
+
+
+class Run:
+    """One request's failover loop."""
+
+    __slots__ = (
+        "ledger",
+        "events",
+        "request",
+        "route",
+        "chain",
+        "streaming",
+        "emit",
+        "emit_nowait",
+        "_scope",
+        "_stopped",
+        "request_id",
+        "attempts",
+        "decisions",
+        "parts",
+        "seq",
+        "deadline",
+    )
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        events: Subscribers,
+        request: Request,
+        route: tuple[Route, list[ProviderActor]],
+        *,
+        streaming: bool,
+    ):
+        self.ledger = ledger
+        self.events = events
+        self.request = request
+        self.route, self.chain = route
+        self.streaming = streaming
+        # Set by RequestStream for streams.
+        self.emit: Callable[[Delta], Awaitable[None]] | None = None
+        self.emit_nowait: Callable[[Delta], bool] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._stopped = False
+        self.request_id = ledger.next_id()
+        self.attempts: list[Attempt] = []
+        self.decisions: list[Decision] = []
+        self.parts: list[str] = []  # what the caller holds (streams) or will get (complete)
+        self.seq = 0
+
+    async def execute(self) -> Reply:
+        ledger = self.ledger
+        now = trio.current_time()
+        if ledger.closed:
+            raise self._failed(supervisor_closed(refused=True))
+        ledger.admit(self, now)
+        policy = ledger.policies.failover
+        self.deadline = now + policy.total_budget
+        try:
+            with trio.CancelScope(deadline=self.deadline) as scope:
+                self._scope = scope
+                result = await self._loop()
+            if scope.cancelled_caught and self._stopped:
+                raise self._failed(supervisor_closed())
+            if scope.cancelled_caught:
+                failure = Failure(
+                    category=Category.TIMEOUT,
+                    code="request_budget",
+                    message=f"the request's budget of {policy.total_budget:g}s ran out",
+                )
+                self.decisions.append(budget_spent(policy, Category.TIMEOUT.value))
+                raise self._failed(failure)
+            if isinstance(result, Failure):
+                raise self._failed(result)
+            ledger.completed += 1
+            self.events.publish(
+                EventKind.COMPLETED, request_id=self.request_id, actor=result.provider
+            )
+            return result
+        except RequestFailed as exc:
+            ledger.failed += 1
+            self.events.publish(EventKind.FAILED, request_id=self.request_id, failure=exc.failure)
+            raise
+        finally:
+            ledger.release(self)
+
+    def shut_down(self) -> None:
+        """End the request at once: the supervisor is shutting down."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def failed_by_shutdown(self) -> RequestFailed:
+        """The error of a request whose task the supervisor's shutdown cancelled."""
+        return RequestFailed(
+            supervisor_closed(), self.attempts, self.decisions, request_id=self.request_id
+        )
+
+    def _failed(self, failure: Failure) -> RequestFailed:
+        released = sum(map(len, self.parts)) if self.streaming else 0
+        if released and failure.category is not Category.STREAM_ERROR:
+            failure = Failure(
+                category=Category.STREAM_ERROR,
+                code="interrupted",
+                message=f"the stream broke after {self.seq} deltas: {failure.category.value}: {failure.message}",
+                provider=failure.provider,
+                status=failure.status,
+            )
+        return RequestFailed(failure, self.attempts, self.decisions, request_id=self.request_id)
+
+    async def _loop(self) -> Reply | Failure:
+        ledger = self.ledger
+        policies = ledger.policies
+        now = trio.current_time()
+        model = self.route.model
+        ledger.turns[model] += 1
+        plan = plan_route(
+            self.route,
+            self.chain,
+            now=now,
+            turn=ledger.turns[model],
+            rng=ledger.rng,
+            policy=policies.health,
+        )
+        self.decisions.extend(plan.decisions)
+        # Actors planned whatever their health (the terminus; every actor benched): their jobs
+        # run even if the actor is benched when they start, and so do retries, which the policy
+        # chose for this actor knowing its failure. A first attempt on an actor that was planned
+        # as healthy and has been benched since is refused by the actor (code ``benched``).
+        forced = {a for a in plan.actors if a.terminus or not a.available(now)}
+        last_failure: Failure | None = plan.failure
+        midstream_failure: Failure | None = None
+        tried = 0
+        max_providers = policies.failover.max_providers
+        for actor in plan.actors:
+            released = sum(map(len, self.parts)) if self.streaming else 0
+            # (Guarded: a call less per actor on the hot path, where nothing was released.)
+            continuation = bool(released) and continues_partial(released, policies.stream)
+            if continuation:
+                skip = skip_for_continuation(
+                    actor.name, continues=actor.continues, continuation=continuation
+                )
+                if skip is not None:
+                    self.decisions.append(skip)
+                    continue
+            if max_providers and tried >= max_providers:
+                break
+            tried += 1
+            tries = 0
+            while True:
+                tries += 1
+                outcome = await self._attempt(
+                    actor, tries, released, continuation, forced=actor in forced or tries > 1
+                )
+                if isinstance(outcome, Reply):
+                    return outcome
+                if ledger.shut_down:
+                    # The attempt was ended by the shutdown (``actor_stopped``, or refused by an
+                    # actor that is gone): not the provider's failure, and nothing to fail over
+                    # to. Say so, as a stream does, instead of retrying or failing over.
+                    return supervisor_closed()
+                failure = outcome
+                last_failure = failure
+                if self.streaming and self.parts and midstream_failure is None:
+                    # The first failure after the caller got part of the answer is the one that
+                    # broke its stream; later ones (a refused continuation...) must not hide it.
+                    midstream_failure = failure
+                now = trio.current_time()
+                situation = Situation(
+                    actor=actor.name,
+                    tries_on_actor=tries,
+                    actors_tried=tried,
+                    remaining=self.deadline - now,
+                    released=bool(sum(map(len, self.parts))) if self.streaming else False,
+                    continuation=continuation,
+                    retry_allowed=True,
+                )
+                decision = decide(failure, situation, policies, ledger.rng)
+                if decision.action is Action.RETRY and not ledger.budget.try_spend(now):
+                    decision = decide(
+                        failure, attrs.evolve(situation, retry_allowed=False), policies, ledger.rng
+                    )
+                self.decisions.append(decision)
+                self.events.publish(
+                    _EVENT_OF_ACTION.get(decision.action, EventKind.STOPPED),
+                    request_id=self.request_id,
+                    actor=actor.name,
+                    failure=failure,
+                    decision=decision,
+                )
+                if decision.action is Action.RETRY:
+                    ledger.retries += 1
+                    await trio.sleep(decision.wait)
+                    continue
+                if decision.action is Action.STOP:
+                    return midstream_failure or failure
+                ledger.failovers += 1
+                break
+        if last_failure is None:
+            last_failure = Failure(
+                category=Category.UNKNOWN, code="no_provider", message="no provider to try"
+            )
+        last_failure = midstream_failure or last_failure
+        self.decisions.append(no_provider_left(model, last_failure))
+        return last_failure
+
+    async def _attempt(
+        self,
+        actor: ProviderActor,
+        number: int,
+        released: int,
+        continuation: bool,
+        *,
+        forced: bool = False,
+    ) -> Reply | Failure:
+        """Run one attempt on ``actor`` and record it."""
+        parts_before = len(self.parts)
+        prefill = "".join(self.parts) if continuation else None
+        emit, emit_nowait = self._emitter(actor.name, skip=0 if continuation else released)
+        call = ClientCall(
+            request=self.request,
+            model=actor.model,
+            stream=self.streaming,
+            prefill=prefill,
+            actor=actor.name,
+        )
+        job = Job(
+            call=call,
+            emit=emit,
+            emit_nowait=emit_nowait,
+            request_id=self.request_id,
+            forced=forced,
+        )
+        started = trio.current_time()
+        self.events.publish(EventKind.ATTEMPT_STARTED, request_id=self.request_id, actor=actor.name)
+        try:
+            await actor.run_job(job)
+        except BaseException:
+            # The caller went away, the request's budget ran out or the supervisor shuts down:
+            # the attempt was stopped where it stood.
+            self.attempts.append(
+                self._record(actor, number, job, started, Outcome.CANCELLED, continuation)
+            )
+            raise
+        outcome = job.outcome
+        assert outcome is not None
+        self.attempts.append(self._record(actor, number, job, started, outcome, continuation))
+        if outcome is Outcome.OK:
+            completion = job.completion
+            assert completion is not None
+            return Reply(
+                text="".join(self.parts),
+                provider=actor.name,
+                model=completion.model,
+                usage=completion.usage,
+                attempts=tuple(self.attempts),
+                decisions=tuple(self.decisions),
+                was_terminus=actor.terminus,
+                finish_reason=completion.finish_reason,
+                request_id=self.request_id,
+            )
+        if not self.streaming:
+            del self.parts[parts_before:]  # nothing reached the caller: forget the partial answer
+        # No failure: the attempt was cancelled by the actor's own shutdown.
+        failure = job.failure or Failure(
+            category=Category.CANCELLED,
+            code="cancelled",
+            message="the attempt was cancelled",
+            provider=actor.name,
+        )
+        self.events.publish(
+            EventKind.ATTEMPT_FAILED, request_id=self.request_id, actor=actor.name, failure=failure
+        )
+        return failure
+
+    def _emitter(self, actor: str, *, skip: int) -> tuple[Emit, EmitNowait]:
+        """What the actor's sink calls with each piece of the answer: an async send and a
+        non-waiting one that does nothing (returns False) when the caller is not ready."""
+        parts = self.parts
+        if not self.streaming:
+
+            def collect_nowait(text: str) -> bool:
+                parts.append(text)
+                return True
+
+            async def collect(text: str) -> None:
+                parts.append(text)
+
+            return collect, collect_nowait
+        send, send_nowait = self.emit, self.emit_nowait
+        assert send is not None and send_nowait is not None
+        if not skip:
+
+            def forward_all_nowait(text: str) -> bool:
+                if not send_nowait(Delta(self.seq, text, actor)):
+                    return False
+                self.seq += 1
+                parts.append(text)
+                return True
+
+            async def forward_all(text: str) -> None:
+                await send(Delta(self.seq, text, actor))
+                self.seq += 1
+                parts.append(text)
+
+            return forward_all, forward_all_nowait
+        to_skip = [skip]
+
+        def trim(text: str) -> tuple[str, int]:
+            # Restarting after a broken stream: release output only past what the caller has.
+            left = to_skip[0]
+            if not left:
+                return text, 0
+            if len(text) <= left:
+                return "", left - len(text)
+            return text[left:], 0
+
+        def forward_nowait(text: str) -> bool:
+            out, left = trim(text)
+            if out:
+                if not send_nowait(Delta(self.seq, out, actor)):
+                    return False
+                self.seq += 1
+                parts.append(out)
+            to_skip[0] = left
+            return True
+
+        async def forward(text: str) -> None:
+            out, to_skip[0] = trim(text)
+            if out:
+                await send(Delta(self.seq, out, actor))
+                self.seq += 1
+                parts.append(out)
+
+        return forward, forward_nowait
+
+    def _record(
+        self,
+        actor: ProviderActor,
+        number: int,
+        job: Job,
+        started: float,
+        outcome: Outcome,
+        continuation: bool,
+    ) -> Attempt:
+        return Attempt(
+            actor=actor.name,
+            number=number,
+            outcome=outcome,
+            failure=job.failure,
+            started_at=job.started_at if job.started_at is not None else started,
+            ended_at=job.ended_at if job.ended_at is not None else trio.current_time(),
+            first_delta_at=job.first_delta_at,
+            deltas=job.deltas,
+            probe=job.probe,
+            continuation=continuation,
+        )
+
+
+_EVENT_OF_ACTION = {Action.RETRY: EventKind.RETRYING, Action.FAILOVER: EventKind.FAILOVER}
