@@ -13,7 +13,6 @@ from ._events import Event as Event
 from ._events import EventKind as EventKind
 from ._failure import Category as Category
 from ._failure import Failure as Failure
-from ._failure import classify as classify
 from ._policy import AllBenched as AllBenched
 from ._policy import FailoverAction as FailoverAction
 from ._policy import FailoverPolicy as FailoverPolicy
@@ -36,6 +35,7 @@ from ._values import Scope as Scope
 from ._values import Usage as Usage
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
+from .providers import classify as classify
 from .supervisor import RequestStream as RequestStream
 from .supervisor import Supervisor as Supervisor
 from .supervisor import SupervisorStatistics as SupervisorStatistics

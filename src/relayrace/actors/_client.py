@@ -1,83 +1,10 @@
-"""The boundary between an actor and the provider it talks to.
+"""Moved to ``relayrace._client`` (the contract between config, actors and clients).
 
-A provider client is any object with an ``accepts_continuation`` flag and an async ``call``
-method. The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas into
-the sink as they arrive and returns a ``Completion``, or raises ``ProviderError`` carrying a
-classified ``Failure``. Any other exception is a bug in the client: the actor crashes and its
-supervisor restarts it.
-
-Budgets are the actor's business, not the client's: the actor runs the call inside cancel scopes
-for the time to first token, the idle time between deltas and the whole attempt. A client that
-speaks a non-streamed API calls ``sink.progress()`` when the response starts arriving so that
-the actor switches from the first-token budget to the idle budget.
+Kept as a re-export only while ``supervisor`` and ``testing._scripted`` still import it from
+here; they should import ``relayrace.actors`` (public) instead, and this module then goes.
 """
 
-from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
-
-import attrs
-
-from .._values import Request, Usage
-
-
-@attrs.frozen(kw_only=True)
-class ClientCall:
-    """What one attempt asks of a provider client.
-
-    Attributes:
-        request: the caller's request.
-        model: the upstream model to ask for (from the provider's config), or ``None`` to pass
-            the request's model name through.
-        stream: stream the answer (deltas as they come) rather than ask for it whole.
-        prefill: text the answer must continue (an assistant prefill), or ``None``.
-        actor: the name of the actor making the call (for error messages).
-    """
-
-    request: Request
-    model: str | None = None
-    stream: bool = False
-    prefill: str | None = None
-    actor: str = ""
-
-    @property
-    def upstream_model(self) -> str:
-        return self.model if self.model is not None else self.request.model
-
-
-@attrs.frozen(kw_only=True)
-class Completion:
-    """How a successful call ended."""
-
-    model: str
-    usage: Usage | None = None
-    finish_reason: str | None = None
-
-
-class Sink(Protocol):
-    """Where a client sends what it receives."""
-
-    async def delta(self, text: str) -> None:
-        """Send one piece of the answer (may wait: a slow caller slows the provider read)."""
-
-    def progress(self) -> None:
-        """The provider has started answering (its response headers arrived)."""
-
-
-@runtime_checkable
-class ProviderClient(Protocol):
-    """A client for one provider. See the module docstring for the contract."""
-
-    accepts_continuation: bool
-
-    async def call(self, call: ClientCall, sink: Sink) -> Completion:
-        """Run one attempt.
-
-        Raises:
-            ProviderError: the provider failed; ``.failure`` says how.
-        """
-        ...
-
-    async def aclose(self) -> None:
-        """Release connections; called when the actor stops for good."""
-        ...
+from .._client import ClientCall as ClientCall
+from .._client import Completion as Completion
+from .._client import ProviderClient as ProviderClient
+from .._client import Sink as Sink
