@@ -99,6 +99,31 @@ def test_openai_content_event_is_the_chunk_it_stands_for(model, text, first) -> 
     )
 
 
+def test_openai_stream_encoder_writes_the_gateways_bytes() -> None:
+    """Byte for byte what the gateway's chunk encoder wrote before it used this one."""
+    encoder = openai.StreamEncoder("chatcmpl-0a1b", 1700000000, True)
+    assert encoder.content("gpt-x", 'hé "q"\n', first=True) == (
+        b'data: {"id":"chatcmpl-0a1b","object":"chat.completion.chunk","created":1700000000,'
+        b'"model":"gpt-x","system_fingerprint":null,"choices":[{"index":0,"delta":{"role":'
+        b'"assistant","content":"h\xc3\xa9 \\"q\\"\\n"},"logprobs":null,"finish_reason":null}],'
+        b'"usage":null}\n\n'
+    )
+    assert encoder.content("gpt-y", "x") == (
+        b'data: {"id":"chatcmpl-0a1b","object":"chat.completion.chunk","created":1700000000,'
+        b'"model":"gpt-y","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":'
+        b'"x"},"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+    )
+    plain = openai.StreamEncoder("chatcmpl-0a1b", 1700000000, False)
+    assert plain.content("gpt-x", "</s>\u2028") == (
+        b'data: {"id":"chatcmpl-0a1b","object":"chat.completion.chunk","created":1700000000,'
+        b'"model":"gpt-x","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":'
+        b'"</s>\xe2\x80\xa8"},"logprobs":null,"finish_reason":null}]}\n\n'
+    )
+    usage = Usage(prompt_tokens=3, completion_tokens=4)
+    assert encoder.usage_chunk("gpt-x", usage)["usage"] == usage.to_dict()
+    assert encoder.usage_chunk("gpt-x", usage)["choices"] == []
+
+
 # --- Anthropic --------------------------------------------------------------------------------
 
 
