@@ -16,7 +16,7 @@ from ._errors import MalformedStream, UpstreamErrorBody
 from ._format import PREFILL_REFUSED, WireFormat
 from ._json import as_int, dumps, dumps_str, expect_object, get, load_event
 from ._reader import Reader
-from ._sse import ServerSentEvent
+from ._sse import ServerSentEvent, encode_event
 
 NAME = "openai"
 
@@ -277,7 +277,7 @@ def error_body(
 
 def event(data: Any) -> bytes:
     """One SSE event carrying ``data`` as JSON."""
-    return f"data: {dumps(data)}\n\n".encode()
+    return encode_event(dumps(data))
 
 
 class StreamEncoder:
