@@ -10,13 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayrace._failure import (
-    Category,
-    Failure,
-    classify,
-    parse_rate_limit_reset,
-    parse_retry_after,
-)
+from relayrace import Category, Failure, classify
+from relayrace._failure import parse_rate_limit_reset, parse_retry_after
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 NOW_HTTP_DATE = "Tue, 14 Nov 2023 22:13:20 GMT"

@@ -33,13 +33,17 @@ from relayrace import (
     open_supervisor,
 )
 from relayrace.actors import (
+    POOL_SHARD,
     AnthropicClient,
     ClientCall,
     Completion,
     GeminiClient,
     OpenAIClient,
+    ShardedTransport,
+    sharded_transport,
 )
-from relayrace.actors._http import ServerSentEvent, SSEDecoder
+from relayrace.providers import ServerSentEvent, SSEDecoder
+from relayrace.testing import serve_mock_provider
 
 C = Category
 KEY = "test-key-0123456789-abcdef"  # not shaped like any known key: only the client can mask it
@@ -1296,7 +1300,6 @@ def test_client_kinds_from_config(monkeypatch, kind, cls, extra, header, value) 
     assert http.headers[header] == value
     assert http.headers["x-extra"] == "1"
     assert http.timeout.connect == 2.5
-    assert http._transport._pool._max_connections == 3
     assert KEY not in repr(cfg)
 
 
@@ -1417,36 +1420,57 @@ async def test_a_whole_answer_switches_to_the_idle_budget_once_headers_arrive(
 # --- connection pools: sharding -----------------------------------------------------------------
 
 
-def test_a_client_with_many_connections_spreads_them_over_small_pools() -> None:
-    from relayrace.actors._http import POOL_SHARD, ShardedTransport, make_http_client
+async def _held_connections(connections: int, requests: int) -> int:
+    """Send ``requests`` requests the mock never answers through an ``OpenAIClient`` of
+    ``connections`` connections; return how many connections the mock sees open once every
+    request is sent or waiting for a connection."""
+    async with serve_mock_provider() as mock, trio.open_nursery() as nursery:
+        client = OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=connections)
+        for _ in range(requests):
+            nursery.start_soon(client.call, call(model="hang"), Sink())
+        for _ in range(100):  # until the pools are full (real sockets: a few loop turns)
+            await trio.sleep(0.01)
+        seen = mock.open_connections
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    return seen
 
-    small = make_http_client(headers={}, max_connections=POOL_SHARD, connect_timeout=1)
-    assert not isinstance(small._transport, ShardedTransport)  # one pool is cheap enough
-    big = make_http_client(headers={}, max_connections=50, connect_timeout=1)
-    transport = big._transport
-    assert isinstance(transport, ShardedTransport)
-    assert len(transport.shards) == 7 and transport.per_shard == 8  # 7 × 8 ≥ 50
-    limits = [s._pool._max_connections for s in transport.shards]  # type: ignore[attr-defined]
-    assert limits == [8] * 7
+
+async def test_a_client_holds_at_most_its_pool_size_in_connections(autojump_clock) -> None:
+    assert await _held_connections(3, 5) == 3
+
+
+async def test_a_client_with_many_connections_spreads_them_over_small_pools(
+    autojump_clock,
+) -> None:
+    transport = sharded_transport(2 * POOL_SHARD)
+    assert len(transport.shards) == 2 and transport.per_shard == POOL_SHARD
+    await transport.aclose()
+    # The pools together hold the connections asked for (rounded up to whole pools).
+    assert await _held_connections(2 * POOL_SHARD, 2 * POOL_SHARD + 3) == 2 * POOL_SHARD
+    assert await _held_connections(20, 25) == 21  # 3 pools of 7 ≥ 20
+
+
+class _Body(httpx.AsyncByteStream):  # a body read off the wire, as a real transport gives
+    async def __aiter__(self) -> Any:
+        yield b"ok"
+
+
+def _shard(index: int, hits: list[int], refuse: int = 0) -> httpx.MockTransport:
+    """A pool that records its ``index`` in ``hits`` and refuses its first ``refuse`` requests."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        hits.append(index)
+        if len(hits) <= refuse:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, stream=_Body())
+
+    return httpx.MockTransport(handle)
 
 
 async def test_sharded_pools_fill_in_order_and_free_a_place_when_a_response_closes() -> None:
-    from relayrace.actors._http import ShardedTransport
-
     hits: list[int] = []
-
-    class Body(httpx.AsyncByteStream):  # a body read off the wire, as a real transport gives
-        async def __aiter__(self) -> Any:
-            yield b"ok"
-
-    def shard(index: int) -> httpx.MockTransport:
-        def handle(request: httpx.Request) -> httpx.Response:
-            hits.append(index)
-            return httpx.Response(200, stream=Body())
-
-        return httpx.MockTransport(handle)
-
-    transport = ShardedTransport([shard(0), shard(1), shard(2)], per_shard=2)
+    transport = ShardedTransport([_shard(i, hits) for i in range(3)], per_shard=2)
     async with httpx.AsyncClient(transport=transport) as client:
         # One after another: always the first pool (its connections are reused).
         for _ in range(3):
@@ -1467,21 +1491,28 @@ async def test_sharded_pools_fill_in_order_and_free_a_place_when_a_response_clos
         assert hits[-1] == 0
         for response in responses[1:]:
             await response.aclose()
-        assert transport._busy == [0, 0, 0]
+        # Every place is free again: requests held together fill the pools from the first.
+        hits.clear()
+        held = [
+            await client.send(client.build_request("GET", "http://x/"), stream=True)
+            for _ in range(3)
+        ]
+        assert hits == [0, 0, 1]
+        for response in held:
+            await response.aclose()
 
 
 async def test_a_failed_request_frees_its_place_in_a_sharded_pool() -> None:
-    from relayrace.actors._http import ShardedTransport
-
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    transport = ShardedTransport([httpx.MockTransport(refuse)], per_shard=1)
+    hits: list[int] = []
+    transport = ShardedTransport([_shard(0, hits, refuse=3), _shard(1, hits)], per_shard=1)
     async with httpx.AsyncClient(transport=transport) as client:
         for _ in range(3):
             with pytest.raises(httpx.ConnectError):
                 await client.get("http://x/")
-    assert transport._busy == [0]
+        response = await client.send(client.build_request("GET", "http://x/"), stream=True)
+        await response.aclose()
+    # Had a failed request kept its place, the one-place first pool would be full.
+    assert hits == [0, 0, 0, 0]
 
 
 async def test_a_cookie_a_provider_sets_never_rides_on_the_next_request() -> None:

@@ -14,7 +14,6 @@ from ._events import Event as Event
 from ._events import EventKind as EventKind
 from ._failure import Category as Category
 from ._failure import Failure as Failure
-from ._failure import classify as classify
 from ._loader import GatewayConfig as GatewayConfig
 from ._loader import load_config as load_config
 from ._loader import load_gateway as load_gateway
@@ -42,6 +41,7 @@ from ._values import Request as Request
 from ._values import Usage as Usage
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
+from .providers import classify as classify
 from .supervisor import RequestStream as RequestStream
 from .supervisor import Supervisor as Supervisor
 from .supervisor import SupervisorStatistics as SupervisorStatistics

@@ -25,13 +25,13 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from .._client import ClientCall, Completion, ProviderClient
 from .._config import Budgets
 from .._errors import ProviderError
 from .._events import Event, EventKind
 from .._failure import Category, Failure
 from .._policy import Match, Policies
 from .._values import Outcome
-from ._client import ClientCall, Completion
 from ._health import Health, HealthSnapshot, State
 
 Emit = Callable[[str], Awaitable[None]]
@@ -199,7 +199,7 @@ class ProviderActor:
         self,
         *,
         name: str,
-        client: object,
+        client: ProviderClient,
         model: str | None,
         policies: Policies,
         budgets: Budgets,
@@ -233,7 +233,7 @@ class ProviderActor:
         self._probe_timeout = policies.health.probe_timeout
         self._publish = publish
         self._may_bench = may_bench
-        self._call = client.call  # type: ignore[attr-defined]
+        self._call = client.call
         self._inbox: deque[Job] = deque()
         self._running: set[Job] = set()
         self._wake_timer = trio.Event()

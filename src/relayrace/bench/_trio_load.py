@@ -23,8 +23,7 @@ from .._config import Budgets, Config, ProviderConfig, Route
 from .._events import EventKind
 from .._policy import HealthPolicy, Policies, RetryPolicy
 from .._values import Request
-from ..actors import OpenAIClient
-from ..actors._http import POOL_SHARD, sharded_transport
+from ..actors import POOL_SHARD, OpenAIClient, sharded_transport
 from ..supervisor import Supervisor, open_supervisor
 from ._common import API_KEY, MESSAGES, ROUTE, rss_bytes, summarise_ms
 

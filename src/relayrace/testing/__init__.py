@@ -1,11 +1,11 @@
 """Test helpers: a scripted provider client and a fault-injecting mock provider server."""
 
-from ._mock_provider import SCENARIOS as MOCK_SCENARIOS
 from ._mock_provider import MockAttempt as MockAttempt
 from ._mock_provider import MockProvider as MockProvider
-from ._mock_provider import MockScenario as MockScenario
-from ._mock_provider import mock_model as mock_model
 from ._mock_provider import serve_mock_provider as serve_mock_provider
+from ._scenarios import SCENARIOS as MOCK_SCENARIOS
+from ._scenarios import MockScenario as MockScenario
+from ._scenarios import mock_model as mock_model
 from ._scripted import SCRIPTED_ANSWER as SCRIPTED_ANSWER
 from ._scripted import Answer as Answer
 from ._scripted import Crash as Crash

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .._client import ClientCall, Completion, Sink
 from .._errors import ProviderError
 from .._failure import Category, Failure
 from .._values import Usage
-from ..actors._client import ClientCall, Completion, Sink
 
 if TYPE_CHECKING:
     from .._table import Table

@@ -1,7 +1,8 @@
-"""The boundary between an actor and the provider it talks to.
+"""The boundary between an actor and the provider it talks to: the contract between the config
+(which builds clients), the actors (which drive them) and the clients.
 
-A provider client is any object with an ``accepts_continuation`` flag and an async ``call``
-method. The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas into
+A provider client is any object with an ``accepts_continuation`` flag, an async ``call``
+method and an async ``aclose`` (``ProviderClient``, checked by mypy where a client is given). The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas into
 the sink as they arrive and returns a ``Completion``, or raises ``ProviderError`` carrying a
 classified ``Failure``. Any other exception is a bug in the client: the actor crashes and its
 supervisor restarts it.
@@ -18,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from .._values import Request, Usage
+from ._values import Request, Usage
 
 
 @attrs.frozen(kw_only=True)

@@ -1,0 +1,395 @@
+"""The base of the HTTP provider clients and the loop of one attempt.
+
+The flow of one attempt (``HTTPProviderClient.call``)::
+
+    payload ──POST──▶ status not 2xx ────────────▶ UpstreamStatus ─┐
+                      2xx, streamed ──SSE events──▶ Reader ───────▶ │ sink.delta(text)
+                      2xx, whole ──JSON──▶ Reader ────────────────▶ │
+                                                                   ▼
+                      httpx / JSON / SSE / our own stream errors ──▶ map_provider_errors
+                                                                       └─▶ ProviderError(Failure)
+
+A subclass says where to send (``endpoint``), what to send (``payload``) and which reader
+reads the answer (``reader``): the payloads and readers are the wire formats of
+``relayrace.providers``. Time budgets are not here: the actor runs ``call`` inside trio cancel
+scopes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar, TypedDict
+
+import httpx
+import trio
+
+from .._client import ClientCall, Completion, Sink
+from .._errors import ConfigError, ProviderError
+from .._failure import Category
+from .._table import Table
+from ..providers import MalformedStream, Reader, ServerSentEvent, SSEDecoder
+from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
+from ._transport import make_http_client
+
+# After a stream's terminator ([DONE], message_stop) the body normally ends at once; reading that
+# end lets the connection go back to the pool. A server that stalls after its terminator must not
+# cost the caller anything, so the wait is short.
+_DRAIN_GRACE = 1.0
+
+# After the finish reason only bookkeeping is left (OpenAI's usage chunk and [DONE], Anthropic's
+# message_stop, the end of a Gemini body). A server that stalls there must not turn a whole
+# answer into an idle timeout: after this long the answer is returned as it is.
+_TAIL_GRACE = 2.0
+
+# An error body is read up to this many bytes; an error text longer than the message limit is
+# cut anyway, and a misbehaving server must not make us buffer without a bound.
+_MAX_ERROR_BODY = 64 * 1024
+
+# Header names whose configured values are secrets (masked in every message, like the key).
+_SECRET_HEADER_WORDS = ("key", "auth", "token", "secret", "cookie")
+
+
+class ClientOptions(TypedDict, total=False):
+    """The constructor options every HTTP provider client takes (see ``HTTPProviderClient``);
+    each client adds its own."""
+
+    base_url: str
+    api_key: str | None
+    headers: Mapping[str, str] | None
+    query: Mapping[str, str] | None
+    extra_body: Mapping[str, Any] | None
+    accepts_continuation: bool
+    max_connections: int
+    connect_timeout: float
+    transport: httpx.AsyncBaseTransport | None
+
+
+class HTTPProviderClient:
+    """The base of the HTTP provider clients: connection pool, error boundary, attempt loop.
+
+    The ``httpx.AsyncClient`` is opened on the first call and closed by ``aclose``; a later call
+    opens a new one, so that one config can serve several supervisors in turn.
+
+    ``accepts_continuation`` is a declaration for the supervisor, which sends a prefill only to
+    a provider that declares (or is configured) to accept one; the client sends what it is
+    asked.
+
+    Args:
+        base_url: the API root (default: the provider's public API, ``default_base_url``).
+        api_key: the key, or ``None`` for a server that needs none (sent by ``auth_headers``).
+        headers: extra headers on every request.
+        query: query parameters on every request (merged into the endpoint's own).
+        extra_body: fields added to every request body, under what the request sets.
+        accepts_continuation: declare that the model continues a trailing assistant message
+            (default: ``default_accepts_continuation``).
+        max_connections: the connection pool's size (the actor's ``max_concurrency``).
+        connect_timeout: seconds to open a connection (the actor's ``budgets.connect``).
+        transport: an ``httpx`` transport to use instead of the network (tests).
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+
+    #: the client family, in messages (``openai``).
+    label: ClassVar[str] = "http"
+    #: the provider's public API root.
+    default_base_url: ClassVar[str] = ""
+    #: whether the provider continues a trailing assistant message unless configured.
+    default_accepts_continuation: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        accepts_continuation: bool | None = None,
+        max_connections: int = 64,
+        connect_timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        if base_url is None:
+            base_url = self.default_base_url
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url: expected an http:// or https:// URL")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise ValueError("max_connections: expected a positive integer")
+        if max_connections < 1:
+            raise ValueError("max_connections: expected a positive integer")
+        if not connect_timeout > 0 or math.isinf(connect_timeout):
+            raise ValueError("connect_timeout: expected a positive number of seconds")
+        self.base_url = base_url.rstrip("/")
+        self.accepts_continuation = (
+            self.default_accepts_continuation
+            if accepts_continuation is None
+            else accepts_continuation
+        )
+        self.query: dict[str, str] = dict(query or {})
+        self.extra_body: dict[str, Any] = dict(extra_body or {})
+        self._headers = {
+            **self.fixed_headers(),
+            **(headers or {}),
+            **self.auth_headers(api_key),
+        }
+        self._secrets = _secrets_of(api_key, self._headers)
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        # Never the key: only where the client points.
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None or self._http.is_closed:
+            self._http = make_http_client(
+                headers=self._headers,
+                max_connections=self._max_connections,
+                connect_timeout=self._connect_timeout,
+                transport=self._transport,
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
+
+    # --- provided by subclasses ---
+
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        """The headers that carry the key (none without one)."""
+        return {}
+
+    def fixed_headers(self) -> dict[str, str]:
+        """Headers the provider requires on every request (``anthropic-version``)."""
+        return {}
+
+    def endpoint(self, call: ClientCall) -> str:
+        """The URL to POST to (the configured ``query`` is added to it)."""
+        raise NotImplementedError
+
+    def payload(self, call: ClientCall) -> dict[str, Any]:
+        """The JSON body to send."""
+        raise NotImplementedError
+
+    def reader(self, call: ClientCall) -> Reader:
+        """A fresh reader of this attempt's response (a ``relayrace.providers`` reader)."""
+        raise NotImplementedError
+
+    # --- one attempt ---
+
+    async def call(self, call: ClientCall, sink: Sink) -> Completion:
+        """Run one attempt; see ``relayrace.actors.ProviderClient``.
+
+        Raises:
+            ProviderError: the provider failed; ``.failure`` says how. A request whose params
+                cannot be sent as JSON fails as ``bad_request`` (code ``unserializable_request``)
+                before anything is sent.
+        """
+        reader = self.reader(call)
+        try:
+            content = json.dumps(
+                self.payload(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            )
+        except (TypeError, ValueError, RecursionError) as exc:
+            what = describe("the request cannot be sent as JSON", exc)
+            raise ProviderError(
+                attempt_failure(
+                    Category.BAD_REQUEST,
+                    "unserializable_request",
+                    what,
+                    self.label,
+                    call.actor,
+                    self._secrets,
+                )
+            ) from None
+        state = AttemptState(stream=call.stream)
+        with map_provider_errors(
+            state, label=self.label, provider=call.actor, secrets=self._secrets
+        ):
+            http = self._client()
+            url = httpx.URL(self.endpoint(call))
+            if self.query:
+                # Merged, not passed as `params`, which would replace the endpoint's own query.
+                url = url.copy_merge_params(self.query)
+            request = http.build_request(
+                "POST",
+                url,
+                content=content.encode(),
+                headers={
+                    "content-type": "application/json",
+                    "accept": "text/event-stream" if call.stream else "application/json",
+                },
+            )
+            response = await http.send(request, stream=True)
+            try:
+                state.response_started = True
+                if not 200 <= response.status_code < 300:
+                    content_bytes = await _read_at_most(response, _MAX_ERROR_BODY)
+                    raise UpstreamStatus(response.status_code, content_bytes, response.headers)
+                media_type = response.headers.get("content-type", "").split(";")[0].strip()
+                if call.stream and media_type != "application/json":
+                    await self._read_stream(response, reader, state, sink)
+                else:
+                    # A whole body, asked for or not: some servers ignore `stream`, and some
+                    # answer a streamed request with a JSON error and a 200.
+                    sink.progress()
+                    body = json.loads(await response.aread())
+                    text = reader.whole(body)
+                    state.finished = True
+                    if text:
+                        await sink.delta(text)
+            finally:
+                await response.aclose()
+        return Completion(
+            model=reader.model, usage=reader.usage, finish_reason=reader.finish_reason
+        )
+
+    async def _read_stream(
+        self, response: httpx.Response, reader: Reader, state: AttemptState, sink: Sink
+    ) -> None:
+        decoder = SSEDecoder()
+        tail_deadline = math.inf
+        ended = False
+        chunks = response.aiter_bytes()
+        try:
+            while not reader.terminated:
+                chunk: bytes | None = None
+                if tail_deadline == math.inf:
+                    chunk = await anext(chunks, None)
+                else:
+                    with trio.move_on_at(tail_deadline) as tail:
+                        chunk = await anext(chunks, None)
+                    if tail.cancelled_caught:
+                        return  # the finish reason came, the rest did not: the answer is whole
+                if chunk is None:
+                    ended = True
+                    events = decoder.close()
+                else:
+                    events = decoder.feed(chunk)
+                for event in events:
+                    await self._event(event, reader, state, sink)
+                    if reader.terminated:
+                        break
+                if ended:
+                    break
+                if reader.finished and tail_deadline == math.inf:
+                    tail_deadline = trio.current_time() + _TAIL_GRACE
+            if reader.terminated and not ended:
+                # Read the end of the body so that the connection can be reused, but never wait
+                # long for it: the answer is already whole.
+                with trio.move_on_after(_DRAIN_GRACE):
+                    async for _ in chunks:
+                        pass
+        finally:
+            await _abandon(chunks)
+        if not (reader.finished or reader.terminated):
+            raise MalformedStream("stream_cut", "the stream ended before its finish reason")
+
+    @staticmethod
+    async def _event(
+        event: ServerSentEvent, reader: Reader, state: AttemptState, sink: Sink
+    ) -> None:
+        text = reader.event(event)
+        state.finished = reader.finished or reader.terminated
+        if text:
+            await sink.delta(text)
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    chunks = response.aiter_bytes()
+    try:
+        async for chunk in chunks:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    finally:
+        await _abandon(chunks)
+    return b"".join(parts)[:limit]
+
+
+async def _abandon(chunks: AsyncIterator[bytes]) -> None:
+    """Unwind an httpx body iterator that will not be read to its end.
+
+    httpx's body iterators are async generators nested several deep: closing the outer one
+    leaves the inner ones to the garbage collector, and trio warns about each. A read that is
+    cancelled at once unwinds the whole chain instead (an exhausted one is left as it is). The
+    connection is then closed rather than pooled.
+    """
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async for _ in chunks:
+            pass
+
+
+def _secrets_of(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, ...]:
+    secrets = [api_key] if api_key else []
+    for name, value in headers.items():
+        if any(word in name.lower() for word in _SECRET_HEADER_WORDS):
+            secrets.append(value)
+            # "Bearer sk-…": the token alone must go too.
+            scheme, _, token = value.partition(" ")
+            if token and scheme.isalpha():
+                secrets.append(token)
+    return tuple(secrets)
+
+
+# --- reading a client's config table ---------------------------------------------------------------
+
+
+def options_from_table(
+    table: Table, *, base_url: str, max_connections: int, connect_timeout: float
+) -> ClientOptions:
+    """The constructor options every HTTP client reads from its provider's config table
+    (``ClientOptions``, to pass on with ``**``).
+
+    Reads ``base_url`` (defaults to the provider's public API), ``api_key_env`` (the NAME of
+    the environment variable that holds the key), ``headers`` and ``query`` (tables of strings)
+    and ``extra_body`` (a table merged into every request body, under what the request sets).
+    The pool size and connect timeout come from the provider's ``max_concurrency`` and
+    ``budgets.connect``, read by the config before the client's own keys.
+
+    Raises:
+        ConfigError: a key has the wrong type, or the named environment variable is unset.
+    """
+    url = table.text("base_url", base_url)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(_at(table, "base_url"), "an http:// or https:// URL", url)
+    extra_body = table.raw("extra_body", None)
+    if extra_body is not None and not isinstance(extra_body, Mapping):
+        raise ConfigError(_at(table, "extra_body"), "a table", extra_body)
+    return ClientOptions(
+        base_url=url,
+        api_key=table.env("api_key_env"),
+        headers=_string_table(table, "headers"),
+        query=_string_table(table, "query"),
+        extra_body=extra_body,
+        max_connections=max_connections,
+        connect_timeout=connect_timeout,
+    )
+
+
+def _string_table(table: Table, key: str) -> dict[str, str] | None:
+    value = table.raw(key, None)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(_at(table, key), "a table of strings", value)
+    for name, item in value.items():
+        if not isinstance(item, str):
+            raise ConfigError(f"{_at(table, key)}.{name}", "a string", item)
+    return dict(value)
+
+
+def _at(table: Table, key: str) -> str:
+    return f"{table.path}.{key}" if table.path else key

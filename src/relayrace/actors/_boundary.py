@@ -1,0 +1,178 @@
+"""The one place where every foreign failure of an attempt becomes a ``ProviderError``.
+
+``map_provider_errors`` wraps an attempt: httpx's exceptions, JSON and UTF-8 errors, a status
+other than 2xx (``UpstreamStatus``) and what the wire formats' readers raise
+(``UpstreamErrorBody``, ``MalformedStream``) leave it as a ``ProviderError`` carrying a
+classified ``Failure``, chained to the original exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import httpx
+
+from .._errors import ProviderError
+from .._failure import Category, Failure
+from .._redact import redact
+from ..providers import MalformedStream, UpstreamErrorBody, classify
+
+
+class UpstreamStatus(Exception):
+    """The provider answered with a status other than 2xx (mapped by ``map_provider_errors``)."""
+
+    def __init__(self, status: int, content: bytes, headers: Mapping[str, str]):
+        super().__init__(status)
+        self.status = status
+        self.content = content
+        self.headers = headers
+
+
+@attrs.define
+class AttemptState:
+    """What the error mapping needs to know about the attempt in progress."""
+
+    stream: bool
+    response_started: bool = False
+    finished: bool = False
+
+
+@contextlib.contextmanager
+def map_provider_errors(
+    state: AttemptState, *, label: str, provider: str, secrets: Sequence[str] = ()
+) -> Iterator[None]:
+    """The one boundary where every foreign failure of an attempt becomes a ``ProviderError``.
+
+    ================================  =================================================
+    raised inside                     failure
+    ================================  =================================================
+    ``UpstreamStatus``                ``classify`` of the status, error body, headers
+    ``UpstreamErrorBody``             ``classify`` of the body (an error in a 200)
+    ``MalformedStream``               ``stream_error`` with its code (``stream_cut``…)
+    ``httpx.TimeoutException``        ``timeout`` (``connect_timeout``…)
+    ``httpx.ConnectError``            ``network`` / ``connect_error``
+    ``httpx.NetworkError``,           before the response: ``network``; mid-stream:
+    ``httpx.RemoteProtocolError``     ``stream_error`` / ``stream_cut``
+    ``httpx.DecodingError``, JSON,    ``stream_error`` (``malformed_json``…)
+    UTF-8 errors
+    other ``httpx`` errors            ``unknown``
+    ================================  =================================================
+
+    A transport error after the stream has given its finish reason is not a failure: the answer
+    is complete, so the error is swallowed and the caller goes on to return it. ``trio.Cancelled``
+    passes through untouched.
+
+    Args:
+        state: the attempt's progress (response started, finish reason seen).
+        label: the client family (``openai``), used in messages.
+        provider: the actor's name, stamped on the failure.
+        secrets: strings masked in every message (the API key).
+
+    Raises:
+        ProviderError: carrying the classified ``Failure``, chained to the original exception.
+    """
+    try:
+        yield
+    except UpstreamStatus as exc:
+        failure = classify(
+            status=exc.status,
+            body=_parse_error_body(exc.content),
+            headers=exc.headers,
+            provider=provider or None,
+            now=time.time(),
+            secrets=secrets,
+        )
+        raise ProviderError(_labelled(failure, label, secrets)) from exc
+    except UpstreamErrorBody as exc:
+        failure = classify(
+            status=None, body=exc.body, provider=provider or None, now=time.time(), secrets=secrets
+        )
+        raise ProviderError(_labelled(failure, label, secrets)) from exc
+    except MalformedStream as exc:
+        failure = attempt_failure(Category.STREAM_ERROR, exc.code, exc.message, label, provider, secrets)
+        raise ProviderError(failure) from exc
+    except httpx.TimeoutException as exc:
+        code = {
+            httpx.ConnectTimeout: "connect_timeout",
+            httpx.WriteTimeout: "write_timeout",
+            httpx.PoolTimeout: "pool_timeout",
+        }.get(type(exc), "read_timeout")
+        failure = attempt_failure(
+            Category.TIMEOUT, code, describe("timed out", exc), label, provider, secrets
+        )
+        raise ProviderError(failure) from exc
+    except (httpx.ConnectError, httpx.ProxyError) as exc:
+        what = describe("cannot connect", exc)
+        failure = attempt_failure(Category.NETWORK, "connect_error", what, label, provider, secrets)
+        raise ProviderError(failure) from exc
+    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+        if state.finished:
+            # The answer was complete before the connection went: nothing was lost.
+            return
+        if not state.response_started:
+            category, code = Category.NETWORK, "connection_lost"
+            what = describe("connection lost before the response", exc)
+        elif state.stream:
+            category, code = Category.STREAM_ERROR, "stream_cut"
+            what = describe("stream cut before its end", exc)
+        else:
+            category, code = Category.NETWORK, "incomplete_body"
+            what = describe("connection lost while reading the response", exc)
+        raise ProviderError(attempt_failure(category, code, what, label, provider, secrets)) from exc
+    except httpx.DecodingError as exc:
+        what = describe("cannot decode the body", exc)
+        failure = attempt_failure(Category.STREAM_ERROR, "decoding_error", what, label, provider, secrets)
+        raise ProviderError(failure) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        what = describe("HTTP error", exc)
+        failure = attempt_failure(Category.UNKNOWN, type(exc).__name__, what, label, provider, secrets)
+        raise ProviderError(failure) from exc
+    except (ValueError, RecursionError) as exc:
+        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError is JSON
+        # nested beyond reason. The request is encoded before this block is entered.
+        code = "malformed_text" if isinstance(exc, UnicodeDecodeError) else "malformed_json"
+        what = describe("malformed response", exc)
+        failure = attempt_failure(Category.STREAM_ERROR, code, what, label, provider, secrets)
+        raise ProviderError(failure) from exc
+
+
+def _parse_error_body(content: bytes) -> Any:
+    text = content.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def describe(what: str, exc: BaseException) -> str:
+    """``what`` happened, and the exception that says so (its type and text)."""
+    detail = str(exc) or type(exc).__name__
+    return f"{what} ({type(exc).__name__}: {detail})"
+
+
+def attempt_failure(
+    category: Category,
+    code: str,
+    message: str,
+    label: str,
+    provider: str,
+    secrets: Sequence[str],
+) -> Failure:
+    """A failure of our own making (not classified from a provider's body), its message
+    labelled with the client family and the secrets masked."""
+    return Failure(
+        category=category,
+        code=code,
+        message=redact(f"{label}: {message}", secrets),
+        provider=provider or None,
+    )
+
+
+def _labelled(failure: Failure, label: str, secrets: Sequence[str]) -> Failure:
+    message = failure.message or (f"HTTP {failure.status}" if failure.status else "error")
+    return attrs.evolve(failure, message=redact(f"{label}: {message}", secrets))

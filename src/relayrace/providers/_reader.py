@@ -1,0 +1,44 @@
+"""The base of the wire formats' response readers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._values import Usage
+from ._sse import ServerSentEvent
+
+
+class Reader:
+    """Reads one attempt's response in one wire format.
+
+    A subclass turns each SSE event (``event``) or the whole JSON body (``whole``) into the text
+    to pass on, and records the finish reason, usage and answering model on the way. It raises
+    ``UpstreamErrorBody`` for an error inside the response and ``MalformedStream`` for data it
+    cannot read (and ``ValueError`` for data that is not JSON); it never raises anything else,
+    whatever the provider sends.
+
+    Args:
+        model: the model asked for (the answer's model until the provider names another).
+    """
+
+    def __init__(self, model: str):
+        self.model = model
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        #: a finish reason (or its equivalent) arrived: the answer is whole.
+        self.finished = False
+        #: the stream's own terminator arrived (``[DONE]``, ``message_stop``).
+        self.terminated = False
+
+    def event(self, event: ServerSentEvent) -> str | None:
+        """Read one SSE event; return the text it adds to the answer."""
+        raise NotImplementedError
+
+    def whole(self, body: Any) -> str:
+        """Read a whole (non-streamed) JSON body; return the answer's text."""
+        raise NotImplementedError
+
+    def answered_by(self, model: Any) -> None:
+        """Record the model the provider says answered (ignored unless a non-empty string)."""
+        if isinstance(model, str) and model:
+            self.model = model

@@ -1,0 +1,257 @@
+"""The three wire formats as the mock provider speaks them: answers, streams, errors and the
+deliberately broken bytes of its faults. The formats themselves are
+``relayrace.providers``' encoders; this module only says which piece the mock writes when."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .._values import Usage
+from ..providers import anthropic, dumps, gemini, openai
+from ._scenarios import MockScenario
+
+
+class Reply:
+    """What one answer needs while it is written (one per attempt)."""
+
+    __slots__ = (
+        "model",
+        "id",
+        "created",
+        "text",
+        "usage",
+        "include_usage",
+        "sse",
+        "_openai",
+        "_framer",
+    )
+
+    def __init__(self, model: str, seq: int, text: str, prompt: int, completion: int) -> None:
+        self.model = model
+        self.id = f"mock{seq}"
+        self.created = int(time.time())  # a wire field (epoch seconds), not a clock we wait on
+        self.text = text
+        self.usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
+        self.include_usage = False  # OpenAI: stream_options.include_usage
+        self.sse = True  # Gemini: alt=sse (else a streamed JSON array)
+        self._openai: openai.StreamEncoder | None = None
+        self._framer: gemini.Framer | None = None
+
+    @property
+    def openai(self) -> openai.StreamEncoder:
+        """This answer's OpenAI chunk encoder."""
+        if self._openai is None:
+            self._openai = openai.StreamEncoder(
+                f"chatcmpl-{self.id}", self.created, self.include_usage
+            )
+        return self._openai
+
+    @property
+    def framer(self) -> gemini.Framer:
+        """This answer's Gemini stream framing."""
+        if self._framer is None:
+            self._framer = gemini.Framer(self.sse)
+        return self._framer
+
+
+def encode(value: Any) -> bytes:
+    """A JSON body."""
+    return dumps(value).encode()
+
+
+class Format:
+    """How one provider spells answers, streams and errors."""
+
+    name = ""
+    stream_type = b"text/event-stream; charset=utf-8"
+
+    def error_body(self, kind: str, status: int, model: str, sc: MockScenario | None) -> Any:
+        raise NotImplementedError
+
+    def error_status(self, kind: str) -> int:
+        raise NotImplementedError
+
+    def answer(self, r: Reply) -> Any:
+        raise NotImplementedError
+
+    def stream_open(self, r: Reply) -> bytes:
+        return b""
+
+    def stream_text(self, r: Reply, piece: str) -> bytes:
+        raise NotImplementedError
+
+    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+        raise NotImplementedError
+
+    def stream_error(self, r: Reply, kind: str) -> bytes:
+        raise NotImplementedError
+
+    def malformed(self, r: Reply) -> bytes:
+        raise NotImplementedError
+
+    def stream_end(self, r: Reply) -> bytes:
+        """Bytes that end the body whatever happened (Gemini's JSON array needs its ``]``)."""
+        return b""
+
+
+class OpenAI(Format):
+    name = openai.NAME
+
+    def error_status(self, kind: str) -> int:
+        return openai.error_status(kind)
+
+    def error_body(self, kind: str, status: int, model: str, sc: MockScenario | None) -> Any:
+        return openai.error_body(kind, model)
+
+    def answer(self, r: Reply) -> Any:
+        return openai.completion(
+            id=f"chatcmpl-{r.id}", created=r.created, model=r.model, text=r.text, usage=r.usage
+        )
+
+    def stream_open(self, r: Reply) -> bytes:
+        return r.openai.opening(r.model)
+
+    def stream_text(self, r: Reply, piece: str) -> bytes:
+        return r.openai.content(r.model, piece)
+
+    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+        return r.openai.closing(r.model, "stop", r.usage, terminator=terminator)
+
+    def stream_error(self, r: Reply, kind: str) -> bytes:
+        return r.openai.error(kind, r.model)
+
+    def malformed(self, r: Reply) -> bytes:
+        return (
+            b'data: {"id":"chatcmpl-' + r.id.encode() + b'","choices":[{"delta":{"content":"br\n\n'
+        )
+
+
+class Anthropic(Format):
+    name = anthropic.NAME
+
+    def error_status(self, kind: str) -> int:
+        return anthropic.error_status(kind)
+
+    def error_body(self, kind: str, status: int, model: str, sc: MockScenario | None) -> Any:
+        return anthropic.error_body(kind, model)
+
+    def answer(self, r: Reply) -> Any:
+        return anthropic.message(id=f"msg_{r.id}", model=r.model, text=r.text, usage=r.usage)
+
+    def stream_open(self, r: Reply) -> bytes:
+        return anthropic.opening(
+            id=f"msg_{r.id}", model=r.model, prompt_tokens=r.usage.prompt_tokens
+        )
+
+    def stream_text(self, r: Reply, piece: str) -> bytes:
+        return anthropic.text_delta(piece)
+
+    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+        return anthropic.closing("stop", r.usage.completion_tokens, terminator=terminator)
+
+    def stream_error(self, r: Reply, kind: str) -> bytes:
+        return anthropic.error_event(kind, r.model)
+
+    def malformed(self, r: Reply) -> bytes:
+        return (
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_del\n\n'
+        )
+
+
+class Gemini(Format):
+    name = gemini.NAME
+    stream_type = b"text/event-stream"
+
+    def error_status(self, kind: str) -> int:
+        return gemini.error_status(kind)
+
+    def error_body(self, kind: str, status: int, model: str, sc: MockScenario | None) -> Any:
+        retry_after = sc.retry_after if sc is not None else None
+        return gemini.error_body(kind, model, status=status, retry_after=retry_after)
+
+    def blocked(self, r: Reply) -> Any:
+        return gemini.blocked(id=r.id, model=r.model, prompt_tokens=r.usage.prompt_tokens)
+
+    def frame(self, r: Reply, data: bytes) -> bytes:
+        return r.framer.frame(data)
+
+    def answer(self, r: Reply) -> Any:
+        return gemini.response(
+            id=r.id, model=r.model, text=r.text, finish_reason="stop", usage=r.usage
+        )
+
+    def stream_text(self, r: Reply, piece: str) -> bytes:
+        return r.framer.write(gemini.response(id=r.id, model=r.model, text=piece))
+
+    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+        return r.framer.write(
+            gemini.response(id=r.id, model=r.model, text="", finish_reason="stop", usage=r.usage)
+        )
+
+    def stream_error(self, r: Reply, kind: str) -> bytes:
+        return r.framer.write(self.error_body(kind, self.error_status(kind), r.model, None))
+
+    def malformed(self, r: Reply) -> bytes:
+        return r.framer.frame(b'{"candidates":[{"content":{"parts":[{"text":"br')
+
+    def stream_end(self, r: Reply) -> bytes:
+        return r.framer.end()
+
+
+OPENAI = OpenAI()
+ANTHROPIC = Anthropic()
+GEMINI = Gemini()
+
+
+def stream_type(fmt: Format, reply: Reply) -> bytes:
+    """The content type of a streamed answer."""
+    return fmt.stream_type if reply.sse else b"application/json"
+
+
+def check_payload(fmt: Format, payload: Any) -> str | None:
+    """What is wrong with a request body, or ``None``."""
+    if not isinstance(payload, dict):
+        return "the request body must be a JSON object"
+    if fmt is GEMINI:
+        contents = payload.get("contents")
+        if not isinstance(contents, list) or not contents:
+            return "contents: expected a non-empty list"
+        return None
+    if not isinstance(payload.get("model"), str):
+        return "model: expected a string"
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages: expected a non-empty list"
+    return None
+
+
+def _count_words(node: Any) -> int:
+    if isinstance(node, str):
+        return len(node.split())
+    if isinstance(node, list):
+        return sum(_count_words(item) for item in node)
+    if isinstance(node, dict):
+        return sum(_count_words(node[key]) for key in ("content", "text", "parts") if key in node)
+    return 0
+
+
+def prompt_words(fmt: Format, payload: dict[str, Any]) -> int:
+    """The words of a request's text (the mock's prompt token count)."""
+    if fmt is GEMINI:
+        return _count_words(payload.get("contents")) + _count_words(
+            payload.get("systemInstruction")
+        )
+    words = _count_words(payload.get("messages"))
+    if fmt is ANTHROPIC:
+        words += _count_words(payload.get("system"))
+    return words
+
+
+def ends_with_assistant(fmt: Format, payload: dict[str, Any]) -> bool:
+    """Whether the request ends with the assistant's turn (a prefill)."""
+    turns = payload.get("contents" if fmt is GEMINI else "messages")
+    last = turns[-1] if isinstance(turns, list) and turns else None
+    role = last.get("role") if isinstance(last, dict) else None
+    return role == ("model" if fmt is GEMINI else "assistant")
