@@ -75,7 +75,7 @@ def verdict(story: Story) -> str:
     if stop is not None:
         text += f"; stopped by {stop.rule}"
     if after:
-        text += "; " + " and ".join(after)
+        text += "; " + "; ".join(after)
     return text
 
 
@@ -194,9 +194,10 @@ def _cells(step: Step, span: float, bar: int) -> tuple[int, int]:
     """Where a step's bar starts and how long it is, in cells of a ``bar``-cell track."""
     if span <= 0:
         return 0, bar
-    start = min(bar - 1, int(step.offset / span * bar))
-    length = max(1, round(step.duration / span * bar))
-    return start, min(length, bar - start)
+    # Both ends rounded the same way: adjacent attempts meet, and the last one ends the track.
+    start = min(bar - 1, round(step.offset / span * bar))
+    end = round((step.offset + step.duration) / span * bar)
+    return start, min(max(1, end - start), bar - start)
 
 
 def _plural(count: int, noun: str) -> str:
