@@ -1,5 +1,5 @@
-"""The ``relayrace`` command: ``demo``, ``init``, ``serve``, ``check``, ``mock-provider``,
-``bench``."""
+"""The ``relayrace`` command: ``demo``, ``init``, ``serve``, ``check``, ``explain``,
+``mock-provider``, ``bench``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ _EXAMPLES = {
   relayrace check relayrace.toml
   relayrace check --no-env examples/relayrace.toml
   relayrace check --no-env - < relayrace.toml
+""",
+    "explain": """examples:
+  relayrace explain reply.json         a reply, an error body or a websocket done/error frame
+  relayrace explain - < stream.txt     from stdin: any of those, or an SSE stream's text
+  relayrace explain access.log --html story.html    access-log lines, one story each
 """,
 }
 _EXAMPLE_FORMAT = argparse.RawDescriptionHelpFormatter
@@ -123,6 +128,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="do not read environment variables (their names are still checked)",
     )
+    explain = commands.add_parser(
+        "explain",
+        help="tell a request's story: its attempts on a timeline, its decisions and their rules",
+        description=textwrap.fill(
+            "Read a chat-completion response, an HTTP error body, the 'relayrace' object alone,"
+            " a websocket done/error frame, an SSE stream's text or access-log lines, and show"
+            " each request's attempts on a timeline, each decision with the rule that made it"
+            " and a one-line verdict.",
+            width=78,
+        ),
+        epilog=_EXAMPLES["explain"],
+        formatter_class=_EXAMPLE_FORMAT,
+    )
+    explain.add_argument("input", nargs="?", default="-", help="the file ('-', the default: stdin)")
+    explain.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page")
+    explain.add_argument(
+        "--width", type=int, default=None, help="columns to draw in (default: the terminal's)"
+    )
     commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
 
@@ -152,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return _check(args.config, env=not args.no_env)
+    if args.command == "explain":
+        from ._explain import main as explain_main
+
+        return explain_main(args.input, html_out=args.html, width=args.width)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
