@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import relayrace
 from relayrace import (
     AllBenched,
+    Budgets,
     Category,
     Config,
     ConfigError,
@@ -32,7 +33,7 @@ GOOD = {
             "kind": "scripted",
             "priority": 1,
             "max_concurrency": 4,
-            "budgets": {"first_token": 2.5},
+            "budgets": {"first_token": 2.5, "queue": 4},
             "script": [{"do": "fail", "category": "rate_limit", "retry_after": 1}],
         },
         {"name": "b", "kind": "scripted", "terminus": True, "script": [{"do": "answer"}]},
@@ -41,8 +42,8 @@ GOOD = {
     "policies": {
         "retry": {"max_attempts": 3, "deny": {"statuses": [429]}},
         "failover": {"actions": {"timeout": "stop"}, "total_budget": 60},
-        "health": {"failure_threshold": 5, "when_all_benched": "terminus"},
-        "stream": {"mid_stream": "restart"},
+        "health": {"failure_threshold": 5, "when_all_benched": "terminus", "restart_cool_off": 90},
+        "stream": {"mid_stream": "restart", "keep_text": 4096},
         "hard_stop": {"keywords": ["Billing"]},
     },
 }
@@ -52,6 +53,7 @@ def test_a_good_config_reads_every_section() -> None:
     cfg = load_config(GOOD)
     a, b = cfg.providers
     assert (a.name, a.priority, a.max_concurrency, a.budgets.first_token) == ("a", 1, 4, 2.5)
+    assert a.budgets.queue == 4.0 and b.budgets.queue == Budgets().queue == 10.0
     assert isinstance(a.client, ScriptedClient)
     assert a.client.script == [Fail(category=Category.RATE_LIMIT, retry_after=1.0)]
     assert b.terminus and b.client.script == [Answer()]
@@ -63,6 +65,7 @@ def test_a_good_config_reads_every_section() -> None:
     assert p.health.failure_threshold == 5
     assert p.health.when_all_benched is AllBenched.TERMINUS
     assert p.stream.mid_stream is MidStream.RESTART
+    assert p.stream.keep_text == 4096 and p.health.restart_cool_off == 90.0
     assert p.hard_stop.keywords == ("billing",)
     assert cfg.seed == 7
 
@@ -103,6 +106,9 @@ def broken(path: list, value: object) -> dict:
         (["policies", "failover", "actions", "teapot"], "next", "policies.failover.actions.teapot"),
         (["policies", "health", "max_benched_share"], 2, "policies.health.max_benched_share"),
         (["policies", "stream", "mid_stream"], "resume", "policies.stream.mid_stream"),
+        (["policies", "stream", "keep_text"], -1, "policies.stream.keep_text: expected an integer ≥ 0"),
+        (["policies", "health", "restart_cool_off"], 0, "policies.health.restart_cool_off"),
+        (["providers", 0, "budgets", "queue"], 0, "providers[0].budgets.queue"),
         (["policies", "colour"], {}, "policies.colour: expected no such key here"),
         (["seed"], -1, "seed: expected an integer ≥ 0"),
     ],

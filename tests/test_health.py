@@ -421,6 +421,7 @@ def test_snapshot_and_to_dict() -> None:
         "probe_in_flight": False,
         "bench_count": 1,
         "exempt": False,
+        "gave_up_until": None,
     }
     assert health.snapshot(5.0, "openai", 0).benched_until is None
 

@@ -285,3 +285,48 @@ async def test_a_hanging_probe_is_cut_at_its_own_deadline_and_rebenches(autojump
         assert probe.failure.code == "probe_timeout"
         assert trio.current_time() - start == pytest.approx(3.0)  # not the 30 s first-token budget
         assert sup.health()["a"].benched_until == pytest.approx(start + 3.0 + 10.0)
+
+
+# --- a wait the provider sends is capped by cooldown_cap, for the bench and the caller ----------
+
+
+@pytest.mark.parametrize(
+    ("sent", "told"), [(99_999_999.0, 120.0), (120.0, 120.0), (7.5, 7.5), (math.nan, None), (0.0, None), (-3.0, None)]
+)
+async def test_the_wait_a_caller_is_told_is_the_providers_capped_by_cooldown_cap(
+    autojump_clock, sent, told
+):
+    policies = Policies(retry=NO_RETRY, health=HealthPolicy(cooldown_cap=120.0))
+    cfg = config(
+        scripted_provider("a", Fail(category=C.RATE_LIMIT, status=429, retry_after=sent)),
+        policies=policies,
+    )
+    async with open_sup(cfg) as sup:
+        start = trio.current_time()
+        with pytest.raises(RequestFailed) as info:
+            await sup.complete(request())
+        assert trio.current_time() == start  # nothing was waited for
+        assert info.value.failure.retry_after == told
+        assert info.value.attempts[0].failure.retry_after == told
+        benched = sup.health()["a"]
+        if told is None:
+            assert benched.state is State.OK
+        else:
+            assert benched.state is State.BENCHED and benched.benched_until == start + told
+
+
+async def test_all_benched_tells_the_caller_at_most_cooldown_cap(autojump_clock):
+    policies = Policies(
+        health=HealthPolicy(cooldown_cap=50.0, when_all_benched=AllBenched.FAIL)
+    )
+    cfg = config(scripted_provider("a"), policies=policies)
+    async with open_sup(cfg) as sup:
+        sup.bench("a", 3600.0)
+        with pytest.raises(RequestFailed) as info:
+            await sup.complete(request())
+        assert info.value.failure.code == "all_benched"
+        assert info.value.failure.retry_after == 50.0
+        await trio.sleep(3600.0 - 20.0)
+        with pytest.raises(RequestFailed) as info:
+            await sup.complete(request())
+        assert info.value.failure.retry_after == 20.0

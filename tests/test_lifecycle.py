@@ -10,6 +10,7 @@ from relayrace import (
     Budgets,
     Category,
     EventKind,
+    HealthPolicy,
     Policies,
     ProviderConfig,
     RequestFailed,
@@ -246,3 +247,101 @@ async def test_a_crash_interrupts_the_actors_other_attempts_and_they_fail_over(a
     assert codes == ["actor_crashed", "actor_crashed"]
     assert all(r.attempts[0].ended_at == 1.0 for r in replies)  # interrupted at the crash
     assert sorted(client(cfg, "a").outcomes) == ["cancelled", "crashed"]
+
+
+# --- a bounded wait for a slot ------------------------------------------------------------------
+
+
+async def test_a_job_waits_for_a_slot_at_most_the_queue_budget_then_fails_over(autojump_clock):
+    cfg = config(
+        scripted_provider(
+            "a", Hang(), max_concurrency=1, inbox_size=4, budgets=Budgets(queue=3.0)
+        ),
+        scripted_provider("b"),
+        policies=Policies(retry=RetryPolicy(max_attempts=1)),
+    )
+    async with open_supervisor(cfg) as sup, trio.open_nursery() as nursery:
+        nursery.start_soon(sup.complete, request())  # holds a's only slot
+        await trio.sleep(1.0)
+        start = trio.current_time()
+        reply = await sup.complete(request())
+        assert trio.current_time() - start == pytest.approx(3.0)
+        assert reply.provider == "b"
+        first = reply.attempts[0]
+        assert first.actor == "a" and first.failure is not None
+        assert (first.failure.category, first.failure.code) == (
+            Category.LOCAL_CAPACITY,
+            "queue_timeout",
+        )
+        health = sup.health()["a"]
+        assert health.consecutive_failures == 0 and health.state is State.OK
+        assert health.in_flight == 1  # the job that left the inbox took no slot
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_job_granted_a_slot_within_the_queue_budget_runs(autojump_clock):
+    cfg = config(
+        scripted_provider(
+            "a", Answer(first_delay=2.0), max_concurrency=1, budgets=Budgets(queue=3.0)
+        ),
+        scripted_provider("b"),
+    )
+    async with open_supervisor(cfg) as sup, trio.open_nursery() as nursery:
+        nursery.start_soon(sup.complete, request())
+        await trio.sleep(0.5)
+        start = trio.current_time()
+        reply = await sup.complete(request())  # waits 1.5 s for the slot, then 2 s to answer
+        assert trio.current_time() - start == pytest.approx(3.5)
+        assert reply.provider == "a" and len(reply.attempts) == 1
+
+
+# --- an actor that gave up is retried after a cool-off ------------------------------------------
+
+
+async def test_an_actor_that_gave_up_is_skipped_then_restarted_afresh_after_the_cool_off(
+    autojump_clock,
+):
+    cfg = config(
+        scripted_provider("a", *[Crash()] * (MAX_RESTARTS + 1), Answer(text="back")),
+        scripted_provider("b"),
+        policies=Policies(
+            retry=RetryPolicy(max_attempts=1), health=HealthPolicy(restart_cool_off=30.0)
+        ),
+    )
+    async with open_supervisor(cfg) as sup, sup.subscribe() as events:
+        for _ in range(MAX_RESTARTS + 1):
+            assert (await sup.complete(request())).provider == "b"
+            await trio.sleep(6.0)  # longer than any restart backoff (at most 5 s)
+        kinds = []
+        while True:
+            try:
+                event = events.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if event.kind in (EventKind.ACTOR_GAVE_UP, EventKind.ACTOR_RESTARTED):
+                kinds.append(event)
+        gave_up = kinds[-1]
+        assert [e.kind for e in kinds] == [EventKind.ACTOR_RESTARTED] * MAX_RESTARTS + [
+            EventKind.ACTOR_GAVE_UP
+        ]
+        assert gave_up.until == gave_up.time + 30.0
+        health = sup.health()["a"]
+        assert health.state is State.GAVE_UP and health.gave_up_until == gave_up.until
+        assert health.to_dict()["state"] == "gave_up"
+        assert health.to_dict()["gave_up_until"] == gave_up.until
+
+        await trio.sleep(gave_up.until - trio.current_time() - 0.001)
+        reply = await sup.complete(request())
+        assert reply.provider == "b"
+        assert str(reply.decisions[0].rule) == "default:health.state=gave_up"
+        assert len(client(cfg, "a").calls) == MAX_RESTARTS + 1  # skipped: not called
+
+        await trio.sleep(0.001)
+        restarted = await events.receive()
+        while restarted.actor != "a":  # the request's own events
+            restarted = await events.receive()
+        assert restarted.kind is EventKind.ACTOR_RESTARTED
+        assert restarted.time == pytest.approx(gave_up.until) and "cool-off" in (restarted.detail or "")
+        assert sup.health()["a"].state is State.OK and sup.health()["a"].gave_up_until is None
+        reply = await sup.complete(request())
+        assert reply.provider == "a" and reply.text == "back"

@@ -224,11 +224,6 @@ async def test_row3_emfile_at_connect_fails_over_without_penalty_and_the_actor_l
             assert reply.provider == "a"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 3: an actor that gave up still reports ok in sup.health() and is never "
-    "retried (supervisor/_supervisor.py _supervise returns for good)",
-)
 async def test_row3_an_actor_that_gave_up_is_visible_and_retried_after_a_cool_off(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -294,11 +289,6 @@ async def test_row4_a_gzip_bomb_stops_at_the_limit_and_fails_over() -> None:
         assert peak < MEMORY_BOUND
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 4: a stream's text is kept whole for the reply while it is passed on "
-    "(supervisor keeps every delta)",
-)
 async def test_row4_a_stream_of_1_mib_deltas_is_passed_on_not_kept() -> None:
     async with open_hostile_upstream(alarm=(BIG_DELTAS + 1) * 2 * MiB) as server:
         cfg = config(provider(server, "a", "big-deltas"), provider(server, "b", "ok"))
@@ -342,11 +332,6 @@ async def test_row5_a_providers_endless_wait_benches_for_at_most_cooldown_cap_an
             assert sup.health()["a"].state is not State.BENCHED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 5: the provider's Retry-After reaches the caller uncapped "
-    "(_failure.classify / parse_retry_after: retry_after=99999999 or ~2.5e11 s)",
-)
 @pytest.mark.parametrize("model", ["retry-after-huge", "retry-after-9999"])
 async def test_row5_the_callers_retry_after_is_capped(
     autojump_clock: trio.abc.Clock, model: str
@@ -363,11 +348,6 @@ async def test_row5_the_callers_retry_after_is_capped(
 # --- row 6: a slow consumer does not hold a provider from others --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 6: a job waits in a full actor's inbox for as long as the slots are held "
-    "(actors/_actor.py: no bound on the wait for a slot)",
-)
 async def test_row6_a_request_that_waits_too_long_for_a_slot_fails_over(
     autojump_clock: trio.abc.Clock,
 ) -> None:

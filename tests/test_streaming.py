@@ -128,3 +128,77 @@ async def test_complete_never_returns_part_of_an_answer(autojump_clock):
     async with open_supervisor(cfg) as sup:
         reply = await sup.complete(request())
     assert reply.text == SCRIPTED_ANSWER and reply.provider == "b"
+
+
+# --- bounded memory: the text passed on is kept only up to StreamPolicy.keep_text -------------
+
+
+def keeping(keep_text: int, mode: MidStream = MidStream.ERROR) -> Policies:
+    return Policies(
+        retry=RetryPolicy(max_attempts=1),
+        stream=StreamPolicy(mid_stream=mode, keep_text=keep_text),
+    )
+
+
+@pytest.mark.parametrize("keep_text", [len(SCRIPTED_ANSWER), 10 * len(SCRIPTED_ANSWER)])
+async def test_a_stream_within_keep_text_keeps_its_whole_text(autojump_clock, keep_text):
+    cfg = config(scripted_provider("a", Answer(chunks=9)), policies=keeping(keep_text))
+    async with open_supervisor(cfg) as sup:
+        deltas, reply = await collect(sup)
+    assert "".join(d.text for d in deltas) == SCRIPTED_ANSWER
+    assert reply.text == SCRIPTED_ANSWER and reply.text_kept
+
+
+@pytest.mark.parametrize("keep_text", [0, 1, len(SCRIPTED_ANSWER) - 1])
+async def test_a_stream_past_keep_text_passes_it_on_and_says_it_was_not_kept(
+    autojump_clock, keep_text
+):
+    cfg = config(scripted_provider("a", Answer(chunks=9)), policies=keeping(keep_text))
+    async with open_supervisor(cfg) as sup:
+        deltas, reply = await collect(sup)
+        whole = await sup.complete(request())  # complete() always returns the whole text
+    assert "".join(d.text for d in deltas) == SCRIPTED_ANSWER
+    assert reply.text == "" and not reply.text_kept  # never a truncated text
+    assert whole.text == SCRIPTED_ANSWER and whole.text_kept
+
+
+async def test_restart_past_keep_text_still_skips_exactly_what_the_caller_has(autojump_clock):
+    cfg = config(
+        scripted_provider("a", cut(4)),
+        scripted_provider("b", Answer(chunks=7)),
+        policies=keeping(0, MidStream.RESTART),
+    )
+    async with open_supervisor(cfg) as sup:
+        deltas, reply = await collect(sup)
+    assert "".join(d.text for d in deltas) == SCRIPTED_ANSWER
+    assert reply.provider == "b" and not reply.text_kept and reply.text == ""
+
+
+async def test_continue_past_keep_text_is_not_attempted_and_a_decision_says_so(autojump_clock):
+    cfg = config(
+        scripted_provider("a", cut(4)),
+        scripted_provider("yes", Answer(chunks=3), accepts_continuation=True),
+        policies=keeping(3, MidStream.CONTINUE),
+    )
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(RequestFailed) as info:
+            await collect(sup)
+    assert client(cfg, "yes").calls == []
+    failure = info.value.failure
+    assert failure.category is C.STREAM_ERROR and failure.provider == "a"
+    stop = info.value.decisions[-1]
+    assert str(stop.rule) == "config:stream.keep_text=3"
+    assert "cannot be continued" in stop.reason
+
+
+async def test_continue_within_keep_text_still_sends_the_prefill(autojump_clock):
+    cfg = config(
+        scripted_provider("a", cut(4)),
+        scripted_provider("yes", Answer(chunks=3), accepts_continuation=True),
+        policies=keeping(len(SCRIPTED_ANSWER), MidStream.CONTINUE),
+    )
+    async with open_supervisor(cfg) as sup:
+        deltas, reply = await collect(sup)
+    assert reply.text == SCRIPTED_ANSWER == "".join(d.text for d in deltas)
+    prefill = client(cfg, "yes").calls[0].prefill
+    assert prefill and SCRIPTED_ANSWER.startswith(prefill)

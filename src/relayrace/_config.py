@@ -37,12 +37,16 @@ class Budgets:
             to the response headers, which arrive once the answer is generated).
         idle: the longest gap between two deltas.
         attempt: the whole attempt.
+        queue: the longest a job waits in the actor's inbox for a free slot; past it the job
+            leaves the inbox and fails over as ``local_capacity`` (code ``queue_timeout``), no
+            penalty to the provider. Its wait counts against the request's budget as usual.
     """
 
     connect: float = attrs.field(default=5.0, validator=_positive("budgets"))
     first_token: float = attrs.field(default=30.0, validator=_positive("budgets"))
     idle: float = attrs.field(default=30.0, validator=_positive("budgets"))
     attempt: float = attrs.field(default=300.0, validator=_positive("budgets"))
+    queue: float = attrs.field(default=10.0, validator=_positive("budgets"))
 
 
 @attrs.frozen(kw_only=True)

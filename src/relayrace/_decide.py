@@ -45,6 +45,8 @@ class Situation:
         actors_tried: distinct actors tried in this request (this one included).
         remaining: seconds left in the request's budget.
         released: the caller already holds part of the answer (a stream past its first delta).
+        text_kept: the supervisor still holds the text released (it did not grow past
+            ``StreamPolicy.keep_text``): without it a ``continue`` has no prefill.
         continuation: the failed attempt was asked to continue a partial answer.
         retry_allowed: the supervisor-wide retry budget has room for one more retry.
     """
@@ -54,6 +56,7 @@ class Situation:
     actors_tried: int
     remaining: float
     released: bool = False
+    text_kept: bool = True
     continuation: bool = False
     retry_allowed: bool = True
 
@@ -115,6 +118,17 @@ def decide(
         rule = Rule(policies.stream.source("mid_stream"), "stream", "mid_stream", mode.value)
         if mode is MidStream.ERROR:
             return stop("the stream broke after the caller received part of the answer", rule)
+        if mode is MidStream.CONTINUE and not s.text_kept:
+            return stop(
+                "the stream broke after more than keep_text characters: its text was not kept,"
+                " so it cannot be continued",
+                Rule(
+                    policies.stream.source("keep_text"),
+                    "stream",
+                    "keep_text",
+                    str(policies.stream.keep_text),
+                ),
+            )
     else:
         retry = _retry(failure, s, policies.retry, rng)
         if isinstance(retry, Decision):
@@ -335,7 +349,8 @@ def when_all_benched(
             ),
             try_terminus=True,
         )
-    wait = None if math.isinf(next_change) else max(0.0, next_change - now)
+    # A manual bench or a long one may end later than this: the caller is told at most the cap.
+    wait = None if math.isinf(next_change) else min(policy.cooldown_cap, max(0.0, next_change - now))
     return AllBenchedChoice(
         decision=Decision(
             scope=Scope.REQUEST, action=Action.STOP, reason="every provider is benched", rule=rule
@@ -348,6 +363,20 @@ def when_all_benched(
             retry_after=wait,
         ),
     )
+
+
+def capped_wait(failure: Failure, policy: HealthPolicy) -> Failure:
+    """``failure`` with the wait the provider sent (``retry_after``) capped by
+    ``policy.cooldown_cap``; a wait that is not a positive number (NaN, 0, negative) is dropped.
+
+    Applied where a provider's failure enters its actor, so that what the bench, the retry
+    decision and the caller (``RequestFailed.failure.retry_after``, the HTTP ``retry-after``)
+    are told is never the provider's ``Retry-After: 99999999``.
+    """
+    wait = failure.retry_after
+    if wait is None or (wait > 0 and wait <= policy.cooldown_cap):
+        return failure
+    return attrs.evolve(failure, retry_after=min(wait, policy.cooldown_cap) if wait > 0 else None)
 
 
 def may_bench(policy: HealthPolicy, *, benched_others: int, actors: int) -> bool:

@@ -77,6 +77,7 @@ class Subscribers:
         actor: str | None = None,
         failure: Failure | None = None,
         decision: Decision | None = None,
+        until: float | None = None,
         detail: str | None = None,
     ) -> None:
         """Publish an event of ``kind`` stamped with the current time, if anyone listens."""
@@ -89,6 +90,7 @@ class Subscribers:
                     actor=actor,
                     failure=failure,
                     decision=decision,
+                    until=until,
                     detail=detail,
                 )
             )

@@ -355,6 +355,7 @@ def _budgets(table: Table) -> Budgets:
         first_token=table.number("first_token", d.first_token, positive=True),
         idle=table.number("idle", d.idle, positive=True),
         attempt=table.number("attempt", d.attempt, positive=True),
+        queue=table.number("queue", d.queue, positive=True),
     )
     table.done()
     return budgets
@@ -437,6 +438,7 @@ def _policies(table: Table) -> Policies:
         long_bench=h.number("long_bench", dh.long_bench, positive=True),
         overload_bench=h.number("overload_bench", dh.overload_bench, positive=True),
         probe_timeout=h.number("probe_timeout", dh.probe_timeout, positive=True),
+        restart_cool_off=h.number("restart_cool_off", dh.restart_cool_off, positive=True),
         max_benched_share=h.number(
             "max_benched_share", dh.max_benched_share, positive=True, maximum=1.0
         ),
@@ -459,7 +461,8 @@ def _policies(table: Table) -> Policies:
     stream = StreamPolicy(
         mid_stream=MidStream(
             s.choice("mid_stream", [m.value for m in MidStream], MidStream.ERROR.value)
-        )
+        ),
+        keep_text=s.integer("keep_text", StreamPolicy().keep_text, minimum=0),
     )
     s.done()
 

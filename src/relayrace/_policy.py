@@ -177,6 +177,9 @@ class HealthPolicy(Configurable):
         overload_bench: seconds for an ``overloaded`` failure without Retry-After.
         probe_timeout: the budget of the single probe after a bench; a probe that takes longer
             fails and re-benches.
+        restart_cool_off: seconds after which an actor that gave up (it crashed more often than
+            the supervisor's restart intensity allows) is restarted afresh, its restart count
+            reset; until then routing skips it and ``sup.health()`` says ``gave_up``.
         max_benched_share: at most this share of all actors is benched at once (1.0 = no limit).
         when_all_benched: try them anyway, try only the terminus, or fail at once.
     """
@@ -190,6 +193,7 @@ class HealthPolicy(Configurable):
     long_bench: float = 600.0
     overload_bench: float = 2.0
     probe_timeout: float = 10.0
+    restart_cool_off: float = 60.0
     max_benched_share: float = 1.0
     when_all_benched: AllBenched = AllBenched.TRY_ANYWAY
 
@@ -225,9 +229,24 @@ class MidStream(enum.Enum):
     CONTINUE = "continue"
 
 
+#: ``StreamPolicy.keep_text``'s default: 1 MiB of characters.
+KEEP_TEXT = 1 << 20
+
+
 @attrs.frozen(kw_only=True)
 class StreamPolicy(Configurable):
+    """Streams.
+
+    Attributes:
+        mid_stream: what to do when a stream fails after the caller received part of it.
+        keep_text: the most characters of a stream's text the supervisor keeps once it has
+            passed them on: for ``Reply.text`` and for the prefill of a ``continue``. Past it
+            the text is dropped (``Reply.text_kept`` is ``False``, ``Reply.text`` empty) and a
+            broken stream is not continued (a decision says so). ``0``: never keep it.
+    """
+
     mid_stream: MidStream = MidStream.ERROR
+    keep_text: int = KEEP_TEXT
 
 
 @attrs.frozen(kw_only=True)

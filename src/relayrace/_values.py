@@ -282,7 +282,7 @@ class Reply:
     """A complete answer.
 
     Attributes:
-        text: the whole answer.
+        text: the whole answer; empty when ``text_kept`` is ``False``.
         provider: the name of the actor that served it.
         model: the upstream model that actually answered.
         usage: token counts, when the provider gave them.
@@ -291,6 +291,9 @@ class Reply:
         was_terminus: the answer came from the terminus actor.
         finish_reason: the provider's finish reason (``stop``, ``length``…).
         request_id: the supervisor's id for this request.
+        text_kept: ``False`` for a stream whose text grew past ``StreamPolicy.keep_text``: it
+            was passed on as deltas and not kept, and ``text`` is empty (never a truncated
+            text). Always ``True`` for ``complete()``.
     """
 
     text: str
@@ -302,3 +305,4 @@ class Reply:
     was_terminus: bool = False
     finish_reason: str | None = None
     request_id: int = 0
+    text_kept: bool = True

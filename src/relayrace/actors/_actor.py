@@ -27,6 +27,7 @@ import trio
 
 from .._client import ClientCall, Completion, ProviderClient
 from .._config import Budgets
+from .._decide import capped_wait
 from .._errors import ProviderError
 from .._events import Event, EventKind
 from .._failure import Category, Failure
@@ -229,6 +230,9 @@ class ProviderActor:
         self.alive = True
         #: crashed and waiting to be restarted: routing skips it, and it refuses jobs meanwhile.
         self.restarting = False
+        #: when an actor that gave up is restarted afresh (``None``: it has not given up).
+        self.gave_up_until: float | None = None
+        self._health_policy = policies.health
         self._demote: Match = policies.demote
         self._probe_timeout = policies.health.probe_timeout
         self._publish = publish
@@ -251,8 +255,12 @@ class ProviderActor:
         and re-raises.
         """
         if not self.alive or self.restarting:
-            code = "actor_restarting" if self.alive else "actor_gone"
-            what = "is restarting after a crash" if self.alive else "is not running"
+            if self.alive:
+                code, what = "actor_restarting", "is restarting after a crash"
+            elif self.gave_up_until is not None:
+                code, what = "actor_gave_up", "gave up after repeated crashes"
+            else:
+                code, what = "actor_gone", "is not running"
             job.finish(
                 Outcome.FAILED,
                 failure=_refusal(self.name, Category.LOCAL_CAPACITY, code, f"{self.name} {what}"),
@@ -283,7 +291,10 @@ class ProviderActor:
         return self.alive and not self.restarting and self.health.available(now)
 
     def snapshot(self, now: float) -> HealthSnapshot:
-        return self.health.snapshot(now, self.name, self.in_flight)
+        snapshot = self.health.snapshot(now, self.name, self.in_flight)
+        if self.gave_up_until is not None:
+            return attrs.evolve(snapshot, state=State.GAVE_UP, gave_up_until=self.gave_up_until)
+        return snapshot
 
     def bench(self, seconds: float | None) -> None:
         """Bench by hand; automatic logic never shortens it."""
@@ -298,12 +309,23 @@ class ProviderActor:
         self._wake_timer.set()
         self._emit(EventKind.ACTOR_RECOVERED, detail="manual")
 
-    def close(self, reason: str = "actor_gave_up") -> None:
+    def close(self, reason: str = "supervisor_closed") -> None:
         """Refuse new jobs for good, fail the ones waiting in the inbox and stop the ones
         running (they fail over, unless the supervisor is shutting down)."""
         self.alive = False
         self.fail_queued(reason)
         self.interrupt_running(reason)
+
+    def give_up(self, until: float) -> None:
+        """Refuse jobs until ``reopen`` (the supervisor's cool-off ends at ``until``), as
+        ``close`` does; ``snapshot`` says ``gave_up`` meanwhile."""
+        self.gave_up_until = until
+        self.close("actor_gave_up")
+
+    def reopen(self) -> None:
+        """Take jobs again after a cool-off (the supervisor restarts the actor's task)."""
+        self.gave_up_until = None
+        self.alive = True
 
     def fail_queued(self, reason: str) -> None:
         """Fail the jobs waiting in the inbox (they fail over): the actor crashed or gave up."""
@@ -346,11 +368,26 @@ class ProviderActor:
     # --- slots --------------------------------------------------------------------------------
 
     async def _wait_for_slot(self, job: Job) -> bool:
-        """Wait in the inbox until a slot is handed over (True) or the job is ended (False)."""
+        """Wait in the inbox until a slot is handed over (True) or the job is ended (False):
+        by the actor, or by the queue budget, past which it fails over (``queue_timeout``)."""
         job._wake = trio.Event()
         self._inbox.append(job)
         try:
-            await job._wake.wait()
+            with trio.move_on_after(self.budgets.queue):
+                await job._wake.wait()
+            if not job._wake.is_set():
+                self._inbox.remove(job)
+                job.finish(
+                    Outcome.FAILED,
+                    failure=_refusal(
+                        self.name,
+                        Category.LOCAL_CAPACITY,
+                        "queue_timeout",
+                        f"no slot of {self.name} came free within "
+                        f"{self.budgets.queue:g}s (queue budget)",
+                    ),
+                )
+                return False
         except BaseException:
             if job._granted:
                 self._release()
@@ -438,10 +475,11 @@ class ProviderActor:
                         scope.cancel()
                     completion = await self._call(job.call, _Sink(job, scope, budgets.idle, end))
                 except ProviderError as exc:
-                    failure = (
+                    failure = capped_wait(
                         exc.failure
                         if exc.failure.provider == self.name
-                        else exc.failure.with_provider(self.name)
+                        else exc.failure.with_provider(self.name),
+                        self._health_policy,
                     )
                 except Exception as exc:  # a bug in the client, not a provider failure
                     self._crashed_by(exc)

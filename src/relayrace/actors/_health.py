@@ -37,6 +37,10 @@ class State(enum.Enum):
     OK = "ok"
     BENCHED = "benched"
     PROBING = "probing"
+    #: the actor crashed more often than the restart intensity allows: routing skips it until
+    #: the supervisor restarts it afresh at ``HealthSnapshot.gave_up_until``. Set by the actor,
+    #: never by ``Health``.
+    GAVE_UP = "gave_up"
 
 
 @attrs.frozen(kw_only=True)
@@ -54,6 +58,8 @@ class HealthSnapshot:
         probe_in_flight: the half-open probe is running.
         bench_count: automatic benches in a row since the last success (the cooldown exponent).
         exempt: the actor is never benched.
+        gave_up_until: when an actor that gave up (state ``gave_up``) is restarted afresh;
+            ``None`` otherwise.
     """
 
     name: str
@@ -65,6 +71,7 @@ class HealthSnapshot:
     probe_in_flight: bool
     bench_count: int
     exempt: bool
+    gave_up_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict.
@@ -84,6 +91,7 @@ class HealthSnapshot:
             "probe_in_flight": self.probe_in_flight,
             "bench_count": self.bench_count,
             "exempt": self.exempt,
+            "gave_up_until": self.gave_up_until,
         }
 
 

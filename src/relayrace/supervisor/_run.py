@@ -5,6 +5,12 @@ requesting task: ``complete``'s caller, or a stream's task) and carries out what
 decides after each failure. It records its own attempts and decisions, and writes the
 supervisor-wide counters, the requests in flight and the retry budget in the supervisor's
 ``Ledger``, never the supervisor itself.
+
+Memory: a non-streamed request collects its answer (``parts``) for the reply. A stream counts
+the characters it passed on (``released``: what a ``restart`` skips) and keeps their text
+(``parts``) only up to ``StreamPolicy.keep_text``, for the reply and a ``continue``'s prefill;
+past it the text is dropped (``parts`` is ``None``), the reply says so (``text_kept``) and a
+broken stream is not continued.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class Run:
         "attempts",
         "decisions",
         "parts",
+        "released",
+        "keep",
         "seq",
         "deadline",
     )
@@ -86,7 +94,11 @@ class Run:
         self.request_id = ledger.next_id()
         self.attempts: list[Attempt] = []
         self.decisions: list[Decision] = []
-        self.parts: list[str] = []  # what the caller holds (streams) or will get (complete)
+        #: the text the caller will get (complete) or holds (streams, up to ``keep``); ``None``:
+        #: a stream's text grew past ``keep`` and was dropped.
+        self.parts: list[str] | None = []
+        self.released = 0  # characters a stream passed on
+        self.keep = ledger.policies.stream.keep_text
         self.seq = 0
 
     async def execute(self) -> Reply:
@@ -138,8 +150,7 @@ class Run:
         )
 
     def _failed(self, failure: Failure) -> RequestFailed:
-        released = sum(map(len, self.parts)) if self.streaming else 0
-        if released and failure.category is not Category.STREAM_ERROR:
+        if self.released and failure.category is not Category.STREAM_ERROR:
             failure = Failure(
                 category=Category.STREAM_ERROR,
                 code="interrupted",
@@ -174,7 +185,7 @@ class Run:
         tried = 0
         max_providers = policies.failover.max_providers
         for actor in plan.actors:
-            released = sum(map(len, self.parts)) if self.streaming else 0
+            released = self.released
             # (Guarded: a call less per actor on the hot path, where nothing was released.)
             continuation = bool(released) and continues_partial(released, policies.stream)
             if continuation:
@@ -202,7 +213,7 @@ class Run:
                     return supervisor_closed()
                 failure = outcome
                 last_failure = failure
-                if self.streaming and self.parts and midstream_failure is None:
+                if self.released and midstream_failure is None:
                     # The first failure after the caller got part of the answer is the one that
                     # broke its stream; later ones (a refused continuation...) must not hide it.
                     midstream_failure = failure
@@ -212,7 +223,8 @@ class Run:
                     tries_on_actor=tries,
                     actors_tried=tried,
                     remaining=self.deadline - now,
-                    released=bool(sum(map(len, self.parts))) if self.streaming else False,
+                    released=bool(self.released),
+                    text_kept=self.parts is not None,
                     continuation=continuation,
                     retry_allowed=True,
                 )
@@ -255,8 +267,9 @@ class Run:
         forced: bool = False,
     ) -> Reply | Failure:
         """Run one attempt on ``actor`` and record it."""
-        parts_before = len(self.parts)
-        prefill = "".join(self.parts) if continuation else None
+        parts = self.parts
+        parts_before = 0 if parts is None else len(parts)
+        prefill = "".join(parts) if continuation and parts is not None else None
         emit, emit_nowait = self._emitter(actor.name, skip=0 if continuation else released)
         call = ClientCall(
             request=self.request,
@@ -289,8 +302,9 @@ class Run:
         if outcome is Outcome.OK:
             completion = job.completion
             assert completion is not None
+            parts = self.parts
             return Reply(
-                text="".join(self.parts),
+                text="" if parts is None else "".join(parts),
                 provider=actor.name,
                 model=completion.model,
                 usage=completion.usage,
@@ -299,9 +313,10 @@ class Run:
                 was_terminus=actor.terminus,
                 finish_reason=completion.finish_reason,
                 request_id=self.request_id,
+                text_kept=parts is not None,
             )
-        if not self.streaming:
-            del self.parts[parts_before:]  # nothing reached the caller: forget the partial answer
+        if not self.streaming and parts is not None:
+            del parts[parts_before:]  # nothing reached the caller: forget the partial answer
         # No failure: the attempt was cancelled by the actor's own shutdown.
         failure = job.failure or Failure(
             category=Category.CANCELLED,
@@ -319,6 +334,7 @@ class Run:
         non-waiting one that does nothing (returns False) when the caller is not ready."""
         parts = self.parts
         if not self.streaming:
+            assert parts is not None
 
             def collect_nowait(text: str) -> bool:
                 parts.append(text)
@@ -330,19 +346,38 @@ class Run:
             return collect, collect_nowait
         send, send_nowait = self.emit, self.emit_nowait
         assert send is not None and send_nowait is not None
+        keep = self.keep
+
+        def passed_on(text: str) -> None:
+            # Count what the caller now holds; keep its text only up to ``keep``.
+            self.seq += 1
+            self.released = released = self.released + len(text)
+            kept = self.parts
+            if kept is not None:
+                if released <= keep:
+                    kept.append(text)
+                else:
+                    self.parts = None
+
         if not skip:
 
             def forward_all_nowait(text: str) -> bool:
                 if not send_nowait(Delta(self.seq, text, actor)):
                     return False
+                # ``passed_on``, inlined: this is the streaming hot path.
                 self.seq += 1
-                parts.append(text)
+                self.released = released = self.released + len(text)
+                kept = self.parts
+                if kept is not None:
+                    if released <= keep:
+                        kept.append(text)
+                    else:
+                        self.parts = None
                 return True
 
             async def forward_all(text: str) -> None:
                 await send(Delta(self.seq, text, actor))
-                self.seq += 1
-                parts.append(text)
+                passed_on(text)
 
             return forward_all, forward_all_nowait
         to_skip = [skip]
@@ -361,8 +396,7 @@ class Run:
             if out:
                 if not send_nowait(Delta(self.seq, out, actor)):
                     return False
-                self.seq += 1
-                parts.append(out)
+                passed_on(out)
             to_skip[0] = left
             return True
 
@@ -370,8 +404,7 @@ class Run:
             out, to_skip[0] = trim(text)
             if out:
                 await send(Delta(self.seq, out, actor))
-                self.seq += 1
-                parts.append(out)
+                passed_on(out)
 
         return forward, forward_nowait
 

@@ -29,7 +29,8 @@ from ._stream import RequestStream
 log = logging.getLogger("relayrace")
 
 #: Restart intensity: at most this many restarts of one actor within ``RESTART_WINDOW`` seconds,
-#: after which the actor gives up and its provider is routed around.
+#: after which the actor gives up and its provider is routed around until the health policy's
+#: ``restart_cool_off`` has passed; it is then restarted afresh (its restart count reset).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 RESTART_BACKOFF_BASE = 0.1
@@ -178,8 +179,8 @@ class Supervisor:
     async def _supervise(
         self, actor: ProviderActor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run one actor; restart it with backoff when it crashes, give up past the intensity
-        limit."""
+        """Run one actor; restart it with backoff when it crashes; past the intensity limit,
+        give up for ``restart_cool_off`` seconds, then restart it afresh."""
         restarts: list[float] = []
         started = False
         while True:
@@ -195,11 +196,24 @@ class Supervisor:
                 restarts = [t for t in restarts if t > now - RESTART_WINDOW] + [now]
                 log.error("actor %s crashed: %r", actor.name, _root_cause(exc))
                 if len(restarts) > MAX_RESTARTS:
-                    actor.close()
+                    cool_off = self._policies.health.restart_cool_off
+                    actor.give_up(now + cool_off)
                     self._events.publish(
-                        EventKind.ACTOR_GAVE_UP, actor=actor.name, detail=repr(_root_cause(exc))
+                        EventKind.ACTOR_GAVE_UP,
+                        actor=actor.name,
+                        until=now + cool_off,
+                        detail=repr(_root_cause(exc)),
                     )
-                    return
+                    await trio.sleep(cool_off)
+                    restarts = []
+                    actor.reopen()
+                    self._ledger.restarts += 1
+                    self._events.publish(
+                        EventKind.ACTOR_RESTARTED,
+                        actor=actor.name,
+                        detail=f"after a cool-off of {cool_off:g}s",
+                    )
+                    continue
                 actor.restarting = True
                 actor.fail_queued("actor_restarting")
                 self._ledger.restarts += 1
