@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from ._client import ProviderClient
 from ._errors import ConfigError, raise_config_errors
 from ._policy import Policies
 
@@ -69,7 +70,7 @@ class ProviderConfig:
     """
 
     name: str
-    client: Any
+    client: ProviderClient
     model: str | None = None
     priority: int = 0
     weight: float = 1.0
@@ -150,6 +151,8 @@ def provider_problems(index: int, provider: Any) -> list[ConfigError]:
     if not isinstance(provider, ProviderConfig):
         return [ConfigError(at, "a ProviderConfig", provider)]
     problems = []
+    # Checked by shape, not with isinstance: a client written for tests may leave out
+    # ``accepts_continuation`` (False) and ``aclose`` (nothing to release).
     if not callable(getattr(provider.client, "call", None)):
         problems.append(
             ConfigError(f"{at}.client", "a provider client with a call() method", provider.client)

@@ -171,9 +171,19 @@ def _server_lines() -> list[str]:
     ]
 
 
+class _ProviderDefaults:
+    """The defaults of ``ProviderConfig``'s fields, read from its definition."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(attrs.fields(ProviderConfig), name).default
+
+
+_PROVIDER_DEFAULTS = _ProviderDefaults()
+
+
 def _provider_lines(name: str, kind: str, priority: int) -> list[str]:
     spec = STARTER_KINDS[kind]
-    d = ProviderConfig(name=name, client=None)
+    d = _PROVIDER_DEFAULTS
     lines = [
         *textwrap.wrap(spec.note, width=96, initial_indent="# ", subsequent_indent="# "),
         "[[providers]]",
