@@ -168,7 +168,9 @@ def make_http_client(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
     return _ProviderHTTPClient(
-        headers={"user-agent": USER_AGENT, **headers},
+        # identity: a compressed body could inflate past any limit inside httpx, before we
+        # could count it (``_body`` inflates a body compressed anyway, within the limit).
+        headers={"user-agent": USER_AGENT, "accept-encoding": "identity", **headers},
         timeout=timeout,
         limits=limits,
         transport=transport,
