@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypedDict
 
@@ -50,7 +51,7 @@ from ._body import (
     read_whole,
 )
 from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
-from ._transport import make_http_client
+from ._transport import make_http_client, tls_context
 
 # After a stream's terminator ([DONE], message_stop) the body normally ends at once; reading that
 # end lets the connection go back to the pool. A server that stalls after its terminator must not
@@ -92,7 +93,9 @@ class HTTPProviderClient:
     """The base of the HTTP provider clients: connection pool, error boundary, attempt loop.
 
     The ``httpx.AsyncClient`` is opened on the first call and closed by ``aclose``; a later call
-    opens a new one, so that one config can serve several supervisors in turn.
+    opens a new one, so that one config can serve several supervisors in turn. Its TLS context
+    is made on the first open and kept (for an ``https://`` base URL only it loads the CA
+    bundle, ~30-100 ms of synchronous work).
 
     ``accepts_continuation`` is a declaration for the supervisor, which sends a prefill only to
     a provider that declares (or is configured) to accept one; the client sends what it is
@@ -184,6 +187,7 @@ class HTTPProviderClient:
         self._connect_timeout = connect_timeout
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
+        self._tls: ssl.SSLContext | None = None  # made on the first open, kept for later ones
 
     def __repr__(self) -> str:
         # Never the key: only where the client points.
@@ -191,7 +195,10 @@ class HTTPProviderClient:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None or self._http.is_closed:
+            if self._tls is None:
+                self._tls = tls_context(self.base_url)
             self._http = make_http_client(
+                tls=self._tls,
                 headers=self._headers,
                 max_connections=self._max_connections,
                 connect_timeout=self._connect_timeout,
