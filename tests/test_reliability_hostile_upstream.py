@@ -142,11 +142,6 @@ async def test_row2_a_callers_lone_surrogate_is_a_bad_request_and_never_reaches_
 # --- row 1 (the upstream half): text from a provider is checked where it enters -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 1: a provider's delta, error message or model holding a lone surrogate is "
-    "passed on as it is (actors/_http.py readers and _failure.classify do not check text)",
-)
 @pytest.mark.parametrize("model", ["surrogate-delta", "surrogate-error", "surrogate-model"])
 async def test_row1_a_providers_lone_surrogate_never_reaches_the_caller(model: str) -> None:
     async with open_hostile_upstream() as server:
@@ -191,11 +186,6 @@ class FlakyFds(httpx.AsyncBaseTransport):
         await self._real.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 3: OSError(EMFILE) at connect is not mapped by map_provider_errors "
-    "(actors/_http.py): the actor crashes, restarts, and gives up for good",
-)
 async def test_row3_emfile_at_connect_fails_over_without_penalty_and_the_actor_lives(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -258,10 +248,6 @@ async def test_row3_an_actor_that_gave_up_is_visible_and_retried_after_a_cool_of
 # --- row 4: a hostile upstream cannot take the memory --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 4: a whole body is read with no cap (actors/_http.py: response.aread())",
-)
 async def test_row4_a_2_gib_body_stops_at_the_limit_and_fails_over() -> None:
     async with open_hostile_upstream() as server:
         cfg = config(provider(server, "a", "huge-body"), provider(server, "b", "ok"))
@@ -273,11 +259,6 @@ async def test_row4_a_2_gib_body_stops_at_the_limit_and_fails_over() -> None:
         assert peak < MEMORY_BOUND
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 4: httpx inflates a gzip body without a size or ratio cap "
-    "(actors/_http.py: accept-encoding and response.aread())",
-)
 async def test_row4_a_gzip_bomb_stops_at_the_limit_and_fails_over() -> None:
     async with open_hostile_upstream() as server:
         cfg = config(provider(server, "a", "gzip-bomb"), provider(server, "b", "ok"))
@@ -386,11 +367,6 @@ def assert_no_secret(*texts: object) -> None:
         assert KEY not in str(text) and KEY_B64 not in str(text), text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 7: strings from a provider (model, answer text) are not redacted "
-    "(actors/_http.py Reader.answered_by and the deltas)",
-)
 async def test_row7_a_key_the_provider_echoes_never_reaches_the_caller() -> None:
     async with open_hostile_upstream() as server:
         cfg = config(provider(server, "a", "echo-key"))
@@ -407,11 +383,6 @@ async def test_row7_a_key_the_provider_echoes_never_reaches_the_caller() -> None
     assert_no_secret(reply.text, reply.model, reply, *[e.to_dict() for e in seen])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 7: httpx/httpcore log at DEBUG (response headers that echo the key) "
-    "unless relayrace keeps their loggers at WARNING",
-)
 async def test_row7_logs_at_debug_hold_no_key_and_no_httpx_chatter(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -429,11 +400,6 @@ async def test_row7_logs_at_debug_hold_no_key_and_no_httpx_chatter(
 # --- row 8: an SSE line that never ends ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="#11 row 8: an SSE line grows without bound and the decoder copies its buffer on "
-    "every chunk (actors/_http.py SSEDecoder.feed)",
-)
 async def test_row8_an_sse_line_that_never_ends_stops_at_the_limit_and_fails_over() -> None:
     # The alarm is low because today's decoder is quadratic: 8 MiB cost ~1 s of CPU, 32 MiB 12 s.
     async with open_hostile_upstream(alarm=8 * MiB) as server:

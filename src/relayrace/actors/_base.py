@@ -18,8 +18,10 @@ scopes.
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+import ssl
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypedDict
 
 import httpx
@@ -28,10 +30,28 @@ import trio
 from .._client import ClientCall, Completion, Sink
 from .._errors import ConfigError, ProviderError
 from .._failure import Category
+from .._redact import SecretFilter, redact, secret_forms
 from .._table import Table
-from ..providers import MalformedStream, Reader, ServerSentEvent, SSEDecoder
+from ..providers import (
+    MAX_EVENT_BYTES,
+    MAX_SSE_LINE_BYTES,
+    MalformedStream,
+    Reader,
+    ServerSentEvent,
+    SSEDecoder,
+    check_text,
+)
+from ._body import (
+    MAX_BODY_BYTES,
+    abandon,
+    chunks_of,
+    inflater_for,
+    pieces_of,
+    read_at_most,
+    read_whole,
+)
 from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
-from ._transport import make_http_client
+from ._transport import make_http_client, tls_context
 
 # After a stream's terminator ([DONE], message_stop) the body normally ends at once; reading that
 # end lets the connection go back to the pool. A server that stalls after its terminator must not
@@ -64,13 +84,18 @@ class ClientOptions(TypedDict, total=False):
     max_connections: int
     connect_timeout: float
     transport: httpx.AsyncBaseTransport | None
+    max_body_bytes: int
+    max_sse_line_bytes: int
+    max_event_bytes: int
 
 
 class HTTPProviderClient:
     """The base of the HTTP provider clients: connection pool, error boundary, attempt loop.
 
     The ``httpx.AsyncClient`` is opened on the first call and closed by ``aclose``; a later call
-    opens a new one, so that one config can serve several supervisors in turn.
+    opens a new one, so that one config can serve several supervisors in turn. Its TLS context
+    is made on the first open and kept (for an ``https://`` base URL only it loads the CA
+    bundle, ~30-100 ms of synchronous work).
 
     ``accepts_continuation`` is a declaration for the supervisor, which sends a prefill only to
     a provider that declares (or is configured) to accept one; the client sends what it is
@@ -87,6 +112,13 @@ class HTTPProviderClient:
         max_connections: the connection pool's size (the actor's ``max_concurrency``).
         connect_timeout: seconds to open a connection (the actor's ``budgets.connect``).
         transport: an ``httpx`` transport to use instead of the network (tests).
+        max_body_bytes: the largest whole (non-streamed) body accepted, inflated (default
+            16 MiB); past it the attempt fails ``stream_error`` / ``response_too_large``.
+        max_sse_line_bytes: the longest line of a stream accepted (default 4 MiB); past it
+            ``sse_line_too_long``.
+        max_event_bytes: the largest event of a stream accepted (default 4 MiB); past it
+            ``event_too_large``. Each limit closes the connection, and the request fails over
+            like on any stream error.
 
     Raises:
         ValueError: an argument is out of range.
@@ -111,6 +143,9 @@ class HTTPProviderClient:
         max_connections: int = 64,
         connect_timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_sse_line_bytes: int = MAX_SSE_LINE_BYTES,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ):
         if base_url is None:
             base_url = self.default_base_url
@@ -122,6 +157,16 @@ class HTTPProviderClient:
             raise ValueError("max_connections: expected a positive integer")
         if not connect_timeout > 0 or math.isinf(connect_timeout):
             raise ValueError("connect_timeout: expected a positive number of seconds")
+        for name, size in (
+            ("max_body_bytes", max_body_bytes),
+            ("max_sse_line_bytes", max_sse_line_bytes),
+            ("max_event_bytes", max_event_bytes),
+        ):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name}: expected a positive number of bytes")
+        self.max_body_bytes = max_body_bytes
+        self.max_sse_line_bytes = max_sse_line_bytes
+        self.max_event_bytes = max_event_bytes
         self.base_url = base_url.rstrip("/")
         self.accepts_continuation = (
             self.default_accepts_continuation
@@ -135,11 +180,14 @@ class HTTPProviderClient:
             **(headers or {}),
             **self.auth_headers(api_key),
         }
-        self._secrets = _secrets_of(api_key, self._headers)
+        # The secrets, and the forms a provider may echo them in (base64, URL-encoded).
+        self._secrets = secret_forms(_secrets_of(api_key, self._headers))
+        _quiet_http_loggers()
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
+        self._tls: ssl.SSLContext | None = None  # made on the first open, kept for later ones
 
     def __repr__(self) -> str:
         # Never the key: only where the client points.
@@ -147,7 +195,10 @@ class HTTPProviderClient:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None or self._http.is_closed:
+            if self._tls is None:
+                self._tls = tls_context(self.base_url)
             self._http = make_http_client(
+                tls=self._tls,
                 headers=self._headers,
                 max_connections=self._max_connections,
                 connect_timeout=self._connect_timeout,
@@ -197,8 +248,9 @@ class HTTPProviderClient:
         try:
             content = json.dumps(
                 self.payload(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            )
+            ).encode()
         except (TypeError, ValueError, RecursionError) as exc:
+            # UnicodeEncodeError is a ValueError: the caller's text, never the provider's fault.
             what = describe("the request cannot be sent as JSON", exc)
             raise ProviderError(
                 attempt_failure(
@@ -211,6 +263,8 @@ class HTTPProviderClient:
                 )
             ) from None
         state = AttemptState(stream=call.stream)
+        # The answer text is masked as it streams (the key echoed, whole or encoded).
+        mask = SecretFilter(self._secrets) if self._secrets else None
         with map_provider_errors(
             state, label=self.label, provider=call.actor, secrets=self._secrets
         ):
@@ -222,7 +276,7 @@ class HTTPProviderClient:
             request = http.build_request(
                 "POST",
                 url,
-                content=content.encode(),
+                content=content,
                 headers={
                     "content-type": "application/json",
                     "accept": "text/event-stream" if call.stream else "application/json",
@@ -232,33 +286,45 @@ class HTTPProviderClient:
             try:
                 state.response_started = True
                 if not 200 <= response.status_code < 300:
-                    content_bytes = await _read_at_most(response, _MAX_ERROR_BODY)
+                    content_bytes = await read_at_most(response, _MAX_ERROR_BODY)
                     raise UpstreamStatus(response.status_code, content_bytes, response.headers)
                 media_type = response.headers.get("content-type", "").split(";")[0].strip()
                 if call.stream and media_type != "application/json":
-                    await self._read_stream(response, reader, state, sink)
+                    await self._read_stream(response, reader, state, sink, mask)
                 else:
                     # A whole body, asked for or not: some servers ignore `stream`, and some
                     # answer a streamed request with a JSON error and a 200.
                     sink.progress()
-                    body = json.loads(await response.aread())
-                    text = reader.whole(body)
+                    body = json.loads(await read_whole(response, self.max_body_bytes))
+                    text = check_text(reader.whole(body), "an answer")
                     state.finished = True
+                    if text and mask is not None:
+                        text = mask.feed(text)
                     if text:
                         await sink.delta(text)
             finally:
                 await response.aclose()
-        return Completion(
-            model=reader.model, usage=reader.usage, finish_reason=reader.finish_reason
-        )
+        # The answer is whole (also when the connection failed after its finish reason).
+        if mask is not None and (rest := mask.flush()):
+            await sink.delta(rest)
+        model = redact(reader.model, self._secrets)
+        return Completion(model=model, usage=reader.usage, finish_reason=reader.finish_reason)
 
     async def _read_stream(
-        self, response: httpx.Response, reader: Reader, state: AttemptState, sink: Sink
+        self,
+        response: httpx.Response,
+        reader: Reader,
+        state: AttemptState,
+        sink: Sink,
+        mask: SecretFilter | None,
     ) -> None:
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(
+            max_line_bytes=self.max_sse_line_bytes, max_event_bytes=self.max_event_bytes
+        )
+        inflater = inflater_for(response)
         tail_deadline = math.inf
         ended = False
-        chunks = response.aiter_bytes()
+        chunks = chunks_of(response, inflater)
         try:
             while not reader.terminated:
                 chunk: bytes | None = None
@@ -271,13 +337,17 @@ class HTTPProviderClient:
                         return  # the finish reason came, the rest did not: the answer is whole
                 if chunk is None:
                     ended = True
-                    events = decoder.close()
+                    for event in decoder.close():
+                        await self._event(event, reader, state, sink, mask)
                 else:
-                    events = decoder.feed(chunk)
-                for event in events:
-                    await self._event(event, reader, state, sink)
-                    if reader.terminated:
-                        break
+                    # Piece by piece: an inflated chunk is never held whole.
+                    for piece in pieces_of(chunk, inflater):
+                        for event in decoder.feed(piece):
+                            await self._event(event, reader, state, sink, mask)
+                            if reader.terminated:
+                                break
+                        if reader.terminated:
+                            break
                 if ended:
                     break
                 if reader.finished and tail_deadline == math.inf:
@@ -289,47 +359,38 @@ class HTTPProviderClient:
                     async for _ in chunks:
                         pass
         finally:
-            await _abandon(chunks)
+            await abandon(chunks)
         if not (reader.finished or reader.terminated):
             raise MalformedStream("stream_cut", "the stream ended before its finish reason")
 
     @staticmethod
     async def _event(
-        event: ServerSentEvent, reader: Reader, state: AttemptState, sink: Sink
+        event: ServerSentEvent,
+        reader: Reader,
+        state: AttemptState,
+        sink: Sink,
+        mask: SecretFilter | None,
     ) -> None:
         text = reader.event(event)
         state.finished = reader.finished or reader.terminated
         if text:
+            # Encoding a delta costs ~40 ns, less than looking for a surrogate's escape in the
+            # event; the model is checked by the reader when it changes.
+            check_text(text, "a delta")
+            if mask is not None:
+                text = mask.feed(text)
+                if not text:
+                    return
             await sink.delta(text)
 
 
-async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    chunks = response.aiter_bytes()
-    try:
-        async for chunk in chunks:
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-    finally:
-        await _abandon(chunks)
-    return b"".join(parts)[:limit]
-
-
-async def _abandon(chunks: AsyncIterator[bytes]) -> None:
-    """Unwind an httpx body iterator that will not be read to its end.
-
-    httpx's body iterators are async generators nested several deep: closing the outer one
-    leaves the inner ones to the garbage collector, and trio warns about each. A read that is
-    cancelled at once unwinds the whole chain instead (an exhausted one is left as it is). The
-    connection is then closed rather than pooled.
-    """
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        async for _ in chunks:
-            pass
+def _quiet_http_loggers() -> None:
+    # httpx and httpcore log requests and response headers at DEBUG and INFO (a provider may
+    # echo the key in a header): unless the user chose a level for them, keep them at WARNING.
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def _secrets_of(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, ...]:
@@ -355,7 +416,9 @@ def options_from_table(
 
     Reads ``base_url`` (defaults to the provider's public API), ``api_key_env`` (the NAME of
     the environment variable that holds the key), ``headers`` and ``query`` (tables of strings)
-    and ``extra_body`` (a table merged into every request body, under what the request sets).
+    and ``extra_body`` (a table merged into every request body, under what the request sets),
+    and the limits on what the provider may send: ``max_body_bytes``, ``max_sse_line_bytes``,
+    ``max_event_bytes`` (see ``HTTPProviderClient``).
     The pool size and connect timeout come from the provider's ``max_concurrency`` and
     ``budgets.connect``, read by the config before the client's own keys.
 
@@ -376,6 +439,9 @@ def options_from_table(
         extra_body=extra_body,
         max_connections=max_connections,
         connect_timeout=connect_timeout,
+        max_body_bytes=table.integer("max_body_bytes", MAX_BODY_BYTES, minimum=1),
+        max_sse_line_bytes=table.integer("max_sse_line_bytes", MAX_SSE_LINE_BYTES, minimum=1),
+        max_event_bytes=table.integer("max_event_bytes", MAX_EVENT_BYTES, minimum=1),
     )
 
 

@@ -9,6 +9,7 @@ classified ``Failure``, chained to the original exception.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,7 +56,12 @@ def map_provider_errors(
     ``UpstreamErrorBody``             ``classify`` of the body (an error in a 200)
     ``MalformedStream``               ``stream_error`` with its code (``stream_cut``…)
     ``httpx.TimeoutException``        ``timeout`` (``connect_timeout``…)
-    ``httpx.ConnectError``            ``network`` / ``connect_error``
+    ``httpx.ConnectError``            ``network`` / ``connect_error``; from an ``OSError``
+                                      of exhaustion: ``local_capacity`` /
+                                      ``local_resources``
+    ``OSError`` (EMFILE, ENFILE,      ``local_capacity`` / ``local_resources`` (no penalty
+    ENOMEM, ENOBUFS)                  to the provider); other ``OSError``: ``network`` /
+                                      ``os_error``
     ``httpx.NetworkError``,           before the response: ``network``; mid-stream:
     ``httpx.RemoteProtocolError``     ``stream_error`` / ``stream_cut``
     ``httpx.DecodingError``, JSON,    ``stream_error`` (``malformed_json``…)
@@ -87,14 +93,16 @@ def map_provider_errors(
             now=time.time(),
             secrets=secrets,
         )
-        raise ProviderError(_labelled(failure, label, secrets)) from exc
+        raise ProviderError(_checked(failure, label, provider, secrets)) from exc
     except UpstreamErrorBody as exc:
         failure = classify(
             status=None, body=exc.body, provider=provider or None, now=time.time(), secrets=secrets
         )
-        raise ProviderError(_labelled(failure, label, secrets)) from exc
+        raise ProviderError(_checked(failure, label, provider, secrets)) from exc
     except MalformedStream as exc:
-        failure = attempt_failure(Category.STREAM_ERROR, exc.code, exc.message, label, provider, secrets)
+        failure = attempt_failure(
+            Category.STREAM_ERROR, exc.code, exc.message, label, provider, secrets
+        )
         raise ProviderError(failure) from exc
     except httpx.TimeoutException as exc:
         code = {
@@ -108,7 +116,14 @@ def map_provider_errors(
         raise ProviderError(failure) from exc
     except (httpx.ConnectError, httpx.ProxyError) as exc:
         what = describe("cannot connect", exc)
-        failure = attempt_failure(Category.NETWORK, "connect_error", what, label, provider, secrets)
+        if _exhausted(exc):
+            failure = attempt_failure(
+                Category.LOCAL_CAPACITY, "local_resources", what, label, provider, secrets
+            )
+        else:
+            failure = attempt_failure(
+                Category.NETWORK, "connect_error", what, label, provider, secrets
+            )
         raise ProviderError(failure) from exc
     except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
         if state.finished:
@@ -123,15 +138,33 @@ def map_provider_errors(
         else:
             category, code = Category.NETWORK, "incomplete_body"
             what = describe("connection lost while reading the response", exc)
-        raise ProviderError(attempt_failure(category, code, what, label, provider, secrets)) from exc
+        raise ProviderError(
+            attempt_failure(category, code, what, label, provider, secrets)
+        ) from exc
     except httpx.DecodingError as exc:
         what = describe("cannot decode the body", exc)
-        failure = attempt_failure(Category.STREAM_ERROR, "decoding_error", what, label, provider, secrets)
+        failure = attempt_failure(
+            Category.STREAM_ERROR, "decoding_error", what, label, provider, secrets
+        )
         raise ProviderError(failure) from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         what = describe("HTTP error", exc)
-        failure = attempt_failure(Category.UNKNOWN, type(exc).__name__, what, label, provider, secrets)
+        failure = attempt_failure(
+            Category.UNKNOWN, type(exc).__name__, what, label, provider, secrets
+        )
         raise ProviderError(failure) from exc
+    except OSError as exc:
+        # Raised bare by a transport, or while building the client (loading the CA bundle):
+        # our own exhaustion (no fault of the provider's), or the network.
+        if _exhausted(exc):
+            what = describe("out of local resources", exc)
+            category, code = Category.LOCAL_CAPACITY, "local_resources"
+        else:
+            what = describe("OS error", exc)
+            category, code = Category.NETWORK, "os_error"
+        raise ProviderError(
+            attempt_failure(category, code, what, label, provider, secrets)
+        ) from exc
     except (ValueError, RecursionError) as exc:
         # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError is JSON
         # nested beyond reason. The request is encoded before this block is entered.
@@ -139,6 +172,23 @@ def map_provider_errors(
         what = describe("malformed response", exc)
         failure = attempt_failure(Category.STREAM_ERROR, code, what, label, provider, secrets)
         raise ProviderError(failure) from exc
+
+
+#: ``OSError`` numbers that say this process (or machine) is out of a resource.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def _exhausted(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is an ``OSError`` of exhaustion
+    (httpcore raises ``ConnectError`` from the ``OSError`` of a socket it could not open)."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OSError) and current.errno in _EXHAUSTED:
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
 
 
 def _parse_error_body(content: bytes) -> Any:
@@ -165,12 +215,30 @@ def attempt_failure(
 ) -> Failure:
     """A failure of our own making (not classified from a provider's body), its message
     labelled with the client family and the secrets masked."""
+    # Our message may quote the provider (an exception's text): never a lone surrogate on.
+    message = message.encode("utf-8", "replace").decode("utf-8")
     return Failure(
         category=category,
         code=code,
         message=redact(f"{label}: {message}", secrets),
         provider=provider or None,
     )
+
+
+def _checked(failure: Failure, label: str, provider: str, secrets: Sequence[str]) -> Failure:
+    """A classified error, unless its text (the provider's message or code) cannot be encoded:
+    then the provider's response is malformed (``stream_error`` / ``malformed_text``), and its
+    text is not passed on."""
+    try:
+        (failure.message or "").encode("utf-8")
+        (failure.code or "").encode("utf-8")
+    except UnicodeEncodeError:
+        what = "an error whose message or code is not valid Unicode (a lone surrogate)"
+        bad = attempt_failure(
+            Category.STREAM_ERROR, "malformed_text", what, label, provider, secrets
+        )
+        return attrs.evolve(bad, status=failure.status)
+    return _labelled(failure, label, secrets)
 
 
 def _labelled(failure: Failure, label: str, secrets: Sequence[str]) -> Failure:

@@ -7,6 +7,7 @@ trio cancel scopes.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -25,13 +26,30 @@ _MIN_WRITE_TIMEOUT = 10.0
 POOL_SHARD = 8
 
 
-def sharded_transport(connections: int, shard: int = POOL_SHARD) -> ShardedTransport:
+def tls_context(base_url: str) -> ssl.SSLContext:
+    """The TLS context of a provider client that talks to ``base_url``, to build once.
+
+    For ``https://``, httpx's default (loading the CA bundle: ~100 ms of synchronous work, so
+    never per attempt). For ``http://``, TLS is never used towards the provider: a context that
+    verifies but trusts no CA costs nothing to make, and fails closed if a proxy from the
+    environment is reached over TLS.
+    """
+    if base_url.startswith("https://"):
+        return httpx.create_ssl_context()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def sharded_transport(
+    connections: int, shard: int = POOL_SHARD, *, tls: ssl.SSLContext | None = None
+) -> ShardedTransport:
     """``connections`` spread over pools of at most ``shard`` connections, sharing one TLS
-    context (building one per pool would load the CA bundle each time)."""
+    context (``tls``, or httpx's default; building one per pool would load the CA bundle each
+    time)."""
     count = -(-connections // shard)
     per = -(-connections // count)
     limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
-    tls = httpx.create_ssl_context()
+    if tls is None:
+        tls = httpx.create_ssl_context()
     return ShardedTransport(
         [httpx.AsyncHTTPTransport(limits=limits, verify=tls) for _ in range(count)], per
     )
@@ -147,6 +165,7 @@ def make_http_client(
     headers: Mapping[str, str],
     max_connections: int,
     connect_timeout: float,
+    tls: ssl.SSLContext,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The ``httpx.AsyncClient`` of one provider client.
@@ -154,10 +173,11 @@ def make_http_client(
     Only connecting and writing have httpx timeouts; reading and waiting for a pooled connection
     are bounded by the actor's cancel scopes (time to first token, idle, attempt). The pool
     holds as many connections as the actor runs attempts, and keeps them all alive between
-    attempts; above ``POOL_SHARD`` connections they are spread over several pools.
+    attempts; above ``POOL_SHARD`` connections they are spread over several pools. Every pool
+    uses ``tls`` (``tls_context``), made once by the provider client.
     """
     if transport is None and max_connections > POOL_SHARD:
-        transport = sharded_transport(max_connections)
+        transport = sharded_transport(max_connections, tls=tls)
     timeout = httpx.Timeout(
         connect=connect_timeout,
         read=None,
@@ -168,9 +188,12 @@ def make_http_client(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
     return _ProviderHTTPClient(
-        headers={"user-agent": USER_AGENT, **headers},
+        # identity: a compressed body could inflate past any limit inside httpx, before we
+        # could count it (``_body`` inflates a body compressed anyway, within the limit).
+        headers={"user-agent": USER_AGENT, "accept-encoding": "identity", **headers},
         timeout=timeout,
         limits=limits,
         transport=transport,
         follow_redirects=False,
+        verify=tls,
     )

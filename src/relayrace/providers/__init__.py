@@ -14,6 +14,7 @@ from ._anthropic import AnthropicReader as AnthropicReader
 from ._classify import classify as classify
 from ._errors import MalformedStream as MalformedStream
 from ._errors import UpstreamErrorBody as UpstreamErrorBody
+from ._errors import check_text as check_text
 from ._format import ERROR_KINDS as ERROR_KINDS
 from ._format import WireFormat as WireFormat
 from ._gemini import GeminiReader as GeminiReader
@@ -25,6 +26,8 @@ from ._json import text_of as text_of
 from ._openai import OpenAIReader as OpenAIReader
 from ._reader import Reader as Reader
 from ._registry import FORMATS as FORMATS
+from ._sse import MAX_EVENT_BYTES as MAX_EVENT_BYTES
+from ._sse import MAX_SSE_LINE_BYTES as MAX_SSE_LINE_BYTES
 from ._sse import ServerSentEvent as ServerSentEvent
 from ._sse import SSEDecoder as SSEDecoder
 from ._sse import encode_event as encode_event
@@ -32,6 +35,8 @@ from ._sse import encode_event as encode_event
 __all__ = [
     "ERROR_KINDS",
     "FORMATS",
+    "MAX_EVENT_BYTES",
+    "MAX_SSE_LINE_BYTES",
     "AnthropicReader",
     "GeminiReader",
     "MalformedStream",
@@ -43,6 +48,7 @@ __all__ = [
     "WireFormat",
     "anthropic",
     "as_int",
+    "check_text",
     "classify",
     "dumps",
     "encode_event",

@@ -27,3 +27,19 @@ class MalformedStream(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def check_text(text: str, what: str) -> str:
+    """``text``, if it can leave the process (be encoded as UTF-8): a lone surrogate, which a
+    JSON ``\\ud800`` escape decodes to, cannot, and would fail whoever writes it next.
+
+    Raises:
+        MalformedStream: ``malformed_text``, naming ``what`` (never quoting the text).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedStream(
+            "malformed_text", f"{what} that is not valid Unicode (a lone surrogate)"
+        ) from None
+    return text

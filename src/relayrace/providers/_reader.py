@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._values import Usage
+from ._errors import check_text
 from ._sse import ServerSentEvent
 
 
@@ -39,6 +40,11 @@ class Reader:
         raise NotImplementedError
 
     def answered_by(self, model: Any) -> None:
-        """Record the model the provider says answered (ignored unless a non-empty string)."""
-        if isinstance(model, str) and model:
-            self.model = model
+        """Record the model the provider says answered (ignored unless a non-empty string).
+
+        Raises:
+            MalformedStream: ``malformed_text``, a name that cannot be encoded (checked when it
+                changes, before any text of the event is passed on).
+        """
+        if isinstance(model, str) and model and model != self.model:
+            self.model = check_text(model, "a model name")
