@@ -39,12 +39,18 @@ class Mirror:
     def bench(self, deployment: Deployment, now: float) -> BenchRecord | None:
         """The bench that keeps ``deployment`` out of use at ``now``: its own or its provider's
         (whichever lasts longer), or ``None``."""
-        found = None
-        for field in {deployment.field, deployment.provider_wide.field}:
-            record = self.benches.get(field)
-            if record is not None and record.active(now):
-                found = record if found is None else merge_bench(found, record, now)
-        return found
+        benches = self.benches
+        if not benches:
+            return None
+        own = benches.get(deployment.field)
+        if own is not None and not own.active(now):
+            own = None
+        if deployment.model is None:
+            return own
+        wide = benches.get(deployment.provider_field)
+        if wide is None or not wide.active(now):
+            return own
+        return wide if own is None else merge_bench(own, wide, now)
 
     def probe(self, deployment: Deployment, now: float) -> ProbeLease | None:
         """Who is probing ``deployment`` at ``now`` (the others wait for its verdict)."""

@@ -8,6 +8,7 @@ I/O; the Lua scripts in ``_scripts`` apply the same rules inside Redis.
 from __future__ import annotations
 
 import enum
+import functools
 
 import attrs
 
@@ -22,10 +23,16 @@ class Deployment:
     provider: str
     model: str | None = None
 
-    @property
+    # Routing reads the mirror by these on every pick: computed once.
+    @functools.cached_property
     def field(self) -> str:
         """The deployment's name inside the shared state (a hash field, part of a key)."""
         return f"{self.provider}{SEPARATOR}{self.model or ''}"
+
+    @functools.cached_property
+    def provider_field(self) -> str:
+        """The field of the provider-wide record that covers this deployment."""
+        return f"{self.provider}{SEPARATOR}"
 
     @classmethod
     def from_field(cls, field: str) -> Deployment:

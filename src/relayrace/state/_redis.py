@@ -27,6 +27,15 @@ from coredis.retry import NoRetryPolicy
 from .._policy import RetryBudgetPolicy
 from . import _scripts as scripts
 from ._backend import DEFAULT_RETRY_BUDGET, EventHook, LocalState, WallClock
+from ._codec import (
+    bench_from_json,
+    exception_name,
+    limits_from_json,
+    limits_to_json,
+    pairs,
+    pin_from_json,
+    shorter,
+)
 from ._config import StateConfig
 from ._mirror import Mirror, RetryWindow
 from ._model import (
@@ -78,6 +87,8 @@ class RedisState:
         self._unsent_requests = 0
         self._unsent_retries = 0
         self._tick_queued = False
+        self._usage: dict[tuple[str, int], list[int]] = {}
+        self._usage_queued = False
         self._dropped = 0
         self._reconnects = 0
         self._republished = 0
@@ -183,16 +194,16 @@ class RedisState:
     ) -> bool:
         if not self._local.admit(deployment, tokens=tokens, rpm=rpm, tpm=tpm):
             return False
-        self._queue(self._write_usage, deployment.field, 1, tokens)
+        self._count_usage(deployment.field, 1, tokens)
         return True
 
     def reconcile(self, deployment: Deployment, *, estimated: int, actual: int) -> None:
         self._local.reconcile(deployment, estimated=estimated, actual=actual)
-        self._queue(self._write_usage, deployment.field, 0, actual - estimated)
+        self._count_usage(deployment.field, 0, actual - estimated)
 
     def learn_limits(self, deployment: Deployment, limits: LearnedLimits) -> None:
         self._local.learn_limits(deployment, limits)
-        value = json.dumps(_limits_to_json(limits))
+        value = json.dumps(limits_to_json(limits))
         self._queue(self._run, "limits", [self._keys.limits], [deployment.field, value])
 
     def pin(self, key: str, deployment: Deployment, *, ttl: float) -> None:
@@ -215,7 +226,7 @@ class RedisState:
         """Wait until Redis has been reached and read once (for start-up checks and tests)."""
         await self._connected.wait()
 
-    def _queue(self, write: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def _queue(self, write: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         async def call(client: Client) -> Any:
             return await write(client, *args)
 
@@ -224,11 +235,21 @@ class RedisState:
         except trio.WouldBlock:
             # The mirror has the change; the next full read re-publishes benches and pins.
             self._dropped += 1
+            return False
+        return True
 
     def _queue_tick(self) -> None:
         if not self._tick_queued and self._client is not None:
-            self._tick_queued = True
-            self._queue(self._write_retry_tick)
+            self._tick_queued = self._queue(self._write_retry_tick)
+
+    def _count_usage(self, field: str, requests: int, tokens: int) -> None:
+        # Counted per request, sent per writer turn: one script per deployment and minute
+        # however many requests were admitted meanwhile.
+        pending = self._usage.setdefault((field, minute_of(self.now())), [0, 0])
+        pending[0] += requests
+        pending[1] += tokens
+        if not self._usage_queued:
+            self._usage_queued = self._queue(self._write_usage)
 
     # -- the writes, run by the writer task ----------------------------------------------------
 
@@ -242,12 +263,13 @@ class RedisState:
         args = [field, value, repr(self.now()), self._keys.channel]
         return await self._scripts["bench"](keys=[self._keys.bench], args=args, client=client)
 
-    async def _write_usage(self, client: Client, field: str, requests: int, tokens: int) -> Any:
-        minute = minute_of(self.now())
-        args = [field, str(requests), str(tokens), self._keys.channel, str(minute), "120000"]
-        return await self._scripts["usage"](
-            keys=list(self._keys.usage(minute)), args=args, client=client
-        )
+    async def _write_usage(self, client: Client) -> None:
+        self._usage_queued = False
+        pending, self._usage = self._usage, {}
+        for (field, minute), (requests, tokens) in pending.items():
+            args = [field, str(requests), str(tokens), self._keys.channel, str(minute), "120000"]
+            keys = list(self._keys.usage(minute))
+            await self._scripts["usage"](keys=keys, args=args, client=client)
 
     async def _write_pin(self, client: Client, key: str, pin: Pin) -> Any:
         value = json.dumps({"f": pin.deployment.field, "until": pin.until})
@@ -290,7 +312,7 @@ class RedisState:
             except* Exception as group:
                 # Every Redis trouble, whatever its shape (coredis's own cleanup may add a
                 # ClosedResourceError to a cancellation, which passes on as it should).
-                reason = _reason(group)
+                reason = exception_name(group)
             self._lost(reason)
             await trio.sleep(backoff * (0.5 + _jitter()))
             backoff = min(backoff * 2, self._config.backoff_max)
@@ -378,25 +400,25 @@ class RedisState:
         names = [keys.bench, keys.fails, keys.limits, keys.pins, *keys.usage(minute_of(now))]
         with trio.fail_after(self._config.operation_timeout):
             result = await self._scripts["snapshot"](keys=names, args=[repr(now)], client=client)
-        benches, fails, limits, pins, rpm, tpm = (_pairs(part) for part in result)
+        benches, fails, limits, pins, rpm, tpm = (pairs(part) for part in result)
         mirror = self.mirror
         mirror.prune(now)
         # Writes still queued will reach Redis anyway: re-publish only when none are.
         republish = self._send.statistics().current_buffer_used == 0
         for field, value in benches.items():
-            mirror.merge_bench(field, _bench_from_json(json.loads(value)), now)
+            mirror.merge_bench(field, bench_from_json(json.loads(value)), now)
         for field, record in list(mirror.benches.items()):
             stored = benches.get(field)
             if republish and (
-                stored is None or _shorter(_bench_from_json(json.loads(stored)), record)
+                stored is None or shorter(bench_from_json(json.loads(stored)), record)
             ):
                 self._queue(self._write_bench, field, record)
                 self._republished += 1
         mirror.failures = {field: int(n) for field, n in fails.items()}
         for field, value in limits.items():
-            mirror.limits[field] = _limits_from_json(json.loads(value))
+            mirror.limits[field] = limits_from_json(json.loads(value))
         for key, value in pins.items():
-            pin = _pin_from_json(json.loads(value))
+            pin = pin_from_json(json.loads(value))
             old = mirror.pins.get(key)
             if old is None or old.until <= pin.until:
                 mirror.pins[key] = pin
@@ -421,7 +443,7 @@ class RedisState:
         mirror = self.mirror
         now = self.now()
         if kind == "bench":
-            mirror.merge_bench(field, _bench_from_json(value), now)
+            mirror.merge_bench(field, bench_from_json(value), now)
         elif kind == "unbench":
             mirror.lift_bench(field, manual=True)
         elif kind == "fails":
@@ -440,9 +462,9 @@ class RedisState:
                 tokens=int(value["tokens"]),
             )
         elif kind == "limits":
-            mirror.limits[field] = _limits_from_json(value)
+            mirror.limits[field] = limits_from_json(value)
         elif kind == "pin":
-            mirror.pins[field] = _pin_from_json(value)
+            mirror.pins[field] = pin_from_json(value)
 
 
 @asynccontextmanager
@@ -466,56 +488,5 @@ async def open_redis_state(
             nursery.cancel_scope.cancel()
 
 
-def _reason(exc: BaseException) -> str:
-    """What went wrong, by class name only (a message may carry the URL and its password)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return ", ".join(sorted({_reason(e) for e in exc.exceptions}))
-    if isinstance(exc, trio.TooSlowError):
-        return "timeout"
-    return type(exc).__name__
-
-
 def _jitter() -> float:
     return random.random()
-
-
-def _shorter(stored: BenchRecord, local: BenchRecord) -> bool:
-    """Whether Redis holds less of a bench than this process (its deadlines are kept to the
-    millisecond, so only a real difference counts)."""
-    return (local.manual and not stored.manual) or stored.until < local.until - 0.001
-
-
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _bench_from_json(value: dict[str, Any]) -> BenchRecord:
-    return BenchRecord(
-        until=float(value["until"]), reason=str(value["reason"]), manual=bool(value["manual"])
-    )
-
-
-def _pin_from_json(value: dict[str, Any]) -> Pin:
-    return Pin(deployment=Deployment.from_field(value["f"]), until=float(value["until"]))
-
-
-def _limits_to_json(limits: LearnedLimits) -> dict[str, Any]:
-    return {
-        "remaining_requests": limits.remaining_requests,
-        "remaining_tokens": limits.remaining_tokens,
-        "reset_at": limits.reset_at,
-        "observed_at": limits.observed_at,
-    }
-
-
-def _limits_from_json(value: dict[str, Any]) -> LearnedLimits:
-    def number(key: str) -> float | None:
-        v = value.get(key)
-        return float(v) if isinstance(v, (int, float)) else None
-
-    return LearnedLimits(
-        remaining_requests=number("remaining_requests"),
-        remaining_tokens=number("remaining_tokens"),
-        reset_at=number("reset_at"),
-        observed_at=float(value.get("observed_at") or 0.0),
-    )
