@@ -32,6 +32,7 @@ class RedisServer:
         self.directory = directory
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.socket = os.path.join(directory, "redis.sock")
 
     @property
     def url(self) -> str:
@@ -51,6 +52,8 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.directory,
+                "--unixsocket",
+                self.socket,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

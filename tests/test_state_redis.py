@@ -108,6 +108,22 @@ async def test_coredis_runs_under_trio(redis_server: RedisServer) -> None:
         assert trio.lowlevel.current_task() is not None
 
 
+async def test_a_unix_socket_url_works_and_foreign_messages_are_ignored(
+    redis_server: RedisServer,
+) -> None:
+    config = StateConfig(backend="redis", url=f"unix://{redis_server.socket}", prefix="t")
+    async with open_state(config) as a, instance(redis_server) as b:
+        assert isinstance(a, RedisState)
+        with trio.fail_after(5):
+            await a.wait_connected()
+        await trio.to_thread.run_sync(redis_server.command, "PUBLISH", "t:events", "not json")
+        await trio.to_thread.run_sync(redis_server.command, "PUBLISH", "t:events", '{"k": "bench"}')
+        await eventually(lambda: a.statistics().ignored == 2)
+        b.bench(GPT, until=time.time() + 60, reason="5xx")
+        await eventually(lambda: a.mirror.bench(GPT, time.time()) is not None)
+        assert a.statistics().connected and not a.statistics().degraded
+
+
 async def test_racing_benches_merge_to_the_latest_deadline_everywhere(
     redis_server: RedisServer,
 ) -> None:

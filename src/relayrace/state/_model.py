@@ -138,7 +138,9 @@ class StateEvent:
 
 @attrs.frozen(kw_only=True)
 class StateStatistics:
-    """A snapshot of a backend's health (see ``statistics()``)."""
+    """A snapshot of a backend's health (see ``statistics()``): writes waiting, dropped (queue
+    full), reconnections, records re-published after Redis lost them, messages ignored on the
+    channel (not relayrace's)."""
 
     backend: str
     connected: bool
@@ -147,6 +149,7 @@ class StateStatistics:
     dropped: int = 0
     reconnects: int = 0
     republished: int = 0
+    ignored: int = 0
 
 
 def minute_of(now: float) -> int:

@@ -90,6 +90,7 @@ class RedisState:
         self._usage: dict[tuple[str, int], list[int]] = {}
         self._usage_queued = False
         self._dropped = 0
+        self._ignored = 0
         self._reconnects = 0
         self._republished = 0
 
@@ -220,6 +221,7 @@ class RedisState:
             dropped=self._dropped,
             reconnects=self._reconnects,
             republished=self._republished,
+            ignored=self._ignored,
         )
 
     async def wait_connected(self) -> None:
@@ -434,8 +436,13 @@ class RedisState:
 
     async def _reader(self, pubsub: Any) -> None:
         async for message in pubsub:
-            if message["type"] == "message":
+            if message["type"] != "message":
+                continue
+            try:
                 self._apply(json.loads(message["data"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # Not ours (anyone may publish on the channel): ignored, never a reconnection.
+                self._ignored += 1
 
     def _apply(self, message: dict[str, Any]) -> None:
         kind, field = message["k"], message["f"]
