@@ -1,0 +1,499 @@
+"""``RedisState``: the state shared through Redis/Valkey, with coredis (which runs on trio
+through anyio).
+
+Routing never waits on Redis: every call answers from the ``LocalState`` inside (its mirror)
+at once, and the change is queued for a background writer. A reader applies what other
+instances publish; a syncer reads everything every ``sync_interval`` (the backstop) and
+re-publishes local benches and pins that Redis lacks (after a restart or a ``FLUSHALL``).
+When Redis is away the backend says ``state_degraded``, answers from local state alone,
+reconnects with backoff, and says ``state_restored`` once a full read has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import trio
+from coredis.retry import NoRetryPolicy
+
+from .._policy import RetryBudgetPolicy
+from . import _scripts as scripts
+from ._backend import DEFAULT_RETRY_BUDGET, EventHook, LocalState, WallClock
+from ._codec import (
+    bench_from_json,
+    exception_name,
+    limits_from_json,
+    limits_to_json,
+    pairs,
+    pin_from_json,
+    shorter,
+)
+from ._config import StateConfig
+from ._mirror import Mirror, RetryWindow
+from ._model import (
+    BenchRecord,
+    Deployment,
+    LearnedLimits,
+    Pin,
+    ProbeLease,
+    StateEvent,
+    StateEventKind,
+    StateStatistics,
+    Usage,
+    minute_of,
+)
+
+Client = coredis.Redis[str]
+Write = Callable[[Client], Awaitable[Any]]
+
+#: Retry tokens each instance holds ready, granted by the shared bucket in advance (so that a
+#: retry never waits on Redis); they count as spent when granted.
+RETRY_RESERVE = 2
+
+
+class RedisState:
+    """The ``StateBackend`` shared through Redis; made by ``open_redis_state``."""
+
+    def __init__(
+        self,
+        config: StateConfig,
+        *,
+        retry_budget: RetryBudgetPolicy,
+        on_event: EventHook | None,
+        wall_clock: WallClock,
+    ):
+        self.instance = uuid.uuid4().hex[:12]
+        self._config = config
+        self._keys = scripts.Keys(config.prefix)
+        self._local = LocalState(
+            retry_budget=retry_budget, wall_clock=wall_clock, instance=self.instance
+        )
+        self._budget = retry_budget
+        self._on_event = on_event
+        self._send, self._receive = trio.open_memory_channel[Write](config.queue_size)
+        self._client: Client | None = None
+        self._scripts: dict[str, Any] = {}
+        self._connected = trio.Event()
+        self._degraded = False
+        self._reserve = 0
+        self._unsent_requests = 0
+        self._unsent_retries = 0
+        self._tick_queued = False
+        self._usage: dict[tuple[str, int], list[int]] = {}
+        self._usage_queued = False
+        self._dropped = 0
+        self._ignored = 0
+        self._reconnects = 0
+        self._republished = 0
+
+    # -- the request path: answer from the mirror, queue the change ----------------------------
+
+    @property
+    def mirror(self) -> Mirror:
+        return self._local.mirror
+
+    def now(self) -> float:
+        return self._local.now()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def bench(
+        self, deployment: Deployment, *, until: float, reason: str, manual: bool = False
+    ) -> BenchRecord:
+        merged = self._local.bench(deployment, until=until, reason=reason, manual=manual)
+        self._queue(
+            self._write_bench,
+            deployment.field,
+            BenchRecord(until=round(until, 3), reason=reason, manual=manual),
+        )
+        return merged
+
+    def unbench(self, deployment: Deployment, *, manual: bool = False) -> bool:
+        lifted = self._local.unbench(deployment, manual=manual)
+        self._queue(
+            self._run, "unbench", [self._keys.bench], [deployment.field, "1" if manual else "0"]
+        )
+        return lifted
+
+    def record_failure(self, deployment: Deployment) -> int:
+        count = self._local.record_failure(deployment)
+        self._queue(self._run, "fails", [self._keys.fails], [deployment.field, "fail"])
+        return count
+
+    def record_success(self, deployment: Deployment) -> None:
+        self._local.record_success(deployment)
+        self._queue(self._run, "fails", [self._keys.fails], [deployment.field, "reset"])
+
+    async def acquire_probe(self, deployment: Deployment, *, ttl: float) -> bool:
+        """Take the lease in Redis (within ``operation_timeout``); while Redis is away, or too
+        slow, the lease is decided locally."""
+        lease = self.mirror.probe(deployment, self.now())
+        if lease is not None and lease.holder != self.instance:
+            await trio.lowlevel.checkpoint()
+            return False
+        client = self._client
+        if client is not None:
+            now = self.now()
+            args = [
+                self.instance,
+                str(max(1, int(ttl * 1000))),
+                deployment.field,
+                self._keys.channel,
+                repr(now),
+            ]
+            with trio.move_on_after(self._config.operation_timeout):
+                try:
+                    granted = await self._scripts["probe"](
+                        keys=[self._keys.probe(deployment.field)], args=args
+                    )
+                except Exception:  # Redis trouble: decided locally below
+                    pass
+                else:
+                    if granted:
+                        self.mirror.probes[deployment.field] = ProbeLease(
+                            holder=self.instance, until=now + ttl
+                        )
+                    return bool(granted)
+        return self._local.take_probe(deployment, ttl)
+
+    def release_probe(self, deployment: Deployment) -> None:
+        self._local.release_probe(deployment)
+        args = [self.instance, deployment.field]
+        self._queue(self._run, "unprobe", [self._keys.probe(deployment.field)], args)
+
+    def record_request(self) -> None:
+        self._local.record_request()
+        self._unsent_requests += 1
+        self._queue_tick()
+
+    def try_retry(self) -> bool:
+        if self._client is None:
+            # Away from Redis: the local window decides; what it spends is told to Redis later.
+            if self._local.try_retry():
+                self._unsent_retries += 1
+                return True
+            return False
+        if self._reserve > 0:
+            self._reserve -= 1
+            self._queue_tick()
+            return True
+        self._queue_tick()
+        return False
+
+    def admit(
+        self, deployment: Deployment, *, tokens: int, rpm: int | None = None, tpm: int | None = None
+    ) -> bool:
+        if not self._local.admit(deployment, tokens=tokens, rpm=rpm, tpm=tpm):
+            return False
+        self._count_usage(deployment.field, 1, tokens)
+        return True
+
+    def reconcile(self, deployment: Deployment, *, estimated: int, actual: int) -> None:
+        self._local.reconcile(deployment, estimated=estimated, actual=actual)
+        self._count_usage(deployment.field, 0, actual - estimated)
+
+    def learn_limits(self, deployment: Deployment, limits: LearnedLimits) -> None:
+        self._local.learn_limits(deployment, limits)
+        value = json.dumps(limits_to_json(limits))
+        self._queue(self._run, "limits", [self._keys.limits], [deployment.field, value])
+
+    def pin(self, key: str, deployment: Deployment, *, ttl: float) -> None:
+        self._local.pin(key, deployment, ttl=ttl)
+        pin = self.mirror.pins[key]
+        self._queue(self._write_pin, key, pin)
+
+    def statistics(self) -> StateStatistics:
+        return StateStatistics(
+            backend="redis",
+            connected=self._client is not None,
+            degraded=self._degraded,
+            queued=self._send.statistics().current_buffer_used,
+            dropped=self._dropped,
+            reconnects=self._reconnects,
+            republished=self._republished,
+            ignored=self._ignored,
+        )
+
+    async def wait_connected(self) -> None:
+        """Wait until Redis has been reached and read once (for start-up checks and tests)."""
+        await self._connected.wait()
+
+    def _queue(self, write: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        async def call(client: Client) -> Any:
+            return await write(client, *args)
+
+        try:
+            self._send.send_nowait(call)
+        except trio.WouldBlock:
+            # The mirror has the change; the next full read re-publishes benches and pins.
+            self._dropped += 1
+            return False
+        return True
+
+    def _queue_tick(self) -> None:
+        if not self._tick_queued and self._client is not None:
+            self._tick_queued = self._queue(self._write_retry_tick)
+
+    def _count_usage(self, field: str, requests: int, tokens: int) -> None:
+        # Counted per request, sent per writer turn: one script per deployment and minute
+        # however many requests were admitted meanwhile.
+        pending = self._usage.setdefault((field, minute_of(self.now())), [0, 0])
+        pending[0] += requests
+        pending[1] += tokens
+        if not self._usage_queued:
+            self._usage_queued = self._queue(self._write_usage)
+
+    # -- the writes, run by the writer task ----------------------------------------------------
+
+    async def _run(self, client: Client, name: str, keys: list[str], args: list[str]) -> Any:
+        return await self._scripts[name](keys=keys, args=[*args, self._keys.channel], client=client)
+
+    async def _write_bench(self, client: Client, field: str, record: BenchRecord) -> Any:
+        value = json.dumps(
+            {"until": record.until, "reason": record.reason, "manual": record.manual}
+        )
+        args = [field, value, repr(self.now()), self._keys.channel]
+        return await self._scripts["bench"](keys=[self._keys.bench], args=args, client=client)
+
+    async def _write_usage(self, client: Client) -> None:
+        self._usage_queued = False
+        pending, self._usage = self._usage, {}
+        for (field, minute), (requests, tokens) in pending.items():
+            args = [field, str(requests), str(tokens), self._keys.channel, str(minute), "120000"]
+            keys = list(self._keys.usage(minute))
+            await self._scripts["usage"](keys=keys, args=args, client=client)
+
+    async def _write_pin(self, client: Client, key: str, pin: Pin) -> Any:
+        value = json.dumps({"f": pin.deployment.field, "until": pin.until})
+        return await self._run(client, "pin", [self._keys.pins], [key, value])
+
+    async def _write_retry_tick(self, client: Client) -> None:
+        self._tick_queued = False
+        requests, retries = self._unsent_requests, self._unsent_retries
+        want = max(0, RETRY_RESERVE - self._reserve)
+        if not (requests or retries or want):
+            return
+        width = self._budget.window / RetryWindow.BUCKETS
+        index = int(self.now() // width)
+        keys = [self._keys.retry(i) for i in range(index - RetryWindow.BUCKETS + 1, index + 1)]
+        ttl = str(int(self._budget.window * 2000) + 1000)
+        args = [
+            str(requests),
+            str(retries),
+            str(want),
+            repr(self._budget.ratio),
+            str(self._budget.floor),
+            ttl,
+        ]
+        granted = await self._scripts["retry"](keys=keys, args=args, client=client)
+        self._unsent_requests -= requests
+        self._unsent_retries -= retries
+        self._reserve += int(granted)
+
+    # -- the background: connect, read, write, sync; degrade and come back ---------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a session with Redis going until cancelled; started at once (the backend answers
+        from local state until Redis is reached)."""
+        task_status.started()
+        backoff = self._config.backoff_min
+        while True:
+            reason = "closed"
+            try:
+                await self._session()
+            except* Exception as group:
+                # Every Redis trouble, whatever its shape (coredis's own cleanup may add a
+                # ClosedResourceError to a cancellation, which passes on as it should).
+                reason = exception_name(group)
+            self._lost(reason)
+            await trio.sleep(backoff * (0.5 + _jitter()))
+            backoff = min(backoff * 2, self._config.backoff_max)
+            self._reconnects += 1
+
+    async def _session(self) -> None:
+        config = self._config
+        assert config.url is not None
+        client = coredis.Redis.from_url(
+            config.url,
+            decode_responses=True,
+            retry_policy=NoRetryPolicy(),
+            connect_timeout=config.connect_timeout,
+            stream_timeout=config.operation_timeout * 4,
+        )
+        with trio.CancelScope(deadline=trio.current_time() + config.connect_timeout) as connecting:
+            async with client:
+                self._scripts = {
+                    name: client.register_script(getattr(scripts, name.upper()))
+                    for name in (
+                        "bench",
+                        "unbench",
+                        "fails",
+                        "probe",
+                        "unprobe",
+                        "retry",
+                        "usage",
+                        "limits",
+                        "pin",
+                        "snapshot",
+                    )
+                }
+                pubsub = client.pubsub(
+                    channels=[self._keys.channel],
+                    ignore_subscribe_messages=True,
+                    retry_policy=NoRetryPolicy(),
+                    subscription_timeout=config.connect_timeout,
+                    max_idle_seconds=max(1.0, config.sync_interval),
+                )
+                async with pubsub:
+                    await self._sync(client)
+                    connecting.deadline = math.inf
+                    self._client = client
+                    self._backoff_reset()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._reader, pubsub)
+                        nursery.start_soon(self._writer, client)
+                        nursery.start_soon(self._syncer, client)
+        if connecting.cancelled_caught:
+            raise TimeoutError("connect")
+
+    def _backoff_reset(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            self._emit(StateEventKind.RESTORED, "reconnected")
+        self._connected.set()
+        self._queue_tick()
+
+    def _lost(self, reason: str) -> None:
+        self._client = None
+        self._reserve = 0
+        self._tick_queued = False
+        if not self._degraded:
+            self._degraded = True
+            self._emit(StateEventKind.DEGRADED, reason)
+
+    def _emit(self, kind: StateEventKind, reason: str) -> None:
+        if self._on_event is not None:
+            self._on_event(StateEvent(kind=kind, reason=reason, at=self.now()))
+
+    async def _writer(self, client: Client) -> None:
+        async for write in self._receive:
+            with trio.fail_after(self._config.operation_timeout):
+                await write(client)
+
+    async def _syncer(self, client: Client) -> None:
+        while True:
+            await trio.sleep(self._config.sync_interval)
+            await self._sync(client)
+
+    async def _sync(self, client: Client) -> None:
+        """Read everything, merge it into the mirror, re-publish what Redis lacks."""
+        now = self.now()
+        keys = self._keys
+        names = [keys.bench, keys.fails, keys.limits, keys.pins, *keys.usage(minute_of(now))]
+        with trio.fail_after(self._config.operation_timeout):
+            result = await self._scripts["snapshot"](keys=names, args=[repr(now)], client=client)
+        benches, fails, limits, pins, rpm, tpm = (pairs(part) for part in result)
+        mirror = self.mirror
+        mirror.prune(now)
+        # Writes still queued will reach Redis anyway: re-publish only when none are.
+        republish = self._send.statistics().current_buffer_used == 0
+        for field, value in benches.items():
+            mirror.merge_bench(field, bench_from_json(json.loads(value)), now)
+        for field, record in list(mirror.benches.items()):
+            stored = benches.get(field)
+            if republish and (
+                stored is None or shorter(bench_from_json(json.loads(stored)), record)
+            ):
+                self._queue(self._write_bench, field, record)
+                self._republished += 1
+        mirror.failures = {field: int(n) for field, n in fails.items()}
+        for field, value in limits.items():
+            mirror.limits[field] = limits_from_json(json.loads(value))
+        for key, value in pins.items():
+            pin = pin_from_json(json.loads(value))
+            old = mirror.pins.get(key)
+            if old is None or old.until <= pin.until:
+                mirror.pins[key] = pin
+        for key, pin in list(mirror.pins.items()):
+            if republish and key not in pins:
+                self._queue(self._write_pin, key, pin)
+                self._republished += 1
+        minute = minute_of(now)
+        for field in set(rpm) | set(tpm):
+            mirror.usage[field] = Usage(
+                minute=minute, requests=int(rpm.get(field, 0)), tokens=int(tpm.get(field, 0))
+            )
+
+    async def _reader(self, pubsub: Any) -> None:
+        async for message in pubsub:
+            if message["type"] != "message":
+                continue
+            try:
+                self._apply(json.loads(message["data"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # Not ours (anyone may publish on the channel): ignored, never a reconnection.
+                self._ignored += 1
+
+    def _apply(self, message: dict[str, Any]) -> None:
+        kind, field = message["k"], message["f"]
+        value: Any = message.get("v")
+        mirror = self.mirror
+        now = self.now()
+        if kind == "bench":
+            mirror.merge_bench(field, bench_from_json(value), now)
+        elif kind == "unbench":
+            mirror.lift_bench(field, manual=True)
+        elif kind == "fails":
+            if value:
+                mirror.failures[field] = int(value)
+            else:
+                mirror.failures.pop(field, None)
+        elif kind == "probe":
+            mirror.probes[field] = ProbeLease(holder=value["holder"], until=float(value["until"]))
+        elif kind == "unprobe":
+            mirror.probes.pop(field, None)
+        elif kind == "usage":
+            mirror.usage[field] = Usage(
+                minute=int(value["minute"]),
+                requests=int(value["requests"]),
+                tokens=int(value["tokens"]),
+            )
+        elif kind == "limits":
+            mirror.limits[field] = limits_from_json(value)
+        elif kind == "pin":
+            mirror.pins[field] = pin_from_json(value)
+
+
+@asynccontextmanager
+async def open_redis_state(
+    config: StateConfig,
+    *,
+    retry_budget: RetryBudgetPolicy = DEFAULT_RETRY_BUDGET,
+    on_event: EventHook | None = None,
+    wall_clock: WallClock = time.time,
+) -> AsyncIterator[RedisState]:
+    """Open a ``RedisState`` whose background session runs until the block ends.
+
+    Returns at once: until Redis is reached (``wait_connected``) it answers from local state.
+    """
+    state = RedisState(config, retry_budget=retry_budget, on_event=on_event, wall_clock=wall_clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(state.run)
+        try:
+            yield state
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def _jitter() -> float:
+    return random.random()

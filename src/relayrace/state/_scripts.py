@@ -1,0 +1,184 @@
+"""The Lua scripts that change the shared state in Redis: each change is one script, so each is
+atomic on the server, and each publishes what it changed on the prefix's channel.
+
+Messages are JSON objects ``{"k": kind, "f": field, "v": value}``; the kinds are ``bench``,
+``unbench``, ``fails``, ``probe``, ``unprobe``, ``usage``, ``limits`` and ``pin``.
+The merge rule for benches is ``_model.merge_bench``, written again here in Lua.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Keys:
+    """The keys under one ``prefix`` (``{prefix}:bench`` ...). Hashes are keyed by
+    ``Deployment.field`` (pins by their affinity key)."""
+
+    prefix: str
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def bench(self) -> str:
+        return f"{self.prefix}:bench"
+
+    @property
+    def fails(self) -> str:
+        return f"{self.prefix}:fails"
+
+    @property
+    def limits(self) -> str:
+        return f"{self.prefix}:limits"
+
+    @property
+    def pins(self) -> str:
+        return f"{self.prefix}:pins"
+
+    def probe(self, field: str) -> str:
+        return f"{self.prefix}:probe:{field}"
+
+    def usage(self, minute: int) -> tuple[str, str]:
+        return f"{self.prefix}:rpm:{minute}", f"{self.prefix}:tpm:{minute}"
+
+    def retry(self, index: int) -> str:
+        return f"{self.prefix}:retry:{index}"
+
+
+# KEYS: bench hash. ARGV: field, record (JSON: until, reason, manual), now, channel.
+BENCH = """
+local field, now = ARGV[1], tonumber(ARGV[3])
+local new = cjson.decode(ARGV[2])
+local cur = redis.call('HGET', KEYS[1], field)
+if cur then
+  local old = cjson.decode(cur)
+  if old.manual or old['until'] > now then
+    local winner
+    if old.manual ~= new.manual then
+      if old.manual then winner = old else winner = new end
+    elseif old['until'] > new['until'] then winner = old else winner = new end
+    new = {['until'] = math.max(old['until'], new['until']), reason = winner.reason,
+           manual = old.manual or new.manual}
+  end
+end
+local encoded = cjson.encode(new)
+redis.call('HSET', KEYS[1], field, encoded)
+redis.call('PUBLISH', ARGV[4], cjson.encode({k = 'bench', f = field, v = new}))
+return encoded
+"""
+
+# KEYS: bench hash. ARGV: field, manual ('1' lifts a manual bench too), channel.
+UNBENCH = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+if cjson.decode(cur).manual and ARGV[2] ~= '1' then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'unbench', f = ARGV[1]}))
+return 1
+"""
+
+# KEYS: fails hash. ARGV: field, 'fail' or 'reset', channel.
+FAILS = """
+local n = 0
+if ARGV[2] == 'reset' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
+redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'fails', f = ARGV[1], v = n}))
+return n
+"""
+
+# KEYS: the probe key. ARGV: holder, ttl (ms), field, channel, now.
+PROBE = """
+local ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if not ok then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local lease = {holder = ARGV[1], ['until'] = tonumber(ARGV[5]) + tonumber(ARGV[2]) / 1000}
+redis.call('PUBLISH', ARGV[4], cjson.encode({k = 'probe', f = ARGV[3], v = lease}))
+return 1
+"""
+
+# KEYS: the probe key. ARGV: holder, field, channel.
+UNPROBE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'unprobe', f = ARGV[2]}))
+return 1
+"""
+
+# KEYS: the retry window's slices, oldest first (the last is the current one).
+# ARGV: requests to add, retries spent elsewhere to add, tokens wanted, ratio, floor, ttl (ms).
+# Grants at most what keeps retries <= floor + ratio * requests over the window, and counts
+# what it grants as spent at once (so N instances together stay within the bound).
+RETRY = """
+local current = KEYS[#KEYS]
+redis.call('HINCRBY', current, 'req', ARGV[1])
+redis.call('HINCRBY', current, 'ret', ARGV[2])
+redis.call('PEXPIRE', current, ARGV[6])
+local requests, retries = 0, 0
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'req', 'ret')
+  requests = requests + (tonumber(v[1]) or 0)
+  retries = retries + (tonumber(v[2]) or 0)
+end
+local room = math.floor(tonumber(ARGV[5]) + tonumber(ARGV[4]) * requests - retries)
+local grant = math.min(tonumber(ARGV[3]), math.max(0, room))
+if grant > 0 then redis.call('HINCRBY', current, 'ret', grant) end
+return grant
+"""
+
+# KEYS: this minute's rpm hash, tpm hash. ARGV: field, requests, tokens, channel, minute, ttl (ms).
+USAGE = """
+local r = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+local t = redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local usage = {minute = tonumber(ARGV[5]), requests = r, tokens = t}
+redis.call('PUBLISH', ARGV[4], cjson.encode({k = 'usage', f = ARGV[1], v = usage}))
+return r
+"""
+
+# KEYS: limits hash. ARGV: field, limits (JSON, with observed_at), channel. The newer wins.
+LIMITS = """
+local new = cjson.decode(ARGV[2])
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and cjson.decode(cur).observed_at > new.observed_at then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'limits', f = ARGV[1], v = new}))
+return 1
+"""
+
+# KEYS: pins hash. ARGV: affinity key, pin (JSON: f, until), channel.
+PIN = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'pin', f = ARGV[1], v = cjson.decode(ARGV[2])}))
+return 1
+"""
+
+# KEYS: bench, fails, limits, pins, this minute's rpm, tpm. ARGV: now.
+# One consistent read of everything (the backstop behind pub/sub); forgets expired benches
+# and pins on the way.
+SNAPSHOT = """
+local now = tonumber(ARGV[1])
+local function prune(key)
+  local all = redis.call('HGETALL', key)
+  local kept = {}
+  for i = 1, #all, 2 do
+    local v = cjson.decode(all[i + 1])
+    if v.manual or v['until'] > now then
+      kept[#kept + 1] = all[i]; kept[#kept + 1] = all[i + 1]
+    else
+      redis.call('HDEL', key, all[i])
+    end
+  end
+  return kept
+end
+return {prune(KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+        prune(KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[6])}
+"""

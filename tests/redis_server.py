@@ -1,0 +1,120 @@
+"""A real ``redis-server`` for the state tests: started on a free loopback port with no
+persistence, stopped afterwards; it can be killed, paused, resumed and restarted on the same
+port. Tests that need it skip (saying why) when ``redis-server`` is not installed."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """One ``redis-server`` process on 127.0.0.1:``port``."""
+
+    def __init__(self, executable: str, directory: str):
+        self.executable = executable
+        self.directory = directory
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.socket = os.path.join(directory, "redis.sock")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.executable,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+                "--unixsocket",
+                self.socket,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, everything it held lost (no persistence)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open and nothing answers."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def command(self, *words: str) -> bytes:
+        """Send one command with a plain socket (not the client under test); the raw reply."""
+        payload = f"*{len(words)}\r\n".encode() + b"".join(
+            f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            conn.sendall(payload)
+            time.sleep(0.05)
+            return conn.recv(65536)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.resume()
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+def running_redis(tmp_path: os.PathLike[str]) -> Iterator[RedisServer]:
+    """The body of a ``redis_server`` fixture: a started server, stopped afterwards."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisServer(REDIS_SERVER, os.fspath(tmp_path))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        gc.collect()  # see the note on coredis in test_state_redis.py

@@ -1,0 +1,338 @@
+"""The Redis backend against a real ``redis-server`` (no mocks), on the real clock: these tests
+measure how fast state crosses between instances and what happens when Redis goes away.
+
+Two ``RedisState`` instances in one process stand for two relayrace processes: each has its
+own connections, mirror and pub/sub subscription.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import coredis
+import pytest
+import trio
+import trio.lowlevel
+
+from relayrace import RetryBudgetPolicy
+from relayrace.state import (
+    Deployment,
+    LearnedLimits,
+    RedisState,
+    StateConfig,
+    StateEvent,
+    StateEventKind,
+    open_state,
+)
+
+from .redis_server import RedisServer, running_redis
+
+GPT = Deployment("openai", "gpt-4o")
+
+# coredis 6.9 leaves a connection's memory streams unclosed when connecting fails (its
+# ``BaseConnection.run`` opens them only after ``_connect()`` succeeds), so every refused
+# reconnection while Redis is down is reported at garbage collection. The fixture collects
+# garbage at teardown so that the reports land here, where they are expected, and not in
+# whatever test runs next.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function MemoryObject:pytest.PytestUnraisableExceptionWarning"
+)
+
+
+def state_config(server: RedisServer, **overrides: float) -> StateConfig:
+    values = {
+        "operation_timeout": 0.2,
+        "connect_timeout": 0.5,
+        "sync_interval": 0.3,
+        "backoff_min": 0.05,
+        "backoff_max": 0.3,
+    }
+    values.update(overrides)
+    return StateConfig(backend="redis", url=server.url, prefix="t", **values)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def instance(
+    server: RedisServer, events: list[StateEvent] | None = None, **kwargs: object
+) -> AsyncIterator[RedisState]:
+    async with open_state(
+        state_config(server),
+        on_event=None if events is None else events.append,
+        **kwargs,  # type: ignore[arg-type]
+    ) as state:
+        assert isinstance(state, RedisState)
+        with trio.fail_after(5):
+            await state.wait_connected()
+        yield state
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from running_redis(tmp_path)
+
+
+async def eventually(
+    condition: Callable[[], bool], within: float = 5.0, step: float = 0.001
+) -> float:
+    """Poll on the real clock until ``condition()`` (the mirror changes in a background task
+    that signals nothing: polling is what a reader of the mirror does); return how long it took."""
+    start = time.perf_counter()
+    with trio.fail_after(within):
+        for _ in itertools.count():
+            if condition():
+                break
+            await trio.sleep(step)
+    return time.perf_counter() - start
+
+
+async def stored(server: RedisServer, key: str, field: str, within: float = 5.0) -> None:
+    """Wait until ``field`` is in the hash ``key``, asking Redis from a thread (the plain-socket
+    helper blocks, and the event loop must go on running the backend meanwhile)."""
+    with trio.fail_after(within):
+        for _ in itertools.count():
+            if await trio.to_thread.run_sync(server.command, "HEXISTS", key, field) == b":1\r\n":
+                break
+            await trio.sleep(0.01)
+
+
+async def test_coredis_runs_under_trio(redis_server: RedisServer) -> None:
+    async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        assert await client.ping()
+        assert trio.lowlevel.current_task() is not None
+
+
+async def test_a_unix_socket_url_works_and_foreign_messages_are_ignored(
+    redis_server: RedisServer,
+) -> None:
+    config = StateConfig(backend="redis", url=f"unix://{redis_server.socket}", prefix="t")
+    async with open_state(config) as a, instance(redis_server) as b:
+        assert isinstance(a, RedisState)
+        with trio.fail_after(5):
+            await a.wait_connected()
+        await trio.to_thread.run_sync(redis_server.command, "PUBLISH", "t:events", "not json")
+        await trio.to_thread.run_sync(redis_server.command, "PUBLISH", "t:events", '{"k": "bench"}')
+        await eventually(lambda: a.statistics().ignored == 2)
+        b.bench(GPT, until=time.time() + 60, reason="5xx")
+        await eventually(lambda: a.mirror.bench(GPT, time.time()) is not None)
+        assert a.statistics().connected and not a.statistics().degraded
+
+
+async def test_racing_benches_merge_to_the_latest_deadline_everywhere(
+    redis_server: RedisServer,
+) -> None:
+    now = time.time()
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        deadlines = [round(now + random.uniform(10, 1000), 3) for _ in range(400)]
+
+        async def bench_all(state: RedisState, part: list[float]) -> None:
+            for until in part:
+                state.bench(GPT, until=until, reason=f"r{until}")
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bench_all, a, deadlines[::2])
+            nursery.start_soon(bench_all, b, deadlines[1::2])
+        latest = max(deadlines)
+        await eventually(
+            lambda: (
+                a.mirror.bench(GPT, now) is not None
+                and b.mirror.bench(GPT, now) is not None
+                and a.mirror.bench(GPT, now).until == latest == b.mirror.bench(GPT, now).until
+            )
+        )  # type: ignore[union-attr]
+        value = await trio.to_thread.run_sync(redis_server.command, "HGET", "t:bench", GPT.field)
+        assert str(latest).encode() in value
+        assert f"r{latest}".encode() in value
+        # A shorter bench later never shortens it, from either side.
+        a.bench(GPT, until=now + 5, reason="short")
+        await trio.sleep(0.1)
+        assert b.mirror.bench(GPT, now).until == latest  # type: ignore[union-attr]
+
+
+async def test_a_manual_bench_is_lifted_only_by_an_explicit_unbench(
+    redis_server: RedisServer,
+) -> None:
+    now = time.time()
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        a.bench(GPT, until=now + 1, reason="operator", manual=True)
+        await eventually(lambda: b.mirror.bench(GPT, now) is not None)
+        b.unbench(GPT)  # a probe's success: not enough for a manual bench
+        await trio.sleep(0.1)
+        assert a.mirror.bench(GPT, now + 3600) is not None
+        assert b.mirror.bench(GPT, now + 3600) is not None
+        b.unbench(GPT, manual=True)
+        await eventually(lambda: a.mirror.bench(GPT, now) is None)
+
+
+async def test_a_bench_reaches_the_other_mirror_within_100ms(redis_server: RedisServer) -> None:
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        delays = []
+        for i in range(200):
+            deployment = Deployment("p", f"m{i}")
+            a.bench(deployment, until=time.time() + 60, reason="5xx")
+            delays.append(
+                await eventually(
+                    lambda d=deployment: b.mirror.bench(d, time.time()) is not None, step=0.0005
+                )
+            )
+        delays.sort()
+        p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+        print(
+            f"bench visible in the other mirror: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
+        )
+        assert p99 < 0.100
+
+
+async def test_one_instance_holds_the_probe_lease_the_other_waits(
+    redis_server: RedisServer,
+) -> None:
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        results: dict[str, bool] = {}
+
+        async def take(name: str, state: RedisState) -> None:
+            results[name] = await state.acquire_probe(GPT, ttl=5)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take, "a", a)
+            nursery.start_soon(take, "b", b)
+        assert sorted(results.values()) == [False, True]
+        holder, waiter = (a, b) if results["a"] else (b, a)
+        await eventually(lambda: waiter.mirror.probe(GPT, time.time()) is not None)
+        assert not await waiter.acquire_probe(GPT, ttl=5)
+        holder.release_probe(GPT)
+        await eventually(lambda: waiter.mirror.probe(GPT, time.time()) is None)
+        assert await waiter.acquire_probe(GPT, ttl=5)
+
+
+async def test_the_probe_lease_expires(redis_server: RedisServer) -> None:
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        assert await a.acquire_probe(GPT, ttl=0.2)
+        assert not await b.acquire_probe(GPT, ttl=0.2)
+        await trio.sleep(0.3)
+        assert await b.acquire_probe(GPT, ttl=0.2)
+
+
+async def test_the_retry_budget_is_shared(redis_server: RedisServer) -> None:
+    budget = RetryBudgetPolicy(ratio=0.2, floor=3, window=30.0)
+    async with (
+        instance(redis_server, retry_budget=budget) as a,
+        instance(redis_server, retry_budget=budget) as b,
+    ):
+        for _ in range(50):
+            a.record_request()
+            b.record_request()
+        granted = 0
+        # An outage: both instances retry as fast as they can, for a while.
+        for _ in range(200):
+            granted += a.try_retry() + b.try_retry()
+            await trio.sleep(0.002)
+        # 0.2 × 100 requests + 3, across both; alone, each would have allowed 0.2 × 50 + 3 = 13.
+        assert granted <= 23
+        assert granted >= 15  # both drew on the same bucket, more than either one's share
+
+
+async def test_failure_counts_usage_limits_and_pins_are_shared(redis_server: RedisServer) -> None:
+    now = time.time()
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        a.record_failure(GPT)
+        b.record_failure(GPT)
+        await eventually(lambda: a.mirror.failure_count(GPT) == 2 == b.mirror.failure_count(GPT))
+        a.record_success(GPT)
+        await eventually(lambda: b.mirror.failure_count(GPT) == 0)
+
+        assert a.admit(GPT, tokens=100, rpm=2)
+        assert b.admit(GPT, tokens=100, rpm=2)
+        await eventually(lambda: a.mirror.usage_of(GPT, time.time()).requests == 2)
+        assert not a.admit(GPT, tokens=100, rpm=2)
+
+        b.learn_limits(GPT, LearnedLimits(remaining_requests=0, reset_at=now + 30, observed_at=now))
+        await eventually(lambda: a.mirror.limits_of(GPT) is not None)
+        assert not a.admit(GPT, tokens=1)
+
+        a.pin("user-7", GPT, ttl=60)
+        await eventually(lambda: b.mirror.pin("user-7", time.time()) == GPT)
+
+
+async def test_redis_killed_then_restarted(redis_server: RedisServer) -> None:
+    events: list[StateEvent] = []
+    async with instance(redis_server, events) as a, instance(redis_server) as b:
+        a.bench(GPT, until=time.time() + 600, reason="5xx")
+        await eventually(lambda: b.mirror.bench(GPT, time.time()) is not None)
+        redis_server.kill()
+        # The request path goes on, from local state, at once.
+        other = Deployment("anthropic", "claude")
+        start = time.perf_counter()
+        for _ in range(1000):
+            assert a.mirror.bench(GPT, time.time()) is not None
+            a.bench(other, until=time.time() + 600, reason="timeout")
+            a.record_request()
+            a.try_retry()
+        assert time.perf_counter() - start < 0.5
+        await eventually(lambda: [e.kind for e in events] == [StateEventKind.DEGRADED])
+        assert "redis" not in events[0].reason
+        redis_server.start()
+        await eventually(
+            lambda: [e.kind for e in events] == [StateEventKind.DEGRADED, StateEventKind.RESTORED]
+        )
+        # Re-converged: what a knew is published again, and b sees the bench made while away.
+        await eventually(lambda: b.mirror.bench(other, time.time()) is not None)
+        await stored(redis_server, "t:bench", GPT.field)
+
+
+async def test_a_paused_redis_never_holds_up_the_request_path(redis_server: RedisServer) -> None:
+    events: list[StateEvent] = []
+    async with instance(redis_server, events) as a:
+        redis_server.pause()
+        try:
+            slowest = 0.0
+            for i in range(300):
+                start = time.perf_counter()
+                a.bench(Deployment("p", f"m{i}"), until=time.time() + 60, reason="5xx")
+                a.mirror.bench(GPT, time.time())
+                a.record_request()
+                a.try_retry()
+                a.admit(GPT, tokens=10)
+                slowest = max(slowest, time.perf_counter() - start)
+                await trio.sleep(0.002)
+            assert slowest < 0.005
+            # The probe lease waits at most its operation budget, then decides locally.
+            start = time.perf_counter()
+            assert await a.acquire_probe(GPT, ttl=5)
+            assert time.perf_counter() - start < 0.2 + 0.05
+            await eventually(lambda: StateEventKind.DEGRADED in [e.kind for e in events])
+        finally:
+            redis_server.resume()
+        await eventually(lambda: events[-1].kind is StateEventKind.RESTORED)
+        await stored(redis_server, "t:bench", "p\x1fm299")
+
+
+async def test_flushall_state_is_published_again(redis_server: RedisServer) -> None:
+    async with instance(redis_server) as a:
+        a.bench(GPT, until=time.time() + 600, reason="5xx")
+        a.pin("user-7", GPT, ttl=600)
+        await stored(redis_server, "t:bench", GPT.field)
+        assert b"+OK" in await trio.to_thread.run_sync(redis_server.command, "FLUSHALL")
+        await stored(redis_server, "t:bench", GPT.field)
+        await stored(redis_server, "t:pins", "user-7")
+        assert a.statistics().republished >= 2
+
+
+async def test_open_state_needs_no_running_redis_to_answer() -> None:
+    # A URL where nothing listens: the backend answers from local state at once.
+    config = StateConfig(
+        backend="redis", url="redis://127.0.0.1:1/0", backoff_min=0.01, backoff_max=0.05
+    )
+    events: list[StateEvent] = []
+    async with open_state(config, on_event=events.append) as state:
+        state.bench(GPT, until=state.now() + 60, reason="5xx")
+        assert state.mirror.bench(GPT, state.now()) is not None
+        await eventually(lambda: bool(events))
+    assert events[0].kind is StateEventKind.DEGRADED
+    gc.collect()  # see the note on coredis above
