@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from ._wrk import WRK_MISSING, find_wrk, run_wrk
 RUNS = ("sequential", "c1", "c32", "rate")
 MODES = ("non-streamed", "streamed")
 PATHS = ("direct", "http", "ws", "litellm")
+_TOKEN_ENV = "RELAYRACE_BENCH_WS_TOKEN"
 
 # --- the websocket load (in a worker process) ---------------------------------------------------
 
@@ -101,35 +103,43 @@ async def _closed_loop(
     return latencies, failed, time.perf_counter() - began
 
 
-async def _open_loop(
+async def _paced(
     calls: Sequence[OneCall], rate: float, seconds: float
 ) -> tuple[list[float], int, float]:
-    """A request every 1/rate s whether or not earlier ones finished; latency from its slot."""
+    """As wrk's paced run: one schedule (a slot every 1/rate s) shared by the connections, each
+    taking the next slot when it is free, waiting for it, then sending; latency from the send
+    (so at most ``len(calls)`` requests in flight, as wrk's connections)."""
     latencies: list[float] = []
     failed = 0
+    slots = int(rate * seconds)
+    taken = 0
+    began = trio.current_time()
 
-    async def request(one: OneCall, due: float) -> None:
-        nonlocal failed
-        try:
-            await one()
-        except Exception:
-            failed += 1
-            return
-        latencies.append(time.perf_counter() - due)
+    async def connection(one: OneCall) -> None:
+        nonlocal failed, taken
+        while taken < slots:
+            slot = taken
+            taken += 1
+            await trio.sleep_until(began + slot / rate)
+            started = time.perf_counter()
+            try:
+                await one()
+            except Exception:
+                failed += 1
+                continue
+            latencies.append(time.perf_counter() - started)
 
-    began = time.perf_counter()
-    trio_began = trio.current_time()
+    wall = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for i in range(int(rate * seconds)):
-            await trio.sleep_until(trio_began + i / rate)
-            nursery.start_soon(request, calls[i % len(calls)], began + i / rate)
-    return latencies, failed, time.perf_counter() - began
+        for one in calls:
+            nursery.start_soon(connection, one)
+    return latencies, failed, time.perf_counter() - wall
 
 
 async def _ws_job(job: dict[str, Any]) -> dict[str, Any]:
     from trio_websocket import open_websocket_url
 
-    headers = [("authorization", f"Bearer {job['token']}")]
+    headers = [("authorization", f"Bearer {os.environ[_TOKEN_ENV]}")]
     out: dict[str, Any] = {}
     async with trio.open_nursery() as readers:
         clients: list[_WsClient] = []
@@ -142,7 +152,7 @@ async def _ws_job(job: dict[str, Any]) -> dict[str, Any]:
             calls = [c.call for c in clients[: run["connections"]]]
             cpu = tree_cpu_seconds(job["gateway_pid"])
             if run["rate"]:
-                lat, failed, wall = await _open_loop(calls, run["rate"], run["seconds"])
+                lat, failed, wall = await _paced(calls, run["rate"], run["seconds"])
             else:
                 lat, failed, wall = await _closed_loop(calls, run["seconds"], run["requests"])
             cpu_end = tree_cpu_seconds(job["gateway_pid"])
@@ -349,17 +359,22 @@ def run_gateway_workload(runner: Runner) -> dict[str, Any]:
         job = {
             "kind": "gateway",
             "ws": serve.ws_url,
-            "token": serve.token,
             "gateway_pid": serve.pid,
             "warmup": p["warmup"],
             "runs": specs,
         }
-        (ws_result,) = runner.run(
-            "trio",
-            [job],
-            [sum(run_weight(p, r) for r in RUNS) + 3],
-            ["gateway: websocket, streamed"],
-        )
+        # The token goes to the worker in its environment, never in the job (which an error
+        # report would copy into the results).
+        os.environ[_TOKEN_ENV] = serve.token
+        try:
+            (ws_result,) = runner.run(
+                "trio",
+                [job],
+                [sum(run_weight(p, r) for r in RUNS) + 3],
+                ["gateway: websocket, streamed"],
+            )
+        finally:
+            del os.environ[_TOKEN_ENV]
         if ws_result is None or "error" in ws_result:
             paths["ws"] = {"available": False, "reason": json.dumps(ws_result)[:500]}
         else:
