@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,56 @@ def test_unknown_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         main(["--only", "nonsense"])
     assert "unknown workload nonsense" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_quick_gateway_bench_drives_every_path_with_wrk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        ["--quick", "--only", "gateway", "--no-litellm", "--out", str(tmp_path), "--no-plots"]
+    )
+    assert status == 0
+    (json_path,) = tmp_path.glob("*-quick.json")
+    results = json.loads(json_path.read_text())
+    assert results["errors"] == []
+    gateway = results["gateway"]["summary"]
+    assert gateway["paths"]["litellm"]["available"] is False
+    rows = {(r["path"], r["mode"], r["run"]): r for r in gateway["rows"]}
+    runs = ("sequential", "c1", "c32", "rate")
+    expected = {
+        (path, mode, run)
+        for path in ("direct", "http")
+        for mode in ("non-streamed", "streamed")
+        for run in runs
+    } | {("ws", "streamed", run) for run in runs}
+    assert set(rows) == expected
+    for (path, _mode, run), row in rows.items():
+        assert row["failed"] == 0 and row["ok"] > 0 and row["throughput_rps"] > 0
+        if run == "sequential":
+            assert row["requests"] == 50
+        if path != "direct":
+            assert row["gateway_cpu_ms_per_request"] > 0
+            assert math.isfinite(row["p50_overhead_ms"])
+    targets = {t["target"]: t for t in results["targets"]}
+    assert targets["HTTP p50 overhead over direct, non-streamed, c=1"]["measured"] is not None
+    assert targets["HTTP req/s / LiteLLM proxy req/s, streamed, c=32"]["met"] is None
+
+    markdown = (tmp_path / "latest-quick.md").read_text()
+    assert "| path | c=1 non-streamed p50 (+overhead) |" in markdown
+    assert "### Targets of issue #13 in this run" in markdown
+    assert markdown in capsys.readouterr().out
+
+
+def test_the_gateway_workload_is_skipped_without_wrk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no wrk there
+    status = main(["--quick", "--only", "gateway", "--out", str(tmp_path), "--no-plots"])
+    assert status == 0
+    (json_path,) = tmp_path.glob("*-quick.json")
+    results = json.loads(json_path.read_text())
+    assert "apt-get install wrk" in results["gateway"]["skipped"]
+    assert results["gateway"]["summary"] is None
+    out = capsys.readouterr().out
+    assert "wrk not found on PATH" in out and "Skipped: wrk not found" in out

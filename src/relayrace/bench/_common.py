@@ -145,3 +145,32 @@ def machine() -> dict[str, Any]:
             )
         },
     }
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and its live descendants (a server that forks its
+    workers), from /proc; ``None`` where unavailable."""
+    parents: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    own = cpu_seconds_of(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds_of(p) or 0.0 for p in tree - {pid})

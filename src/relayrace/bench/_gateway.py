@@ -1,105 +1,42 @@
-"""Workload 3: ``serve`` (websocket + OpenAI-compatible HTTP) under many concurrent clients,
-against going direct to the mock.
+"""Workload 3, ``gateway``: each path as its users meet it, side by side in one run.
 
-Three processes: the mock, the gateway (a supervisor with two OpenAI providers on the mock,
-served by ``relayrace.server.serve``), and the load worker (trio: httpx clients and
-trio-websocket clients). Closed loop (``clients`` clients, each one request after another) for
-throughput, then open loop at a fixed rate for latency: a request starts at its scheduled time
-whether or not earlier ones finished, and its latency counts from that time.
+Paths: the mock direct, ``relayrace serve`` over HTTP, the same process's websocket endpoint,
+and LiteLLM's proxy server — every one in front of the same mock, asked the same thing (the
+mock answering ``ok,chunks=N``), non-streamed and streamed. The HTTP paths are driven by
+``wrk`` (see ``_wrk``); the websocket by this module's trio load generator, in a worker process.
+
+Runs, per path and mode: sequential (c=1, a fixed count: the figure published overhead
+numbers are given as), closed loop at c=1 and c=32 for a fixed time, and a paced open-loop run.
+Each reports p50/p99 latency and their overhead over the direct path in the same run, req/s,
+and the gateway process's CPU (user + sys, from /proc, its forked workers included) per
+request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import signal
-import subprocess
-import sys
-import tempfile
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import httpx
 import trio
 
-from ._common import API_KEY, MESSAGES, ROUTE, BenchError, cpu_seconds_of, summarise_ms
+from ._common import MESSAGES, ROUTE, BenchError, summarise_ms, tree_cpu_seconds
+from ._gwprocs import Gateway, litellm_proxy, relayrace_serve
 from ._procs import Runner
+from ._wrk import WRK_MISSING, find_wrk, run_wrk
 
-_GATEWAY_CODE = "from relayrace.bench._gateway import gateway_main; gateway_main()"
+#: The runs of every path and mode, in the order they are made.
+RUNS = ("sequential", "c1", "c32", "rate")
+MODES = ("non-streamed", "streamed")
+PATHS = ("direct", "http", "ws", "litellm")
+_TOKEN_ENV = "RELAYRACE_BENCH_WS_TOKEN"
 
+# --- the websocket load (in a worker process) ---------------------------------------------------
 
-# --- the gateway process ------------------------------------------------------------------------
-
-
-def gateway_main() -> None:
-    """Serve a bench supervisor until SIGTERM; print ``{"http": ..., "ws": ...}`` once up."""
-    from ._common import raise_fd_limit
-
-    raise_fd_limit()
-    spec = json.loads(sys.argv[1])
-    trio.run(_serve_gateway, spec)
-
-
-async def _serve_gateway(spec: dict[str, Any]) -> None:
-    from ..server import ServerSettings, serve
-    from ..supervisor import open_supervisor
-    from ._trio_load import relay_config
-
-    config = relay_config(spec["url"], spec["models"], spec["concurrency"])
-    settings = ServerSettings(
-        ws_port=0,
-        http_port=0,
-        max_in_flight_per_connection=spec["concurrency"],
-        max_connections=max(1024, spec["concurrency"]),
-        shutdown_grace=0.5,
-    )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_supervisor(config) as sup, trio.open_nursery() as nursery:
-            server = await nursery.start(serve, sup, settings)
-            print(json.dumps({"http": server.http_url, "ws": server.ws_url}), flush=True)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
-
-
-# --- the load worker's job ----------------------------------------------------------------------
-
-OneCall = Callable[[], Awaitable[float | None]]
-
-
-def _sse_body(model: str) -> bytes:
-    body = {
-        "model": model,
-        "messages": MESSAGES,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def _http_call(client: httpx.AsyncClient, url: str, model: str) -> OneCall:
-    body = _sse_body(model)
-    headers = {"content-type": "application/json", "accept": "text/event-stream"}
-
-    async def one() -> float | None:
-        first = None
-        async with client.stream("POST", url, content=body, headers=headers) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise RuntimeError(f"HTTP {response.status_code}")
-            done = False
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif first is None and line.startswith("data: ") and '"content"' in line:
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter()
-            if not done:
-                raise RuntimeError("the stream ended without [DONE]")
-        return first
-
-    return one
+OneCall = Callable[[], Awaitable[None]]
 
 
 class _WsClient:
@@ -114,21 +51,15 @@ class _WsClient:
         while True:
             frame = json.loads(await self.ws.get_message())
             entry = self.pending.get(frame.get("id"))
-            if entry is None:
-                continue
-            event, box = entry
-            kind = frame["type"]
-            if kind == "delta" and box[1] is None:
-                box[1] = time.perf_counter()
-            elif kind in ("done", "error"):
-                box[0] = kind
-                event.set()
+            if entry is not None and frame["type"] in ("done", "error"):
+                entry[1].append(frame["type"])
+                entry[0].set()
 
-    async def call(self) -> float | None:
+    async def call(self) -> None:
         self.next_id += 1
         request_id = self.next_id
         event = trio.Event()
-        box: list[Any] = [None, None]
+        box: list[Any] = []
         self.pending[request_id] = (event, box)
         try:
             await self.ws.send_message(
@@ -139,142 +70,120 @@ class _WsClient:
             await event.wait()
         finally:
             del self.pending[request_id]
-        if box[0] != "done":
+        if box != ["done"]:
             raise RuntimeError("error frame")
-        first: float | None = box[1]
-        return first
 
 
-def _result(
-    latencies: list[float], firsts: list[float], failed: int, wall: float, cpu: float | None
-) -> dict[str, Any]:
-    total = len(latencies) + failed
-    return {
-        "requests": total,
-        "ok": len(latencies),
-        "failed": failed,
-        "wall_s": wall,
-        "throughput_rps": len(latencies) / wall if wall > 0 else None,
-        "latency_ms": summarise_ms(latencies),
-        "first_delta_ms": summarise_ms(firsts),
-        "gateway_cpu_us_per_request": cpu / total * 1e6 if cpu is not None and total else None,
-    }
-
-
-async def _closed_loop(calls: list[OneCall], seconds: float) -> tuple[list[float], list[float], int, float]:
+async def _closed_loop(
+    calls: Sequence[OneCall], seconds: float, count: int
+) -> tuple[list[float], int, float]:
+    """Each call in ``calls`` one request after another, for ``seconds`` or until ``count``
+    requests (0: no count) have started."""
     latencies: list[float] = []
-    firsts: list[float] = []
     failed = 0
+    started_count = 0
     stop = time.perf_counter() + seconds
 
     async def client(one: OneCall) -> None:
-        nonlocal failed
-        while time.perf_counter() < stop:
+        nonlocal failed, started_count
+        while time.perf_counter() < stop and (not count or started_count < count):
+            started_count += 1
             started = time.perf_counter()
             try:
-                first = await one()
+                await one()
             except Exception:
                 failed += 1
                 continue
             latencies.append(time.perf_counter() - started)
-            if first is not None:
-                firsts.append(first - started)
 
-    started = time.perf_counter()
+    began = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for one in calls:
             nursery.start_soon(client, one)
-    return latencies, firsts, failed, time.perf_counter() - started
+    return latencies, failed, time.perf_counter() - began
 
 
-async def _open_loop(
-    calls: list[OneCall], rate: float, seconds: float
-) -> tuple[list[float], list[float], int, float]:
+async def _paced(
+    calls: Sequence[OneCall], rate: float, seconds: float
+) -> tuple[list[float], int, float]:
+    """As wrk's paced run: one schedule (a slot every 1/rate s) shared by the connections, each
+    taking the next slot when it is free, waiting for it, then sending; latency from the send
+    (so at most ``len(calls)`` requests in flight, as wrk's connections)."""
     latencies: list[float] = []
-    firsts: list[float] = []
     failed = 0
-    total = int(rate * seconds)
+    slots = int(rate * seconds)
+    taken = 0
+    began = trio.current_time()
 
-    async def request(one: OneCall, due: float) -> None:
-        nonlocal failed
-        try:
-            first = await one()
-        except Exception:
-            failed += 1
-            return
-        latencies.append(time.perf_counter() - due)
-        if first is not None:
-            firsts.append(first - due)
+    async def connection(one: OneCall) -> None:
+        nonlocal failed, taken
+        while taken < slots:
+            slot = taken
+            taken += 1
+            await trio.sleep_until(began + slot / rate)
+            started = time.perf_counter()
+            try:
+                await one()
+            except Exception:
+                failed += 1
+                continue
+            latencies.append(time.perf_counter() - started)
 
-    began = time.perf_counter()
-    trio_began = trio.current_time()
+    wall = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for i in range(total):
-            await trio.sleep_until(trio_began + i / rate)
-            nursery.start_soon(request, calls[i % len(calls)], began + i / rate)
-    return latencies, firsts, failed, time.perf_counter() - began
+        for one in calls:
+            nursery.start_soon(connection, one)
+    return latencies, failed, time.perf_counter() - wall
 
 
-async def gateway_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
+async def _ws_job(job: dict[str, Any]) -> dict[str, Any]:
     from trio_websocket import open_websocket_url
 
-    clients, seconds, rate = job["clients"], job["seconds"], job["rate"]
-    gateway_pid = job["gateway_pid"]
-    direct_model = job["models"][0]
-    limits = httpx.Limits(max_connections=clients * 4, max_keepalive_connections=clients * 4)
-    timeout = httpx.Timeout(connect=30.0, read=None, write=10.0, pool=None)
-    out: dict[str, Any] = {"closed": {"clients": clients, "seconds": seconds, "paths": {}}}
-    rate_out: dict[str, Any] = {"rate": rate, "seconds": seconds}
-    headers = {"authorization": f"Bearer {API_KEY}"}
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
-        direct = _http_call(client, f"{url}/v1/chat/completions", direct_model)
-        through = _http_call(client, f"{job['http']}/v1/chat/completions", ROUTE)
-        async with trio.open_nursery() as readers:
-            ws_clients = []
-            for _ in range(clients):
-                ws = await readers.start(_ws_connection, open_websocket_url, job["ws"])
-                ws_clients.append(_WsClient(ws))
-                readers.start_soon(ws_clients[-1].read)
-            paths: dict[str, list[OneCall]] = {
-                "direct": [direct] * clients,
-                "http": [through] * clients,
-                "ws": [c.call for c in ws_clients],
+    headers = [("authorization", f"Bearer {os.environ[_TOKEN_ENV]}")]
+    out: dict[str, Any] = {}
+    async with trio.open_nursery() as readers:
+        clients: list[_WsClient] = []
+        for _ in range(max(run["connections"] for run in job["runs"])):
+            ws = await readers.start(_ws_connection, open_websocket_url, job["ws"], headers)
+            clients.append(_WsClient(ws))
+            readers.start_soon(clients[-1].read)
+        await _closed_loop([c.call for c in clients], job["warmup"], 0)
+        for run in job["runs"]:
+            calls = [c.call for c in clients[: run["connections"]]]
+            cpu = tree_cpu_seconds(job["gateway_pid"])
+            if run["rate"]:
+                lat, failed, wall = await _paced(calls, run["rate"], run["seconds"])
+            else:
+                lat, failed, wall = await _closed_loop(calls, run["seconds"], run["requests"])
+            cpu_end = tree_cpu_seconds(job["gateway_pid"])
+            out[run["name"]] = {
+                "requests": len(lat) + failed,
+                "ok": len(lat),
+                "failed": failed,
+                "wall_s": round(wall, 3),
+                "throughput_rps": round(len(lat) / wall, 1) if wall > 0 else None,
+                "latency_ms": summarise_ms(lat),
+                "latency_source": "trio",
+                "gateway_cpu_s": cpu_end - cpu if cpu is not None and cpu_end is not None else None,
             }
-            for calls in paths.values():  # warm up every path and its connections
-                await _closed_loop(calls, 0.3)
-            for name, calls in paths.items():
-                cpu = cpu_seconds_of(gateway_pid)
-                lat, first, failed, wall = await _closed_loop(calls, seconds)
-                cpu_end = cpu_seconds_of(gateway_pid)
-                used = cpu_end - cpu if cpu is not None and cpu_end is not None and name != "direct" else None
-                out["closed"]["paths"][name] = _result(lat, first, failed, wall, used)
-            for name, calls in paths.items():
-                cpu = cpu_seconds_of(gateway_pid)
-                lat, first, failed, wall = await _open_loop(calls, rate, seconds)
-                cpu_end = cpu_seconds_of(gateway_pid)
-                used = cpu_end - cpu if cpu is not None and cpu_end is not None and name != "direct" else None
-                rate_out[name] = _result(lat, first, failed, wall, used)
-            readers.cancel_scope.cancel()
-    base = rate_out["direct"]["latency_ms"]
-    for name in ("http", "ws"):
-        mine = rate_out[name]["latency_ms"]
-        if base and mine:
-            rate_out[name]["p50_overhead_ms"] = mine["p50"] - base["p50"]
-            rate_out[name]["p99_overhead_ms"] = mine["p99"] - base["p99"]
-    out["rate"] = rate_out
+        readers.cancel_scope.cancel()
     return out
 
 
 def run_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Run the gateway job in a fresh trio loop (in the load worker)."""
-    return trio.run(gateway_job, url, job)
+    """Run the websocket job in a fresh trio loop (in the load worker)."""
+    return trio.run(_ws_job, job)
 
 
 async def _ws_connection(
-    open_url: Any, url: str, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    open_url: Any,
+    url: str,
+    headers: list[tuple[str, str]],
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hold one websocket connection open in the readers' nursery (which owns its lifetime)."""
-    async with open_url(url, extra_headers=[("authorization", f"Bearer {API_KEY}")]) as ws:
+    async with open_url(url, extra_headers=headers) as ws:
         task_status.started(ws)
         await trio.sleep_forever()
 
@@ -282,52 +191,195 @@ async def _ws_connection(
 # --- orchestration ------------------------------------------------------------------------------
 
 
+def _body(model: str, streamed: bool) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": MESSAGES}
+    if streamed:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _run_specs(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each run is: connections, seconds, a count (sequential), an offered rate."""
+    return [
+        {
+            "name": "sequential",
+            "connections": 1,
+            "seconds": 600.0,
+            "requests": p["sequential"],
+            "rate": 0,
+        },
+        {"name": "c1", "connections": 1, "seconds": p["seconds"], "requests": 0, "rate": 0},
+        {
+            "name": "c32",
+            "connections": p["clients"],
+            "seconds": p["seconds"],
+            "requests": 0,
+            "rate": 0,
+        },
+        {
+            "name": "rate",
+            "connections": p["rate_connections"],
+            "seconds": p["seconds"],
+            "requests": 0,
+            "rate": p["rate"],
+        },
+    ]
+
+
+def run_weight(p: dict[str, Any], run: str) -> float:
+    """Rough seconds a run takes, for the progress bar only."""
+    return p["sequential"] * 0.004 if run == "sequential" else p["seconds"]
+
+
+def workload_weight(p: dict[str, Any]) -> float:
+    """Rough seconds of the whole workload, for the progress bar only."""
+    per_path = sum(run_weight(p, run) for run in RUNS)
+    http_paths = 3 if p["litellm"] else 2
+    return (
+        len(MODES) * http_paths * (per_path + p["warmup"])
+        + per_path
+        + 3
+        + (60 if p["litellm"] else 0)
+    )
+
+
+def _row(
+    path: str, mode: str, spec: dict[str, Any], result: dict[str, Any], cpu: float | None
+) -> dict[str, Any]:
+    requests = result["requests"]
+    row = {
+        "path": path,
+        "mode": mode,
+        "run": spec["name"],
+        "connections": spec["connections"],
+        "offered_rps": spec["rate"] or None,
+    } | {k: v for k, v in result.items() if k != "gateway_cpu_s"}
+    row["gateway_cpu_ms_per_request"] = (
+        round(cpu / requests * 1e3, 4) if cpu is not None and requests else None
+    )
+    return row
+
+
+def _wrk_path(
+    wrk: str, gateway: Gateway | None, mock_url: str, model: str, mode: str, spec: dict[str, Any]
+) -> tuple[dict[str, Any], float | None]:
+    streamed = mode == "streamed"
+    if gateway is None:
+        url, token, body, pid = (
+            f"{mock_url}/v1/chat/completions",
+            "sk-bench",
+            _body(model, streamed),
+            None,
+        )
+    else:
+        url, token, body = (
+            f"{gateway.http_url}/v1/chat/completions",
+            gateway.token,
+            _body(ROUTE, streamed),
+        )
+        pid = gateway.pid
+    cpu = tree_cpu_seconds(pid) if pid is not None else None
+    result = run_wrk(
+        wrk,
+        url,
+        body,
+        streamed=streamed,
+        key=token,
+        connections=spec["connections"],
+        seconds=spec["seconds"],
+        stop_after=spec["requests"],
+        rate=spec["rate"],
+    )
+    cpu_end = tree_cpu_seconds(pid) if pid is not None else None
+    used = cpu_end - cpu if cpu is not None and cpu_end is not None else None
+    return result, used
+
+
+def _add_overheads(rows: list[dict[str, Any]]) -> None:
+    direct = {(r["mode"], r["run"]): r for r in rows if r["path"] == "direct"}
+    for row in rows:
+        base = direct.get((row["mode"], row["run"]))
+        if (
+            row["path"] == "direct"
+            or base is None
+            or not base["latency_ms"]
+            or not row["latency_ms"]
+        ):
+            continue
+        row["p50_overhead_ms"] = round(row["latency_ms"]["p50"] - base["latency_ms"]["p50"], 4)
+        row["p99_overhead_ms"] = round(row["latency_ms"]["p99"] - base["latency_ms"]["p99"], 4)
+
+
 def run_gateway_workload(runner: Runner) -> dict[str, Any]:
     p = runner.params["gateway"]
-    tag = runner.tag("gw")
-    models = [f"ok,chunks={p['chunks']},tag={tag}-p", f"ok,chunks={p['chunks']},tag={tag}-s"]
-    concurrency = max(256, p["clients"] * 4)
-    spec = json.dumps({"url": runner.url, "models": models, "concurrency": concurrency})
-    with tempfile.TemporaryFile(mode="w+") as errors:
-        gateway = subprocess.Popen(
-            [sys.executable, "-c", _GATEWAY_CODE, spec],
-            stdout=subprocess.PIPE,
-            stderr=errors,
-            text=True,
-        )
-        try:
-            assert gateway.stdout is not None
-            line = gateway.stdout.readline()
-            if not line.startswith("{"):
-                gateway.wait(timeout=10)
-                errors.seek(0)
-                raise BenchError(f"the gateway did not start: {errors.read()[-2000:]}")
-            where = json.loads(line)
-            job = {
-                "kind": "gateway",
-                "http": where["http"],
-                "ws": where["ws"],
-                "gateway_pid": gateway.pid,
-                "models": models,
-                "clients": p["clients"],
-                "rate": p["rate"],
-                "seconds": p["seconds"],
+    wrk = find_wrk()
+    if wrk is None:
+        print(f"relayrace bench: {WRK_MISSING}", flush=True)
+        return {"summary": None, "skipped": WRK_MISSING}
+    model = f"ok,chunks={p['chunks']}"
+    specs = _run_specs(p)
+    paths: dict[str, dict[str, Any]] = {name: {"available": True, "reason": None} for name in PATHS}
+    rows: list[dict[str, Any]] = []
+    runner.progress.start(
+        "gateway: starting relayrace serve" + (" and LiteLLM's proxy" if p["litellm"] else "")
+    )
+    runner.progress.advance(60 if p["litellm"] else 0)
+    with contextlib.ExitStack() as stack:
+        serve = stack.enter_context(relayrace_serve(runner.url, model, max(256, p["clients"] * 4)))
+        litellm: Gateway | None = None
+        if not p["litellm"]:
+            paths["litellm"] = {
+                "available": False,
+                "reason": "left out (--no-litellm, or LiteLLM not installed)",
             }
-            (result,) = runner.run(
+        else:
+            try:
+                litellm = stack.enter_context(litellm_proxy(runner.url, model))
+            except BenchError as exc:
+                paths["litellm"] = {"available": False, "reason": str(exc)}
+                print(f"relayrace bench: skipping LiteLLM's proxy: {exc}", flush=True)
+        http_paths = {"direct": None, "http": serve} | ({"litellm": litellm} if litellm else {})
+        warm = {
+            "name": "warmup",
+            "connections": 4,
+            "seconds": p["warmup"],
+            "requests": 0,
+            "rate": 0,
+        }
+        for mode in MODES:
+            for gateway in http_paths.values() if p["warmup"] > 0 else ():
+                _wrk_path(wrk, gateway, runner.url, model, mode, warm)  # warm up path and pools
+            for spec in specs:
+                for name, gateway in http_paths.items():
+                    result, cpu = _wrk_path(wrk, gateway, runner.url, model, mode, spec)
+                    rows.append(_row(name, mode, spec, result, cpu))
+                    runner.progress.advance(run_weight(p, spec["name"]), f"gateway: {mode}, {name}")
+                if litellm is not None and spec["name"] == "rate":
+                    time.sleep(2.0)  # let an overrun proxy drain before the next run
+        job = {
+            "kind": "gateway",
+            "ws": serve.ws_url,
+            "gateway_pid": serve.pid,
+            "warmup": p["warmup"],
+            "runs": specs,
+        }
+        # The token goes to the worker in its environment, never in the job (which an error
+        # report would copy into the results).
+        os.environ[_TOKEN_ENV] = serve.token
+        try:
+            (ws_result,) = runner.run(
                 "trio",
                 [job],
-                [p["seconds"] * 3 * 2 + 3],
-                [f"gateway: {p['clients']} clients per path, then {p['rate']} req/s"],
+                [sum(run_weight(p, r) for r in RUNS) + 3],
+                ["gateway: websocket, streamed"],
             )
         finally:
-            gateway.terminate()
-            try:
-                gateway.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
-            if gateway.stdout is not None:
-                gateway.stdout.close()
-    if result is None or "error" in result:
-        return {"summary": None, "error": result}
-    return {"summary": result, "parameters": p | {"models": models}}
+            del os.environ[_TOKEN_ENV]
+        if ws_result is None or "error" in ws_result:
+            paths["ws"] = {"available": False, "reason": json.dumps(ws_result)[:500]}
+        else:
+            for spec in specs:
+                got = ws_result[spec["name"]]
+                rows.append(_row("ws", "streamed", spec, got, got["gateway_cpu_s"]))
+    _add_overheads(rows)
+    return {"summary": {"paths": paths, "rows": rows, "model": model}, "parameters": p}

@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_ints, help="concurrency levels, e.g. 1,8,50,128")
     p.add_argument("--scale", type=_ints, help="in-flight stream counts, e.g. 1,10,100,1000,10000")
     p.add_argument("--chunks", type=int, default=20, help="deltas per streamed answer (20)")
-    p.add_argument("--rate", type=int, help="gateway: open-loop request rate per second (500)")
+    p.add_argument("--rate", type=int, help="gateway: paced (open-loop) request rate per second (500)")
     p.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
     p.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), help="where results go"
@@ -101,10 +101,14 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "modes": ["complete"] if quick else ["complete", "stream"],
         },
         "gateway": {
-            "rate": args.rate or (200 if quick else 500),
+            "rate": args.rate or (100 if quick else 500),
+            "rate_connections": 16 if quick else 64,
             "seconds": 1.0 if quick else 8.0,
-            "clients": 16 if quick else 64,
-            "chunks": 5,
+            "clients": 32,
+            "sequential": 50 if quick else 1000,
+            "warmup": 0.0 if quick else 1.0,
+            "chunks": args.chunks,
+            "litellm": litellm,
         },
         "peers": ["httpx", "relayrace"] + (["litellm"] if litellm else []),
         "litellm_available": litellm,
@@ -165,7 +169,9 @@ def _weight(params: dict[str, Any]) -> float:
         per = params["requests"] * 1.2 * len(MODES) * len(params["concurrency"])
         total += params["repeats"] * sum(per * _COST[p] for p in params["peers"])
     if "gateway" in workloads:
-        total += params["gateway"]["seconds"] * 3 * 2 + 3
+        from ._gateway import workload_weight
+
+        total += workload_weight(params["gateway"])
     if "scale" in workloads:
         total += sum(max(2.0, n * 0.01) * 1.5 + 1 for n in params["scale"]) * 2
     if "faults" in workloads:

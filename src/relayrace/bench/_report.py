@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import MODES
+from ._gwreport import gateway_markdown, gateway_plot, gateway_targets
 
 
 def _get(data: Any, *path: Any) -> Any:
@@ -108,15 +109,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         extra is not None and extra < 1000,
     )
     gw = _get(results, "gateway", "summary") or {}
-    for surface in ("http", "ws"):
-        value = _get(gw, "rate", surface, "p99_overhead_ms")
-        add(
-            f"gateway p99 overhead vs direct, {surface}, at {_get(gw, 'rate', 'rate') or '?'} req/s",
-            "< 2",
-            value,
-            "ms",
-            value is not None and value < 2.0,
-        )
+    for name, goal, measured, unit, met in gateway_targets(gw):
+        add(name, goal, measured, unit, met)
     scale = [r for r in _get(results, "scale", "summary") or [] if r["peer"] == "relayrace"]
     if scale:
         biggest = max(scale, key=lambda r: r["streams"])
@@ -264,7 +258,13 @@ def markdown(results: dict[str, Any]) -> str:
             )
     gw = _get(results, "gateway", "summary")
     if gw:
-        lines += _gateway_markdown(gw)
+        lines += gateway_markdown(
+            gw,
+            _get(results, "gateway", "parameters") or {},
+            _get(results, "machine", "versions", "litellm"),
+        )
+    elif _get(results, "gateway", "skipped"):
+        lines += ["## 3. Gateway", "", f"Skipped: {results['gateway']['skipped']}", ""]
     scale = _get(results, "scale", "summary")
     if scale:
         lines += [
@@ -345,53 +345,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _gateway_markdown(gw: dict[str, Any]) -> list[str]:
-    lines = [
-        "## 3. Gateway: `serve` (websocket and OpenAI-compatible HTTP) vs going direct to the mock",
-        "",
-    ]
-    closed = gw.get("closed")
-    if closed:
-        lines += [f"Closed loop, {closed['clients']} concurrent clients, streamed requests:", ""]
-        lines += _table(
-            ["path", "requests", "req/s", "p50 ms", "p99 ms", "first delta p50 ms", "gateway CPU µs/req", "failed"],
-            [
-                [
-                    name,
-                    str(r["requests"]),
-                    _fmt(r["throughput_rps"]),
-                    _fmt(_get(r, "latency_ms", "p50"), 2),
-                    _fmt(_get(r, "latency_ms", "p99"), 2),
-                    _fmt(_get(r, "first_delta_ms", "p50"), 2),
-                    _fmt(r.get("gateway_cpu_us_per_request")),
-                    str(r["failed"]),
-                ]
-                for name, r in closed["paths"].items()
-            ],
-        )
-    rate = gw.get("rate")
-    if rate:
-        lines += [f"Open loop at {rate['rate']} req/s for {rate['seconds']} s, streamed requests:", ""]
-        lines += _table(
-            ["path", "achieved req/s", "p50 ms", "p99 ms", "first delta p50 ms", "p50 overhead ms", "p99 overhead ms", "failed"],
-            [
-                [
-                    name,
-                    _fmt(r["throughput_rps"]),
-                    _fmt(_get(r, "latency_ms", "p50"), 2),
-                    _fmt(_get(r, "latency_ms", "p99"), 2),
-                    _fmt(_get(r, "first_delta_ms", "p50"), 2),
-                    _fmt(r.get("p50_overhead_ms"), 2),
-                    _fmt(r.get("p99_overhead_ms"), 2),
-                    str(r["failed"]),
-                ]
-                for name, r in rate.items()
-                if isinstance(r, dict)
-            ],
-        )
-    return lines
-
-
 # --- plots --------------------------------------------------------------------------------------
 
 
@@ -438,6 +391,9 @@ def plots(results: dict[str, Any], out: Path, suffix: str) -> list[str]:
             figure.savefig(path, dpi=100)
             pyplot.close(figure)
             written.append(str(path))
+    gw = _get(results, "gateway", "summary")
+    if gw:
+        written += gateway_plot(gw, pyplot, out, suffix, results["run"])
     scale = _get(results, "scale", "summary") or []
     if scale:
         figure, ax = pyplot.subplots(figsize=(6, 4))
