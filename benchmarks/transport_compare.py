@@ -18,7 +18,8 @@ building, SSE parsing, error mapping on top):
 
 For each case (whole answer / streamed, concurrency ``c``), rounds interleave the three (the
 order alternating), each round ``n`` requests by ``c`` tasks; the figure is this process's CPU
-time per request. The machine is noisy: medians over rounds, with the spread (min–max).
+time per request. The machine is noisy: medians over rounds, with the spread (min–max); the
+comparisons are the medians of the ratios taken within each round.
 
     .venv/bin/python benchmarks/transport_compare.py [N] [ROUNDS] [CHUNKS] [CONCURRENCIES]
 
@@ -144,7 +145,11 @@ def main() -> None:
                 ]
                 case = f"stream ({chunks} chunks)" if stream else "whole"
                 pairs = (("h11", "httpx"), ("h11", "sharded"), ("client-h11", "client"))
-                vs = [f"{(med[a] - med[b]) / med[b] * 100:+.0f} %" for a, b in pairs]
+                # Ratios within each round (the same noise on both), their median over rounds.
+                vs = [
+                    f"{(statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True)) - 1) * 100:+.0f} %"
+                    for a, b in pairs
+                ]
                 print(
                     f"| {case} | {concurrency} | {' | '.join(cells)} | {' | '.join(vs)} |",
                     flush=True,

@@ -111,7 +111,6 @@ class _Pool:
         self.slots = trio.Semaphore(size)
         self.idle: list[_Connection] = []
         self.busy: set[_Connection] = set()
-        self.open = 0
         self.closed = False
 
     async def acquire(self, request: httpx.Request, timeouts: dict[str, Any]) -> _Connection:
@@ -147,7 +146,6 @@ class _Pool:
         self.slots.release()
 
     def gone(self, connection: _Connection, *, held: bool) -> None:
-        self.open -= 1
         self.busy.discard(connection)
         if held:
             self.slots.release()
@@ -206,7 +204,6 @@ class _Connection:
                 stream = tls
         if scope.cancelled_caught:
             raise httpx.ConnectTimeout("timed out while connecting", request=request)
-        pool.open += 1
         return cls(pool, stream, tcp.socket)
 
     def reusable(self) -> bool:
