@@ -8,7 +8,11 @@ connections, holding responses back. Connections are counted at the server.
 from __future__ import annotations
 
 import functools
+import pathlib
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -42,7 +46,7 @@ class RawServer:
         return self.gates.setdefault(path, trio.Event())
 
 
-async def read_request(stream: trio.SocketStream, buffer: bytearray) -> tuple[str, bytes] | None:
+async def read_request(stream: trio.abc.Stream, buffer: bytearray) -> tuple[str, bytes] | None:
     """The path and the body of the next request, or None at EOF."""
     while b"\r\n\r\n" not in buffer:
         data = await stream.receive_some(65536)
@@ -384,6 +388,74 @@ async def test_a_request_body_is_sent_whole_with_its_length_and_no_expect(serve)
             assert (await http.post(server.url + "/p", content=body)).status_code == 200
     assert server.bodies == [b'{"a": 1}', b"", b"x" * 200_000]
     assert server.accepted == 1
+
+
+# --- TLS --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A throw-away self-signed certificate for 127.0.0.1 (made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_verifies_the_server_and_keeps_the_connection_alive(certificate) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    accepted = 0
+
+    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        nonlocal accepted
+        accepted += 1
+        buffer = bytearray()
+        try:
+            while (got := await read_request(stream, buffer)) is not None:
+                await stream.send_all(reply(got[1]))
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_ssl_over_tcp, handle, 0, server_tls, host="127.0.0.1")
+        )
+        url = f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}/"
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with client(H11Transport(ssl_context=trusting)) as http:
+            for body in (b"one", b"two"):
+                assert (await http.post(url, content=body)).content == body
+        assert accepted == 1
+        async with client(H11Transport()) as http:  # the system's CAs: not this certificate
+            with pytest.raises(httpx.ConnectError, match="certificate"):
+                await http.get(url)
+        nursery.cancel_scope.cancel()
 
 
 # --- every test of tests/test_over_http.py, its clients on H11Transport ---------------------------
