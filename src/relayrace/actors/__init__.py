@@ -10,6 +10,7 @@ from ._actor import Job as Job
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
 from ._gemini import GeminiClient as GeminiClient
+from ._h11 import H11Transport as H11Transport
 from ._health import HealthSnapshot as HealthSnapshot
 from ._health import State as State
 from ._openai import OpenAIClient as OpenAIClient
@@ -25,6 +26,7 @@ __all__ = [
     "Emit",
     "EmitNowait",
     "GeminiClient",
+    "H11Transport",
     "HealthSnapshot",
     "Job",
     "OpenAIClient",
