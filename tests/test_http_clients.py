@@ -1420,12 +1420,14 @@ async def test_a_whole_answer_switches_to_the_idle_budget_once_headers_arrive(
 # --- connection pools: sharding -----------------------------------------------------------------
 
 
-async def _held_connections(connections: int, requests: int) -> int:
+async def _held_connections(connections: int, requests: int, transport: str = "h11") -> int:
     """Send ``requests`` requests the mock never answers through an ``OpenAIClient`` of
     ``connections`` connections; return how many connections the mock sees open once every
     request is sent or waiting for a connection."""
     async with serve_mock_provider() as mock, trio.open_nursery() as nursery:
-        client = OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=connections)
+        client = OpenAIClient(
+            base_url=f"{mock.base_url}/v1", max_connections=connections, transport=transport
+        )
         for _ in range(requests):
             nursery.start_soon(client.call, call(model="hang"), Sink())
         for _ in range(100):  # until the pools are full (real sockets: a few loop turns)
@@ -1436,8 +1438,12 @@ async def _held_connections(connections: int, requests: int) -> int:
     return seen
 
 
-async def test_a_client_holds_at_most_its_pool_size_in_connections(autojump_clock) -> None:
-    assert await _held_connections(3, 5) == 3
+@pytest.mark.parametrize("transport", ["h11", "httpx"])
+async def test_a_client_holds_at_most_its_pool_size_in_connections(
+    autojump_clock, transport: str
+) -> None:
+    assert await _held_connections(3, 5, transport) == 3
+    assert await _held_connections(20, 25, transport) == (20 if transport == "h11" else 21)
 
 
 async def test_a_client_with_many_connections_spreads_them_over_small_pools(
@@ -1447,8 +1453,8 @@ async def test_a_client_with_many_connections_spreads_them_over_small_pools(
     assert len(transport.shards) == 2 and transport.per_shard == POOL_SHARD
     await transport.aclose()
     # The pools together hold the connections asked for (rounded up to whole pools).
-    assert await _held_connections(2 * POOL_SHARD, 2 * POOL_SHARD + 3) == 2 * POOL_SHARD
-    assert await _held_connections(20, 25) == 21  # 3 pools of 7 ≥ 20
+    assert await _held_connections(2 * POOL_SHARD, 2 * POOL_SHARD + 3, "httpx") == 2 * POOL_SHARD
+    assert await _held_connections(20, 25, "httpx") == 21  # 3 pools of 7 ≥ 20
 
 
 class _Body(httpx.AsyncByteStream):  # a body read off the wire, as a real transport gives

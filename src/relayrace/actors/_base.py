@@ -51,7 +51,7 @@ from ._body import (
     read_whole,
 )
 from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
-from ._transport import make_http_client, tls_context
+from ._transport import TRANSPORTS, make_http_client, tls_context
 
 # After a stream's terminator ([DONE], message_stop) the body normally ends at once; reading that
 # end lets the connection go back to the pool. A server that stalls after its terminator must not
@@ -83,7 +83,7 @@ class ClientOptions(TypedDict, total=False):
     accepts_continuation: bool
     max_connections: int
     connect_timeout: float
-    transport: httpx.AsyncBaseTransport | None
+    transport: httpx.AsyncBaseTransport | str
     max_body_bytes: int
     max_sse_line_bytes: int
     max_event_bytes: int
@@ -111,7 +111,9 @@ class HTTPProviderClient:
             (default: ``default_accepts_continuation``).
         max_connections: the connection pool's size (the actor's ``max_concurrency``).
         connect_timeout: seconds to open a connection (the actor's ``budgets.connect``).
-        transport: an ``httpx`` transport to use instead of the network (tests).
+        transport: ``"h11"`` (default: ``H11Transport``, h11 over pooled trio streams),
+            ``"httpx"`` (httpx's own transport, in pools of 8), or an ``httpx`` transport
+            object to use instead of the network (tests).
         max_body_bytes: the largest whole (non-streamed) body accepted, inflated (default
             16 MiB); past it the attempt fails ``stream_error`` / ``response_too_large``.
         max_sse_line_bytes: the longest line of a stream accepted (default 4 MiB); past it
@@ -142,7 +144,7 @@ class HTTPProviderClient:
         accepts_continuation: bool | None = None,
         max_connections: int = 64,
         connect_timeout: float = 5.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | str = "h11",
         max_body_bytes: int = MAX_BODY_BYTES,
         max_sse_line_bytes: int = MAX_SSE_LINE_BYTES,
         max_event_bytes: int = MAX_EVENT_BYTES,
@@ -157,6 +159,8 @@ class HTTPProviderClient:
             raise ValueError("max_connections: expected a positive integer")
         if not connect_timeout > 0 or math.isinf(connect_timeout):
             raise ValueError("connect_timeout: expected a positive number of seconds")
+        if isinstance(transport, str) and transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {', '.join(TRANSPORTS)}")
         for name, size in (
             ("max_body_bytes", max_body_bytes),
             ("max_sse_line_bytes", max_sse_line_bytes),
@@ -418,8 +422,8 @@ def options_from_table(
     the environment variable that holds the key), ``headers`` and ``query`` (tables of strings)
     and ``extra_body`` (a table merged into every request body, under what the request sets),
     and the limits on what the provider may send: ``max_body_bytes``, ``max_sse_line_bytes``,
-    ``max_event_bytes`` (see ``HTTPProviderClient``).
-    The pool size and connect timeout come from the provider's ``max_concurrency`` and
+    ``max_event_bytes`` (see ``HTTPProviderClient``), and ``transport`` (``h11`` or
+    ``httpx``). The pool size and connect timeout come from the provider's ``max_concurrency`` and
     ``budgets.connect``, read by the config before the client's own keys.
 
     Raises:
@@ -442,6 +446,7 @@ def options_from_table(
         max_body_bytes=table.integer("max_body_bytes", MAX_BODY_BYTES, minimum=1),
         max_sse_line_bytes=table.integer("max_sse_line_bytes", MAX_SSE_LINE_BYTES, minimum=1),
         max_event_bytes=table.integer("max_event_bytes", MAX_EVENT_BYTES, minimum=1),
+        transport=table.choice("transport", TRANSPORTS, "h11"),
     )
 
 

@@ -224,7 +224,7 @@ def relay_config(
     *,
     failover: bool = False,
     budgets: Budgets | None = None,
-    transports: list[httpx.AsyncBaseTransport | None] | None = None,
+    transports: list[httpx.AsyncBaseTransport | str] | None = None,
     policies: Policies | None = None,
     connect_timeout: float = 5.0,
 ) -> Config:
@@ -235,7 +235,7 @@ def relay_config(
     """
     providers = []
     for i, model in enumerate(models):
-        transport = transports[i] if transports else None
+        transport: httpx.AsyncBaseTransport | str = transports[i] if transports else "h11"
         client = OpenAIClient(
             base_url=f"{url}/v1",
             api_key=API_KEY,
@@ -446,10 +446,10 @@ async def faults_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
         return "unavailable" if time.perf_counter() - epoch[0] < down else None
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    transports: list[httpx.AsyncBaseTransport | None] = [
+    transports: list[httpx.AsyncBaseTransport | str] = [
         FaultInjector(httpx.AsyncHTTPTransport(limits=limits), half_failing),
         FaultInjector(httpx.AsyncHTTPTransport(limits=limits), down_then_up),
-        None,
+        "h11",
     ]
     policies = Policies(health=HealthPolicy(cooldown_base=max(0.5, down / 3)))
     config = relay_config(url, models, concurrency, transports=transports, policies=policies)
