@@ -26,7 +26,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from relayrace import (
     Budgets,
@@ -46,6 +46,7 @@ from relayrace.testing import SCRIPTED_ANSWER, serve_mock_provider
 
 from .reliability import FAULTS, KEY, MESSAGES, http_client
 from .support import config, scripted_provider
+from .test_server_websocket import connect
 
 TOKEN = "rr-server-token-7f3a9c2e5b1d"
 HYPOTHESIS = settings(
@@ -69,18 +70,12 @@ async def scripted_server(**settings_: Any) -> AsyncIterator[tuple[Supervisor, S
 async def good_websocket_request(server: Server) -> None:
     """A valid request on a new connection is served."""
     assert server.ws_url is not None
-    async with open_websocket_url(server.ws_url) as ws:
-        frame = {"type": "request", "id": "good", "model": "m", "messages": MESSAGES}
+    async with connect(server) as ws:
+        frame = {"type": "request", "id": "good", "model": "m", "messages": MESSAGES, "text": True}
         await ws.send_message(json.dumps(frame))
         while (reply := json.loads(await ws.get_message()))["type"] == "delta":
             pass
         assert reply["type"] == "done" and reply["text"] == SCRIPTED_ANSWER
-        await close(ws)
-
-
-async def close(ws: WebSocketConnection) -> None:
-    await ws.aclose()
-    await ws._stream.aclose()  # see tests/test_server_websocket.py: connect()
 
 
 def strict_json(text: str) -> Any:
@@ -202,7 +197,7 @@ def _is_json(text: str) -> bool:
 async def _websocket_frames(frames: list[tuple[str | bytes, str]]) -> None:
     async with scripted_server() as (sup, server):
         assert server.ws_url is not None
-        async with open_websocket_url(server.ws_url) as ws:
+        async with connect(server) as ws:
             for k, (frame, code) in enumerate(frames):
                 await ws.send_message(frame)
                 reply = strict_json(await ws.get_message())
@@ -217,7 +212,6 @@ async def _websocket_frames(frames: list[tuple[str | bytes, str]]) -> None:
                     "actors": None,
                 }
             await good_websocket_request(server)  # another connection is served meanwhile
-            await close(ws)
         assert sup.statistics().in_flight == 0
 
 
@@ -231,11 +225,10 @@ async def test_a_health_frame_with_a_nan_id_gets_an_error_not_invalid_json(autoj
     # Found by the test above: the id was echoed back as it came, NaN included.
     async with scripted_server() as (_, server):
         assert server.ws_url is not None
-        async with open_websocket_url(server.ws_url) as ws:
+        async with connect(server) as ws:
             await ws.send_message('{"type": "health", "id": NaN}')
             reply = strict_json(await ws.get_message())
             assert reply["type"] == "error" and reply["code"] == "invalid_id"
-            await close(ws)
 
 
 async def raw_websocket(server: Server) -> trio.SocketStream:
@@ -291,13 +284,12 @@ async def test_invalid_utf8_in_a_text_frame_closes_that_connection_only(autojump
 async def test_a_frame_over_the_limit_closes_that_connection_only(autojump_clock):
     async with scripted_server() as (sup, server):
         assert server.ws_url is not None
-        async with open_websocket_url(server.ws_url) as ws:
+        async with connect(server) as ws:
             with pytest.raises(ConnectionClosed) as info:
                 # The server may close while the frame is still being sent.
                 await ws.send_message(json.dumps(_request("r", model="x" * (1 << 21))))
                 await ws.get_message()
             assert info.value.reason.code == 1009
-            await ws._stream.aclose()
         await good_websocket_request(server)
 
 
@@ -498,8 +490,7 @@ async def test_no_key_or_token_in_logs_events_errors_traces_or_responses(autojum
                         seen.append(json.dumps(event.to_dict()))
 
             nursery.start_soon(collect_events)
-            auth = [(b"authorization", f"Bearer {TOKEN}".encode())]
-            async with open_websocket_url(server.ws_url, extra_headers=auth) as ws:
+            async with connect(server, TOKEN) as ws:
                 async with httpx.AsyncClient(
                     base_url=server.http_url, timeout=None, headers={"authorization": f"Bearer {TOKEN}"}
                 ) as http:
@@ -552,7 +543,6 @@ async def test_no_key_or_token_in_logs_events_errors_traces_or_responses(autojum
                         refused = await http.get("/healthz", headers={"authorization": f"Bearer {wrong}"})
                         assert refused.status_code == 401
                         seen.append(refused.text)
-                await close(ws)
             seen.append(repr(sup.health()))
             seen.append(repr(cfg))
             seen.append(repr(settings_))
