@@ -27,6 +27,7 @@ from .. import BadRequest, Event, Request, RequestFailed, RequestStream, Supervi
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str
 from ._settings import ServerSettings
+from ._stream import HeldStream
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
 log = logging.getLogger("relayrace.server")
@@ -159,14 +160,15 @@ class WebsocketEndpoint:
         """One TCP connection: its handshake (bounded in time), then its websocket."""
         self._open += 1  # counted from the accept: unfinished handshakes count too
         try:
-            async with stream, trio.open_nursery() as nursery:
+            held = HeldStream(stream)
+            async with held, trio.open_nursery() as nursery:
                 request = None
                 with trio.move_on_after(self.settings.handshake_timeout):
                     request = await wrap_server_stream(
-                        nursery, stream, max_message_size=self.settings.max_frame_bytes
+                        nursery, held, max_message_size=self.settings.max_frame_bytes
                     )
                 if request is not None:
-                    await self._handshake(request)
+                    await self._handshake(request, held)
                 nursery.cancel_scope.cancel()
         except Exception:
             # Whatever went wrong belongs to this connection only, never to the server.
@@ -175,7 +177,7 @@ class WebsocketEndpoint:
             self._open -= 1
             self._sockets.release()
 
-    async def _handshake(self, request: WebSocketRequest) -> None:
+    async def _handshake(self, request: WebSocketRequest, stream: HeldStream) -> None:
         remote = request.remote
         if self.stopping.is_set():
             await _reject(request, 503, "server_shutdown", "the server is shutting down")
@@ -197,7 +199,7 @@ class WebsocketEndpoint:
         ws = await request.accept()
         log.debug("websocket connection from %s", remote)
         try:
-            await _Connection(self, ws).run()
+            await _Connection(self, ws, stream).run()
         except Exception:
             log.exception("websocket connection from %s failed", remote)
             with trio.move_on_after(_CLOSE_SECONDS):
@@ -225,8 +227,9 @@ async def _reject(
 
 
 class _Connection:
-    def __init__(self, endpoint: WebsocketEndpoint, ws: WebSocketConnection):
+    def __init__(self, endpoint: WebsocketEndpoint, ws: WebSocketConnection, stream: HeldStream):
         self.endpoint = endpoint
+        self.stream = stream
         self.sup = endpoint.sup
         self.settings = endpoint.settings
         self.encode_json = endpoint.encode_json
@@ -248,11 +251,19 @@ class _Connection:
     # --- the writer ---------------------------------------------------------------------------
 
     async def _write(self, connection_scope: trio.CancelScope) -> None:
-        ws = self.ws
+        ws, stream = self.ws, self.stream
 
         async def write(frames: list[str]) -> None:
-            for frame in frames:
-                await ws.send_message(frame)
+            if len(frames) == 1:
+                await ws.send_message(frames[0])
+                return
+            # A batch goes out in one write (one syscall): each ``send_message`` only appends.
+            stream.hold()
+            try:
+                for frame in frames:
+                    await ws.send_message(frame)
+            finally:
+                await stream.release()
 
         try:
             await self._outbox.run(write)
