@@ -18,11 +18,14 @@ class HeldStream(trio.abc.Stream):
         stream: the accepted TCP stream; closed by ``aclose``.
     """
 
-    __slots__ = ("_stream", "_held", "_lock")
+    __slots__ = ("_stream", "_held", "_lock", "handshake_scope")
 
     def __init__(self, stream: trio.SocketStream):
         self._stream = stream
         self._held: list[bytes] | None = None
+        #: Cancelled when the peer closes (or trio-websocket closes the stream) before the
+        #: opening handshake is done: trio-websocket would wait for the handshake regardless.
+        self.handshake_scope: trio.CancelScope | None = None
         # ``release`` and a write of trio-websocket's own (a pong, a close) may race.
         self._lock = trio.StrictFIFOLock()
 
@@ -58,8 +61,20 @@ class HeldStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._stream.receive_some(max_bytes)
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            self._ended()
+            raise
+        if not data:
+            self._ended()
+        return data
+
+    def _ended(self) -> None:
+        if self.handshake_scope is not None:
+            self.handshake_scope.cancel()
 
     async def aclose(self) -> None:
         self._held = None
+        self._ended()
         await self._stream.aclose()

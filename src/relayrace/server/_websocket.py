@@ -163,12 +163,13 @@ class WebsocketEndpoint:
             held = HeldStream(stream)
             async with held, trio.open_nursery() as nursery:
                 request = None
-                with trio.move_on_after(self.settings.handshake_timeout):
+                with trio.move_on_after(self.settings.handshake_timeout) as held.handshake_scope:
                     request = await wrap_server_stream(
                         nursery, held, max_message_size=self.settings.max_frame_bytes
                     )
+                held.handshake_scope = None
                 if request is not None:
-                    await self._handshake(request, held)
+                    await self._handshake(request, held, _remote(stream))
                 nursery.cancel_scope.cancel()
         except Exception:
             # Whatever went wrong belongs to this connection only, never to the server.
@@ -177,8 +178,7 @@ class WebsocketEndpoint:
             self._open -= 1
             self._sockets.release()
 
-    async def _handshake(self, request: WebSocketRequest, stream: HeldStream) -> None:
-        remote = request.remote
+    async def _handshake(self, request: WebSocketRequest, stream: HeldStream, remote: str) -> None:
         if self.stopping.is_set():
             await _reject(request, 503, "server_shutdown", "the server is shutting down")
             return
@@ -207,6 +207,14 @@ class WebsocketEndpoint:
         finally:
             with trio.move_on_after(_CLOSE_SECONDS):
                 await ws.aclose()
+
+
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except (OSError, ValueError):
+        return "(unknown)"
+    return f"{host}:{port}"
 
 
 async def _reject(
