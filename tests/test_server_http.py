@@ -637,3 +637,18 @@ async def test_deltas_that_are_ready_together_stream_intact(autojump_clock):
     ]
     assert last["choices"][0]["finish_reason"] == "stop"
     assert usage["choices"] == []
+
+
+async def test_http2_is_refused_and_http11_is_served(autojump_clock):
+    # hypercorn would speak HTTP/2 (prior knowledge, or an h2c upgrade) on the HTTP port; only
+    # HTTP/1.1 is served and tested, so an HTTP/2 request gets a clean 505.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, server, http):
+        assert server.http_url is not None
+        async with httpx.AsyncClient(base_url=server.http_url, http1=False, http2=True) as h2:
+            refused = await h2.post("/v1/chat/completions", json=body())
+        assert refused.http_version == "HTTP/2"
+        assert refused.status_code == 505
+        assert refused.json()["error"]["code"] == "http_version"
+        served = await http.post("/v1/chat/completions", json=body())
+        assert served.http_version == "HTTP/1.1" and served.status_code == 200
