@@ -153,7 +153,7 @@ async def ws_client(
     """Sends every request at once on one connection, then reads until each has ended."""
     async with open_websocket_url(url) as ws:
         for i, route in requests:
-            frame = {"type": "request", "id": i, "model": route, "messages": MESSAGES}
+            frame = {"type": "request", "id": i, "model": route, "messages": MESSAGES, "text": True}
             await ws.send_message(json.dumps(frame))
         texts: dict[int, list[str]] = {i: [] for i, _ in requests}
         pending = set(texts)

@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import h11
@@ -26,7 +27,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from relayrace import (
     Budgets,
@@ -42,10 +43,11 @@ from relayrace import (
 )
 from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
 from relayrace.server import Server, ServerSettings, serve
-from relayrace.testing import SCRIPTED_ANSWER, serve_mock_provider
+from relayrace.testing import SCRIPTED_ANSWER, Answer, serve_mock_provider
 
 from .reliability import FAULTS, KEY, MESSAGES, http_client
 from .support import config, scripted_provider
+from .test_server_websocket import connect
 
 TOKEN = "rr-server-token-7f3a9c2e5b1d"
 HYPOTHESIS = settings(
@@ -69,18 +71,12 @@ async def scripted_server(**settings_: Any) -> AsyncIterator[tuple[Supervisor, S
 async def good_websocket_request(server: Server) -> None:
     """A valid request on a new connection is served."""
     assert server.ws_url is not None
-    async with open_websocket_url(server.ws_url) as ws:
-        frame = {"type": "request", "id": "good", "model": "m", "messages": MESSAGES}
+    async with connect(server) as ws:
+        frame = {"type": "request", "id": "good", "model": "m", "messages": MESSAGES, "text": True}
         await ws.send_message(json.dumps(frame))
         while (reply := json.loads(await ws.get_message()))["type"] == "delta":
             pass
         assert reply["type"] == "done" and reply["text"] == SCRIPTED_ANSWER
-        await close(ws)
-
-
-async def close(ws: WebSocketConnection) -> None:
-    await ws.aclose()
-    await ws._stream.aclose()  # see tests/test_server_websocket.py: connect()
 
 
 def strict_json(text: str) -> Any:
@@ -202,7 +198,7 @@ def _is_json(text: str) -> bool:
 async def _websocket_frames(frames: list[tuple[str | bytes, str]]) -> None:
     async with scripted_server() as (sup, server):
         assert server.ws_url is not None
-        async with open_websocket_url(server.ws_url) as ws:
+        async with connect(server) as ws:
             for k, (frame, code) in enumerate(frames):
                 await ws.send_message(frame)
                 reply = strict_json(await ws.get_message())
@@ -217,7 +213,6 @@ async def _websocket_frames(frames: list[tuple[str | bytes, str]]) -> None:
                     "actors": None,
                 }
             await good_websocket_request(server)  # another connection is served meanwhile
-            await close(ws)
         assert sup.statistics().in_flight == 0
 
 
@@ -231,11 +226,10 @@ async def test_a_health_frame_with_a_nan_id_gets_an_error_not_invalid_json(autoj
     # Found by the test above: the id was echoed back as it came, NaN included.
     async with scripted_server() as (_, server):
         assert server.ws_url is not None
-        async with open_websocket_url(server.ws_url) as ws:
+        async with connect(server) as ws:
             await ws.send_message('{"type": "health", "id": NaN}')
             reply = strict_json(await ws.get_message())
             assert reply["type"] == "error" and reply["code"] == "invalid_id"
-            await close(ws)
 
 
 async def raw_websocket(server: Server) -> trio.SocketStream:
@@ -291,13 +285,12 @@ async def test_invalid_utf8_in_a_text_frame_closes_that_connection_only(autojump
 async def test_a_frame_over_the_limit_closes_that_connection_only(autojump_clock):
     async with scripted_server() as (sup, server):
         assert server.ws_url is not None
-        async with open_websocket_url(server.ws_url) as ws:
+        async with connect(server) as ws:
             with pytest.raises(ConnectionClosed) as info:
                 # The server may close while the frame is still being sent.
                 await ws.send_message(json.dumps(_request("r", model="x" * (1 << 21))))
                 await ws.get_message()
             assert info.value.reason.code == 1009
-            await ws._stream.aclose()
         await good_websocket_request(server)
 
 
@@ -498,8 +491,7 @@ async def test_no_key_or_token_in_logs_events_errors_traces_or_responses(autojum
                         seen.append(json.dumps(event.to_dict()))
 
             nursery.start_soon(collect_events)
-            auth = [(b"authorization", f"Bearer {TOKEN}".encode())]
-            async with open_websocket_url(server.ws_url, extra_headers=auth) as ws:
+            async with connect(server, TOKEN) as ws:
                 async with httpx.AsyncClient(
                     base_url=server.http_url, timeout=None, headers={"authorization": f"Bearer {TOKEN}"}
                 ) as http:
@@ -552,7 +544,6 @@ async def test_no_key_or_token_in_logs_events_errors_traces_or_responses(autojum
                         refused = await http.get("/healthz", headers={"authorization": f"Bearer {wrong}"})
                         assert refused.status_code == 401
                         seen.append(refused.text)
-                await close(ws)
             seen.append(repr(sup.health()))
             seen.append(repr(cfg))
             seen.append(repr(settings_))
@@ -566,3 +557,166 @@ async def test_no_key_or_token_in_logs_events_errors_traces_or_responses(autojum
     for secret in (KEY, TOKEN, KEY[3:], TOKEN[:-1]):
         for text in seen + records:
             assert secret not in text, text[:1000]
+
+
+# --- strings no encoder can write, and faults inside one request ----------------------------------
+
+hostile_text = st.one_of(
+    st.sampled_from(["\ud800", "\udfff", "a\ud800b", "\x00", "x" * 70_000, "é\udc80"]),
+    st.text(st.characters(categories=("Cs", "Cc", "Lo")), min_size=1, max_size=4),
+)
+
+
+def _place(where: str, text: str) -> dict[str, Any]:
+    """A request with ``text`` in the field ``where`` (a key, when ``where`` says so)."""
+    frame: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    if where == "model":
+        frame["model"] = text
+    elif where == "content":
+        frame["messages"][0]["content"] = text
+    elif where == "role":
+        frame["messages"][0]["role"] = text
+    elif where == "param key":
+        frame["params"] = {text: 1}
+    elif where == "param value":
+        frame["params"] = {"user": text}
+    elif where == "metadata":
+        frame["metadata"] = {text: text}
+    elif where == "unknown field":
+        frame[text] = 1
+    return frame
+
+
+WHERE = ["id", "type", "health id", "model", "content", "role", "param key", "param value",
+         "metadata", "unknown field"]  # fmt: skip
+
+
+async def _hostile_strings(cases: list[tuple[str, str]]) -> None:
+    async with scripted_server() as (sup, server):
+        async with connect(server) as ws, connect(server) as other:
+            for k, (where, text) in enumerate(cases):
+                if where == "health id":
+                    frame: dict[str, Any] = {"type": "health", "id": text}
+                elif where == "type":
+                    frame = {"type": text, "id": k}
+                else:
+                    frame = {"type": "request", "id": text if where == "id" else k}
+                    frame |= _place(where, text)
+                # ``json.dumps`` escapes a lone surrogate (``"\ud800"``): valid JSON, valid UTF-8.
+                await ws.send_message(json.dumps(frame))
+                while (reply := strict_json(await ws.get_message()))["type"] == "delta":
+                    pass
+                assert reply["type"] in ("error", "done", "health"), reply
+                if reply["type"] == "error":
+                    assert reply["category"] == "bad_request", reply
+                await ws.send_message(json.dumps({"type": "health", "id": "probe"}))
+                assert strict_json(await ws.get_message())["id"] == "probe"
+            await other.send_message(json.dumps({"type": "health", "id": "other"}))
+            assert strict_json(await other.get_message())["id"] == "other"
+        await good_websocket_request(server)
+        assert server.http_url is not None
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            for where, text in cases:
+                if where in ("id", "type", "health id"):
+                    continue
+                body = _place(where, text)
+                content = json.dumps(body)  # a lone surrogate, escaped
+                response = await http.post(
+                    "/v1/chat/completions",
+                    content=content,
+                    headers={"content-type": "application/json"},
+                )
+                assert response.status_code in (200, 400, 404), (where, response.text)
+                strict_json(response.text)
+            good = await http.post("/v1/chat/completions", json=_body())
+            assert good.status_code == 200
+        # No caller's string ever reached a provider as a fault of its own.
+        assert all(h.state.value == "ok" for h in sup.health().values())
+
+
+@HYPOTHESIS
+@given(cases=st.lists(st.tuples(st.sampled_from(WHERE), hostile_text), min_size=1, max_size=6))
+def test_hostile_strings_in_any_field_end_no_connection_and_bench_no_provider(cases):
+    trio.run(_hostile_strings, cases, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_lone_surrogate_id_gets_an_error_with_id_null(autojump_clock):
+    async with scripted_server() as (_, server), connect(server) as ws:
+        for frame in ('{"type": "health", "id": "\\ud800"}', '{"type": "request", "id": "\\ud800"}'):
+            await ws.send_message(frame)
+            reply = strict_json(await ws.get_message())
+            assert (reply["type"], reply["id"], reply["field"]) == ("error", None, "id")
+        await ws.send_message('{"type": "request", "id": "r", "model": "m", "messages": '
+                              '[{"role": "user", "content": "\\udfff"}]}')
+        reply = strict_json(await ws.get_message())
+        assert (reply["id"], reply["code"], reply["field"]) == ("r", "invalid_text", "messages[0].content")
+
+
+def _raising_encoder(value: Any) -> str:
+    """``dumps``, except for the frames and bodies of the request with the id/model ``boom``."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, dict) and (value.get("id") == "boom" or value.get("model") == "boom"):
+        raise RuntimeError("the encoder broke")
+    return text
+
+
+async def test_a_raising_encoder_ends_only_its_own_request(autojump_clock, caplog):
+    cfg = config(scripted_provider("a"))
+    async with open_supervisor(cfg) as sup, trio.open_nursery() as nursery:
+        settings_ = ServerSettings(ws_port=0, http_port=0)
+        server = await nursery.start(partial(serve, sup, settings_, encode_json=_raising_encoder))
+        async with connect(server) as ws, connect(server) as other:
+            await ws.send_message(json.dumps(_request("boom")))
+            while (reply := strict_json(await ws.get_message()))["type"] == "delta":
+                pass
+            assert (reply["type"], reply["id"], reply["code"]) == ("error", "boom", "internal_error")
+            for conn in (ws, other):  # both connections go on
+                await conn.send_message(json.dumps(_request("fine")))
+                while (reply := strict_json(await conn.get_message()))["type"] == "delta":
+                    pass
+                assert (reply["type"], reply["id"]) == ("done", "fine")
+        assert server.http_url is not None
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            # The model ``boom`` is the provider's model in the replies: their encoding raises.
+            whole = await http.post("/v1/chat/completions", json=_body(model="m") | {"user": "x"})
+            assert whole.status_code == 200
+            cfg_boom = config(scripted_provider("a", model="boom"))
+            async with open_supervisor(cfg_boom) as sup2:
+                server2 = await nursery.start(
+                    partial(serve, sup2, ServerSettings(ws_port=None, http_port=0),
+                            encode_json=_raising_encoder)
+                )
+                assert server2.http_url is not None
+                async with httpx.AsyncClient(base_url=server2.http_url) as http2:
+                    failed = await http2.post("/v1/chat/completions", json=_body())
+                    assert failed.status_code == 500
+                    assert failed.json()["error"]["code"] == "internal_error"
+                    async with http2.stream(
+                        "POST", "/v1/chat/completions", json=_body(stream=True)
+                    ) as response:
+                        assert response.status_code == 200
+                        text = (await response.aread()).decode()
+                    assert "internal_error" in text and "[DONE]" not in text
+                    assert (await http2.get("/healthz")).status_code == 200
+                server2.shutdown()
+        nursery.cancel_scope.cancel()
+    assert "the encoder broke" in caplog.text  # logged with its traceback
+
+
+async def test_a_provider_text_no_encoder_can_write_ends_only_that_request(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(text="ab\ud800cd", chunks=2), Answer()))
+    async with open_supervisor(cfg) as sup, trio.open_nursery() as nursery:
+        server = await nursery.start(serve, sup, ServerSettings(ws_port=0, http_port=None))
+        async with connect(server) as ws:
+            await ws.send_message(json.dumps(_request("bad")))
+            while (reply := strict_json(await ws.get_message()))["type"] == "delta":
+                pass
+            assert (reply["type"], reply["code"]) == ("error", "internal_error")
+            await ws.send_message(json.dumps(_request("next")))
+            while (reply := strict_json(await ws.get_message()))["type"] == "delta":
+                pass
+            assert (reply["type"], reply["id"]) == ("done", "next")
+        nursery.cancel_scope.cancel()

@@ -599,27 +599,25 @@ async def test_openai_sdk_with_a_wrong_key():
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
-@pytest.mark.parametrize("first", [False, True])
-def test_content_chunks_are_exactly_the_json_of_their_objects(include_usage, first):
-    # Content chunks are formatted around the encoded text, not built as a dict per delta.
+async def test_content_chunks_are_exactly_the_json_of_their_objects(autojump_clock, include_usage):
+    # Content chunks are formatted around the encoded text, not built as a dict per delta:
+    # on the wire, byte for byte what ``json.dumps`` (compact, unescaped non-ASCII) writes.
     from relayrace.server._common import dumps
-    from relayrace.server._http import _ChunkEncoder
 
-    encoder = _ChunkEncoder("chatcmpl-0a1b", 1700000000, include_usage)
-    for model, text in [("m", "x"), ('mö"del', 'naïve "q" \\ \n\u2028 ☃ \x00'), ("m", "")]:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
-        chunk: dict[str, Any] = {
-            "id": "chatcmpl-0a1b",
-            "object": "chat.completion.chunk",
-            "created": 1700000000,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
-        }
-        if include_usage:
-            chunk["usage"] = None
-        expected = b"data: " + dumps(chunk).encode() + b"\n\n"
-        assert encoder.content(model, text, first=first) == expected
+    text = 'naïve "q" \\ \n\u2028 ☃ \x00 \t end'
+    cfg = config(scripted_provider("a", Answer(text=text, chunks=6)))
+    async with running(cfg) as (_, _, http):
+        request = body(stream=True, stream_options={"include_usage": include_usage})
+        async with http.stream("POST", "/v1/chat/completions", json=request) as response:
+            raw = (await response.aread()).decode()
+    lines = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert lines[:-1] == [dumps(chunk) for chunk in chunks]
+    content = [c for c in chunks if c["choices"] and "content" in c["choices"][0]["delta"]]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in content) == text
+    assert content[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(("usage" in c) is include_usage for c in chunks)
 
 
 async def test_deltas_that_are_ready_together_stream_intact(autojump_clock):
@@ -639,3 +637,18 @@ async def test_deltas_that_are_ready_together_stream_intact(autojump_clock):
     ]
     assert last["choices"][0]["finish_reason"] == "stop"
     assert usage["choices"] == []
+
+
+async def test_http2_is_refused_and_http11_is_served(autojump_clock):
+    # hypercorn would speak HTTP/2 (prior knowledge, or an h2c upgrade) on the HTTP port; only
+    # HTTP/1.1 is served and tested, so an HTTP/2 request gets a clean 505.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, server, http):
+        assert server.http_url is not None
+        async with httpx.AsyncClient(base_url=server.http_url, http1=False, http2=True) as h2:
+            refused = await h2.post("/v1/chat/completions", json=body())
+        assert refused.http_version == "HTTP/2"
+        assert refused.status_code == 505
+        assert refused.json()["error"]["code"] == "http_version"
+        served = await http.post("/v1/chat/completions", json=body())
+        assert served.http_version == "HTTP/1.1" and served.status_code == 200

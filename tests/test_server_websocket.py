@@ -17,13 +17,12 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 from relayrace import Category, Config, ConfigError, Route, Supervisor, open_supervisor
 from relayrace.server import Server, ServerSettings, serve
 from relayrace.server._common import dumps
-from relayrace.server._websocket import _WS_INTERNALS
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Fail, Hang, split_text
 
 from .support import client, config, scripted_provider
@@ -47,17 +46,36 @@ async def running(cfg: Config, **settings: Any) -> AsyncIterator[tuple[Superviso
 async def connect(
     server: Server, token: str | None = None, **kwargs: Any
 ) -> AsyncIterator[WebSocketConnection]:
-    assert server.ws_url is not None
+    """A websocket client on a TCP stream the test owns and closes at the end.
+
+    (trio-websocket's own client leaves its TCP socket open when the server closes first: it
+    waits for the server's TCP close, then never closes its own.) Raises ``HandshakeError``
+    like ``open_websocket_url`` when the connection is refused or rejected.
+    """
+    assert server.ws_port is not None
     headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
-    ws = None
     try:
-        async with open_websocket_url(server.ws_url, extra_headers=headers, **kwargs) as ws:
-            yield ws
-    finally:
-        # trio-websocket's client leaves its TCP socket open when the server closes the
-        # websocket first (it waits for the server's TCP close, then never closes its own).
-        if ws is not None:
-            await ws._stream.aclose()
+        stream = await trio.open_tcp_stream("127.0.0.1", server.ws_port)
+    except OSError as exc:
+        raise HandshakeError from exc
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery, stream, f"127.0.0.1:{server.ws_port}", "/", extra_headers=headers, **kwargs
+            )
+            try:
+                yield ws
+            finally:
+                await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        rejected = group.subgroup(HandshakeError)
+        if rejected is None:
+            raise
+        leaf: BaseException = rejected
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
 
 
 async def handshake(server: Server, *headers: tuple[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -143,7 +161,7 @@ async def test_requests_are_multiplexed_on_one_connection(autojump_clock):
         assert [d["seq"] for d in deltas] == [0, 1, 2]
         assert "".join(d["text"] for d in deltas) == SCRIPTED_ANSWER
         assert done["type"] == "done"
-        assert done["text"] == SCRIPTED_ANSWER
+        assert "text" not in done  # the deltas carried it: not held and sent twice
         assert done["provider"] == "a"
         assert done["model"] == "m"
         assert done["usage"] == {"prompt_tokens": 10, "completion_tokens": 9, "total_tokens": 19}
@@ -543,7 +561,7 @@ async def test_graceful_shutdown_lets_requests_finish_then_cancels_the_rest(auto
         stopped_after = trio.current_time() - begun
         assert sup.statistics().in_flight == 0
     quick, stuck, late = frames["quick"][-1], frames["stuck"][-1], frames["late"][-1]
-    assert quick["type"] == "done" and quick["text"] == SCRIPTED_ANSWER
+    assert quick["type"] == "done"
     assert (late["category"], late["code"]) == ("local_capacity", "server_shutdown")
     assert (stuck["category"], stuck["code"]) == ("cancelled", "server_shutdown")
     assert cancelled_after == 10  # exactly the grace
@@ -597,7 +615,6 @@ async def test_the_writer_can_batch_frames(autojump_clock):
     # still correct, but slower, so an upgrade of trio-websocket that removes them fails here.
     cfg = config(scripted_provider("a", Answer(chunks=40)))
     async with running(cfg, send_queue_frames=4) as (_, server), connect(server) as ws:
-        assert all(hasattr(ws, name) for name in _WS_INTERNALS)
         for i in range(8):
             await send(ws, request_frame(i))
         frames = await until_terminal(ws, *range(8))
@@ -606,3 +623,94 @@ async def test_the_writer_can_batch_frames(autojump_clock):
         assert done["type"] == "done"
         assert [d["seq"] for d in deltas] == list(range(40))
         assert "".join(d["text"] for d in deltas) == SCRIPTED_ANSWER
+
+
+# --- the text of the answer in the done frame -----------------------------------------------------
+
+
+async def test_the_done_frame_carries_the_text_only_when_asked_or_not_sent_as_deltas(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(chunks=4), Answer(chunks=4), Answer(text="")))
+    async with running(cfg) as (_, server), connect(server) as ws:
+        await send(ws, request_frame("plain"))
+        await send(ws, request_frame("asked", text=True))
+        frames = await until_terminal(ws, "plain", "asked")
+        await send(ws, request_frame("empty"))
+        (empty,) = (await until_terminal(ws, "empty"))["empty"]
+        await send(ws, request_frame("bad", text="yes"))
+        (bad,) = (await until_terminal(ws, "bad"))["bad"]
+    for request_id in ("plain", "asked"):
+        *deltas, done = frames[request_id]
+        assert "".join(d["text"] for d in deltas) == SCRIPTED_ANSWER
+    assert "text" not in frames["plain"][-1]
+    assert frames["asked"][-1]["text"] == SCRIPTED_ANSWER
+    assert empty["type"] == "done" and empty["text"] == ""  # no delta carried it
+    assert (bad["type"], bad["field"]) == ("error", "text")
+
+
+# --- connection limits ----------------------------------------------------------------------------
+
+
+async def handshake_status(server: Server) -> int:
+    """The status line's code of a websocket opening handshake (101 when accepted)."""
+    assert server.ws_port is not None
+    async with await trio.open_tcp_stream("127.0.0.1", server.ws_port) as stream:
+        await stream.send_all(
+            b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n" not in head:
+            chunk = await stream.receive_some()
+            assert chunk, "closed before the status line"
+            head += chunk
+        return int(head.split(b" ", 2)[1])
+
+
+async def idle_socket(server: Server) -> trio.SocketStream:
+    assert server.ws_port is not None
+    return await trio.open_tcp_stream("127.0.0.1", server.ws_port)
+
+
+async def test_an_unfinished_handshake_is_closed_at_the_handshake_timeout(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, handshake_timeout=3.0) as (_, server):
+        start = trio.current_time()
+        async with await idle_socket(server) as idle:
+            await idle.send_all(b"GET / HTTP/1.1\r\n")  # and never the rest
+            assert await idle.receive_some() == b""  # closed by the server
+        assert trio.current_time() - start == 3.0
+        async with connect(server) as ws:  # the server goes on
+            await assert_usable(ws)
+
+
+async def test_unfinished_handshakes_count_against_max_connections(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, max_connections=2) as (_, server):
+        first, second = await idle_socket(server), await idle_socket(server)
+        async with first, second:
+            await trio.testing.wait_all_tasks_blocked()
+            status, _, body = await handshake(server)
+            assert status == 503 and json.loads(body)["error"]["code"] == "too_many_connections"
+        await trio.testing.wait_all_tasks_blocked()
+        assert await handshake_status(server) == 101
+
+
+async def test_sockets_over_the_cap_wait_in_the_accept_queue(autojump_clock):
+    # Two idle sockets hold the listener's two places: a third connection is accepted only when
+    # the handshake timeout has closed them, and is then served.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, max_sockets=2, handshake_timeout=5.0) as (_, server):
+        first, second = await idle_socket(server), await idle_socket(server)
+        async with first, second:
+            start = trio.current_time()
+            assert await handshake_status(server) == 101
+            assert trio.current_time() - start == 5.0
+
+
+async def test_max_sockets_and_handshake_timeout_are_checked():
+    with pytest.raises(ConfigError):
+        ServerSettings(max_sockets=0)
+    with pytest.raises(ConfigError):
+        ServerSettings(handshake_timeout=-1)
+    assert ServerSettings().handshake_timeout == 10.0
+    assert ServerSettings().max_sockets is None

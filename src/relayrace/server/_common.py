@@ -11,8 +11,7 @@ from typing import Any
 
 import trio
 
-from .._errors import RequestFailed
-from .._values import Reply
+from .. import Reply, RequestFailed
 
 
 def authorized(tokens: frozenset[str], headers: Iterable[tuple[bytes, bytes]]) -> bool:

@@ -21,23 +21,11 @@ from typing import Any
 
 import trio
 
-from .._errors import BadRequest, RequestFailed
-from .._failure import Category
-from .._values import Reply, Request
-from ..actors import State
-from ..supervisor import Supervisor
-from ._common import (
-    Gate,
-    ShuttingDown,
-    Stop,
-    Ticket,
-    authorized,
-    dumps,
-    dumps_str,
-    failure_trace,
-    reply_trace,
-)
+from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor
+from ._batch import Batcher
+from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str, reply_trace
 from ._settings import ServerSettings
+from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
 log = logging.getLogger("relayrace.server")
 
@@ -46,29 +34,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# HTTP status and OpenAI error type per failure category. The client's own token was accepted
-# (a bad one gets 401 at the door), so an upstream `auth` or `quota_exhausted` is our upstream
-# refusing us: a 502, never a 401/429 that would send the client after its own key or plan.
-_STATUS: dict[Category, tuple[int, str]] = {
-    Category.BAD_REQUEST: (400, "invalid_request_error"),
-    Category.CONTEXT_LENGTH: (400, "invalid_request_error"),
-    Category.CONTENT_POLICY: (400, "invalid_request_error"),
-    Category.MODEL_NOT_FOUND: (404, "invalid_request_error"),
-    Category.RATE_LIMIT: (429, "rate_limit_error"),
-    Category.OVERLOADED: (503, "service_unavailable_error"),
-    # Our own capacity (every actor's inbox full) or a supervisor shutting down: try again
-    # later or elsewhere. Not a 429: the client did not exceed a limit of its own.
-    Category.LOCAL_CAPACITY: (503, "service_unavailable_error"),
-    Category.CANCELLED: (503, "service_unavailable_error"),
-    Category.TIMEOUT: (504, "server_error"),
-    Category.AUTH: (502, "upstream_error"),
-    Category.QUOTA_EXHAUSTED: (502, "upstream_error"),
-    Category.PROVIDER_5XX: (502, "upstream_error"),
-    Category.NETWORK: (502, "upstream_error"),
-    Category.STREAM_ERROR: (502, "upstream_error"),
-    Category.UNKNOWN: (502, "upstream_error"),
-}
-
 # Keys of a chat completion body that are not generation parameters for the provider.
 _NOT_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
 
@@ -76,41 +41,36 @@ _NOT_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
 class _HTTPError(Exception):
     """Ends a request with an error response in OpenAI's shape."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        extra: dict[str, Any] | None = None,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.body: dict[str, Any] = {
-            "error": {"message": message, "type": kind, "param": param, "code": code}
-        }
-        if extra is not None:
-            self.body["relayrace"] = extra
-        self.headers = headers or []
+    def __init__(self, error: WireError):
+        super().__init__(error.message)
+        self.error = error
 
     @classmethod
     def from_failure(cls, exc: RequestFailed) -> _HTTPError:
-        failure = exc.failure
-        status, kind = _STATUS.get(failure.category, (502, "upstream_error"))
-        headers = []
-        if failure.category is Category.RATE_LIMIT and failure.retry_after is not None:
-            headers.append((b"retry-after", str(max(1, round(failure.retry_after))).encode()))
-        return cls(
-            status,
-            str(exc),
+        return cls(WireError.from_failure(exc))
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> _HTTPError:
+    category = "local_capacity" if status == 503 else "bad_request"
+    return _HTTPError(
+        WireError(
+            status=status,
             kind=kind,
-            code=failure.code or failure.category.value,
-            extra=failure_trace(exc),
-            headers=headers,
+            category=category,
+            code=code,
+            message=message,
+            field=param,
+            headers=tuple(headers or ()),
         )
+    )
 
 
 class _Disconnected(Exception):
@@ -124,12 +84,21 @@ class OpenAIApp:
         sup: the supervisor that serves the requests.
         settings: tokens and ``max_body_bytes`` are used.
         gate: the gate of the surrounding ``serve`` (requests in flight, shutdown).
+        encode_json: writes every JSON body and event but the content chunks.
     """
 
-    def __init__(self, sup: Supervisor, settings: ServerSettings, gate: Gate):
+    def __init__(
+        self,
+        sup: Supervisor,
+        settings: ServerSettings,
+        gate: Gate,
+        *,
+        encode_json: Callable[[Any], str] = dumps,
+    ):
         self.sup = sup
         self.settings = settings
         self.gate = gate
+        self.encode_json = encode_json
         # The upstream model each provider is asked for (``None``: the route's name is passed
         # through). Chunks before the last carry it; the last one carries what the provider
         # reported.
@@ -143,12 +112,68 @@ class OpenAIApp:
             # A websocket upgrade on the HTTP port: the websocket endpoint has its own port.
             await send({"type": "websocket.close", "code": 1008})
             return
+        if scope.get("http_version") not in ("1.0", "1.1"):
+            # hypercorn takes h2c upgrades and HTTP/2 prior knowledge on its own; we serve and
+            # test HTTP/1.1 only, so anything else is refused as such.
+            await self._send_json(
+                send, 505, _error(505, "only HTTP/1.1 is served", code="http_version").error
+            )
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self._route(scope, receive, send)
+            await self._route(scope, receive, tracked)
         except _HTTPError as exc:
-            await _send_json(send, exc.status, exc.body, exc.headers)
+            await self._send_json(tracked, exc.error.status, exc.error)
         except _Disconnected:
             pass
+        except Exception:
+            # A fault of this request ends it, answered, and nothing else: a 500, or an error
+            # event (never ``[DONE]``) if the stream had begun.
+            log.exception("HTTP request %s %s failed", scope.get("method"), scope.get("path"))
+            error = WireError.internal()
+            try:
+                if started:
+                    await _send_event(send, safe_dumps(error.http_body()), more=False)
+                else:
+                    await self._send_json(send, 500, error)
+            except Exception:
+                log.debug("the error response could not be sent either", exc_info=True)
+
+    async def _send_json(
+        self,
+        send: Send,
+        status: int,
+        body: dict[str, Any] | WireError,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        if isinstance(body, WireError):
+            headers = [*body.headers, *(headers or [])]
+            body = body.http_body()
+        text = self.encode_json(body)
+        data = (text if encodable(text) else safe_dumps(body)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                    *(headers or []),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    def _event(self, body: dict[str, Any]) -> str:
+        text = self.encode_json(body)
+        return text if encodable(text) else safe_dumps(body)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -160,9 +185,9 @@ class OpenAIApp:
         }
         found = routes.get(path.rstrip("/") or "/")
         if found is None:
-            raise _HTTPError(404, f"unknown path {path[:200]!r}", code="unknown_url")
+            raise _error(404, f"unknown path {path[:200]!r}", code="unknown_url")
         if not authorized(self.settings.tokens, scope["headers"]):
-            raise _HTTPError(
+            raise _error(
                 401,
                 "missing or invalid bearer token",
                 kind="authentication_error",
@@ -171,7 +196,7 @@ class OpenAIApp:
             )
         allowed, handler = found
         if method != allowed:
-            raise _HTTPError(
+            raise _error(
                 405,
                 f"{method} is not allowed on {path}; use {allowed}",
                 code="method_not_allowed",
@@ -193,7 +218,7 @@ class OpenAIApp:
             }
             for name, route in self.sup.routes.items()
         ]
-        await _send_json(send, 200, {"object": "list", "data": data})
+        await self._send_json(send, 200, {"object": "list", "data": data})
 
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         health = self.sup.health()
@@ -213,7 +238,7 @@ class OpenAIApp:
         }
         # 503 only while shutting down, so that a load balancer stops sending traffic; a
         # degraded or benched supervisor still answers (terminus, all-benched policy).
-        await _send_json(send, 503 if self.gate.closed else 200, body)
+        await self._send_json(send, 503 if self.gate.closed else 200, body)
 
     # --- POST /v1/chat/completions ------------------------------------------------------------
 
@@ -221,17 +246,17 @@ class OpenAIApp:
         body = await self._read_json(scope, receive)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise _HTTPError(400, "'stream' must be true or false", param="stream")
+            raise _error(400, "'stream' must be true or false", param="stream")
         options = body.get("stream_options")
         if options is not None and (not stream or not isinstance(options, dict)):
-            raise _HTTPError(
+            raise _error(
                 400,
                 "'stream_options' is an object, allowed only with stream",
                 param="stream_options",
             )
         include_usage = bool(options and options.get("include_usage"))
         if body.get("n", 1) not in (1, None):
-            raise _HTTPError(400, "only n=1 is supported", param="n")
+            raise _error(400, "only n=1 is supported", param="n")
         try:
             request = Request(
                 body.get("model"),  # type: ignore[arg-type]  # Request checks it
@@ -243,11 +268,11 @@ class OpenAIApp:
             # Generation parameters sit at the top of an OpenAI body, not under `params`.
             field = exc.field.removeprefix("params.")
             message = f"{field}: {exc.problem}"
-            raise _HTTPError(400, message, param=field, code="invalid_request") from None
+            raise _error(400, message, param=field, code="invalid_request") from None
         try:
             ticket = self.gate.issue()
         except ShuttingDown:
-            raise _HTTPError(
+            raise _error(
                 503,
                 "the server is shutting down",
                 kind="service_unavailable_error",
@@ -273,7 +298,7 @@ class OpenAIApp:
 
     async def _read_json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         limit = self.settings.max_body_bytes
-        too_large = _HTTPError(
+        too_large = _error(
             413, f"the request body exceeds {limit} bytes", code="request_too_large"
         )
         for name, value in scope["headers"]:
@@ -292,27 +317,34 @@ class OpenAIApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        raw = b"".join(chunks)
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw)
         except ValueError as exc:
-            raise _HTTPError(
+            raise _error(
                 400, f"the body is not valid JSON: {exc}", code="invalid_json"
             ) from None
         except RecursionError:
             # JSON nested deeper than the decoder's recursion limit is not a ValueError: without
             # this it escaped the app and the client got a bare 500 instead of a clear 400.
-            raise _HTTPError(
+            raise _error(
                 400, "the body is JSON nested too deeply", code="invalid_json"
             ) from None
         if not isinstance(body, dict):
-            raise _HTTPError(400, "the body must be a JSON object", code="invalid_json")
+            raise _error(400, "the body must be a JSON object", code="invalid_json")
+        bad = unencodable_field(raw, body)
+        if bad is not None:
+            # A lone surrogate (``"\ud800"``) is valid JSON but cannot be written back out.
+            raise _error(
+                400, f"{bad}: not valid Unicode (a lone surrogate)", param=bad, code="invalid_text"
+            )
         return body
 
     def _no_route(self, exc: BadRequest) -> _HTTPError:
-        return _HTTPError(404, str(exc), param=exc.field, code="model_not_found")
+        return _error(404, str(exc), param=exc.field, code="model_not_found")
 
     def _shutdown_error(self) -> _HTTPError:
-        return _HTTPError(
+        return _error(
             503, Stop.SHUTDOWN.value, kind="service_unavailable_error", code="server_shutdown"
         )
 
@@ -347,7 +379,7 @@ class OpenAIApp:
             "system_fingerprint": None,
             "relayrace": reply_trace(reply),
         }
-        await _send_json(send, 200, body, [(b"x-relayrace-provider", reply.provider.encode())])
+        await self._send_json(send, 200, body, [(b"x-relayrace-provider", reply.provider.encode())])
 
     async def _stream(
         self,
@@ -422,7 +454,7 @@ class OpenAIApp:
             if not started:
                 raise self._shutdown_error()
             error = self._shutdown_error()
-            await _send_event(send, error.body, more=False)
+            await _send_event(send, self._event(error.error.http_body()), more=False)
             return
         if failure is not None:
             error = _HTTPError.from_failure(failure)
@@ -430,7 +462,7 @@ class OpenAIApp:
                 raise error
             # The answer is cut short: say so, and never send `[DONE]`, so that no client takes
             # a truncated answer for a whole one.
-            await _send_event(send, error.body, more=False)
+            await _send_event(send, self._event(error.error.http_body()), more=False)
             return
         assert reply is not None
         # The end of the stream goes out in one body message: the last chunk, the usage chunk
@@ -447,7 +479,7 @@ class OpenAIApp:
             usage["choices"] = []
             usage["usage"] = None if reply.usage is None else reply.usage.to_dict()
             events.append(usage)
-        tail = "".join([f"data: {dumps(event)}\n\n" for event in events]) + "data: [DONE]\n\n"
+        tail = "".join([f"data: {self._event(event)}\n\n" for event in events]) + "data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
 
 
@@ -459,51 +491,36 @@ class _Body:
     be written, the writes get bigger instead of falling behind. At most ``_QUEUE`` chunks wait.
     """
 
-    __slots__ = ("_send", "_in", "_out", "_done", "_running")
+    __slots__ = ("_send", "_queue", "_done", "_running")
 
     def __init__(self, send: Send):
         self._send = send
-        self._in, self._out = trio.open_memory_channel[bytes](_QUEUE)
+        self._queue = Batcher[bytes](_QUEUE, most=1 << 30)
         self._done = trio.Event()
         self._running = False
 
     async def put(self, data: bytes) -> None:
-        # No schedule point while there is room: deltas that are ready are handed over at once.
-        try:
-            self._in.send_nowait(data)
-        except trio.WouldBlock:
-            await self._in.send(data)
+        await self._queue.put(data)
 
     def start(self, nursery: trio.Nursery) -> None:
         self._running = True
         nursery.start_soon(self._run)
 
     async def _run(self) -> None:
-        out, send = self._out, self._send
+        send = self._send
+
+        async def write(chunks: list[bytes]) -> None:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
         try:
-            while True:
-                try:
-                    chunks = [out.receive_nowait()]
-                except trio.WouldBlock:
-                    try:
-                        chunks = [await out.receive()]
-                    except trio.EndOfChannel:
-                        return
-                except trio.EndOfChannel:
-                    return
-                while True:
-                    try:
-                        chunks.append(out.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await self._queue.run(write)
         finally:
             self._done.set()
 
     async def close(self) -> None:
         """Wait until every chunk handed over is written (the writer then ends)."""
-        self._in.close()
+        self._queue.close()
         if self._running:
             await self._done.wait()
 
@@ -564,32 +581,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def _send_json(
-    send: Send,
-    status: int,
-    body: dict[str, Any],
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    data = dumps(body).encode()
+async def _send_event(send: Send, data: str, *, more: bool = True) -> None:
     await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data, "more_body": False})
-
-
-async def _send_event(send: Send, data: dict[str, Any], *, more: bool = True) -> None:
-    await send(
-        {
-            "type": "http.response.body",
-            "body": b"data: " + dumps(data).encode() + b"\n\n",
-            "more_body": more,
-        }
+        {"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": more}
     )

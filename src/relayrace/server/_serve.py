@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import resource
+from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import hypercorn.trio
@@ -12,8 +14,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
-from ..supervisor import Supervisor
-from ._common import Gate, Stop
+from .. import Supervisor
+from ._common import Gate, Stop, dumps
 from ._http import OpenAIApp
 from ._settings import ServerSettings
 from ._websocket import WebsocketEndpoint
@@ -70,6 +72,7 @@ async def serve(
     sup: Supervisor,
     settings: ServerSettings | None = None,
     *,
+    encode_json: Callable[[Any], str] = dumps,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``sup`` over the websocket endpoint and the OpenAI-compatible HTTP endpoint::
@@ -88,6 +91,10 @@ async def serve(
     Args:
         sup: the running supervisor that serves every request.
         settings: hosts, ports, tokens and limits (default: ``ServerSettings()``).
+        encode_json: writes every JSON object both surfaces send, but the websocket's
+            ``delta`` frames and the SSE content chunks (default: compact ``json.dumps``).
+            If it raises, that one request is answered with an ``internal_error`` and the
+            server goes on.
         task_status: ``nursery.start`` receives the ``Server`` once both endpoints listen
             (with the ports actually bound, when a port of ``0`` was asked for).
     """
@@ -98,10 +105,13 @@ async def serve(
         websocket: WebsocketEndpoint | None = None
         ws_port = http_port = None
         if settings.ws_port is not None:
-            websocket = WebsocketEndpoint(sup, settings, gate)
+            max_sockets = settings.max_sockets or max(16, _open_file_limit() // 2)
+            websocket = WebsocketEndpoint(
+                sup, settings, gate, max_sockets=max_sockets, encode_json=encode_json
+            )
             ws_port = await nursery.start(websocket.run)
         if settings.http_port is not None:
-            app = OpenAIApp(sup, settings, gate)
+            app = OpenAIApp(sup, settings, gate, encode_json=encode_json)
             binds = await nursery.start(
                 partial(
                     hypercorn.trio.serve,
@@ -130,6 +140,22 @@ async def serve(
         # Time for the cancelled requests' goodbyes to reach their clients, then cut.
         nursery.cancel_scope.deadline = trio.current_time() + FLUSH_SECONDS
     log.info("server stopped")
+
+
+def _open_file_limit() -> int:
+    """The process's open-file limit, raised to its hard limit first (a gateway's descriptors
+    are its connections: clients' and upstream's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit: go to a million, which the kernel's nr_open allows by default.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-file limit from %d to %d", soft, target)
+            return soft
+        return target
+    return target if soft == resource.RLIM_INFINITY else soft
 
 
 def _hypercorn_config(settings: ServerSettings) -> HypercornConfig:

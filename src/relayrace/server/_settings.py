@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from .._errors import ConfigError
+from .. import ConfigError
 
 
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -31,6 +31,11 @@ def _seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None
         or value < 0
     ):
         raise ConfigError(attribute.name, "a number of seconds >= 0", value)
+
+
+def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive(instance, attribute, value)
 
 
 def _tokens(value: Iterable[str] | str) -> frozenset[str]:
@@ -63,8 +68,14 @@ class ServerSettings:
             of the text frame); a larger one closes the connection with code 1009.
         max_in_flight_per_connection: requests running at once on one websocket connection;
             one more is refused with a ``local_capacity`` error frame.
-        max_connections: websocket connections open at once; one more is refused at the
-            handshake with HTTP 503.
+        max_connections: websocket connections open at once, those still in their opening
+            handshake included; one more is refused at the handshake with HTTP 503.
+        handshake_timeout: seconds a new websocket connection may take to finish its opening
+            handshake; then it is closed (an idle socket holds a descriptor no longer).
+        max_sockets: TCP connections the websocket listener keeps open at once (handshakes
+            included); more wait in the kernel's accept queue, costing no descriptor.
+            ``None``: half of the process's open-file limit (``RLIMIT_NOFILE``, raised to its
+            hard limit at start), so that the rest stays free for upstream calls.
         send_queue_frames: frames queued for one websocket connection before the requests on
             it wait for the client to read (a slow reader slows its own requests only).
         max_body_bytes: the largest HTTP request body; a larger one gets HTTP 413.
@@ -80,6 +91,8 @@ class ServerSettings:
     max_frame_bytes: int = attrs.field(default=1 << 20, validator=_positive)
     max_in_flight_per_connection: int = attrs.field(default=64, validator=_positive)
     max_connections: int = attrs.field(default=1024, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    max_sockets: int | None = attrs.field(default=None, validator=_optional_positive)
     send_queue_frames: int = attrs.field(default=32, validator=_positive)
     max_body_bytes: int = attrs.field(default=1 << 20, validator=_positive)
     shutdown_grace: float = attrs.field(default=10.0, validator=_seconds)

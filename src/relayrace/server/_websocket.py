@@ -9,43 +9,41 @@ else. The wire protocol is described in ``docs/servers.md``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
-    Endpoint,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
+    wrap_server_stream,
 )
-from wsproto.events import TextMessage
 
-from .._errors import BadRequest, RequestFailed
-from .._events import Event
-from .._values import Request
-from ..supervisor import RequestStream, Supervisor
-from ._common import (
-    Gate,
-    ShuttingDown,
-    Stop,
-    Ticket,
-    authorized,
-    dumps,
-    dumps_str,
-    failure_trace,
-)
+from .. import BadRequest, Event, Request, RequestFailed, RequestStream, Supervisor
+from ._batch import Batcher
+from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str
 from ._settings import ServerSettings
+from ._stream import HeldStream
+from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
 log = logging.getLogger("relayrace.server")
 
 _MAX_ID_LENGTH = 256
-_REQUEST_FIELDS = frozenset({"type", "id", "model", "messages", "params", "metadata", "events"})
+_REQUEST_FIELDS = frozenset(
+    {"type", "id", "model", "messages", "params", "metadata", "events", "text"}
+)
 # The close code for "going away" (RFC 6455 §7.4.1): the server is shutting down.
 _GOING_AWAY = 1001
+# The close code for "internal error" (RFC 6455 §7.4.1): the server failed this connection.
+_INTERNAL_ERROR = 1011
+# How long a closing handshake may take before the TCP connection is cut.
+_CLOSE_SECONDS = 10.0
+# accept() errors that mean "out of file descriptors or memory for now": wait, then go on.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 RequestId = str | int
 
@@ -53,72 +51,60 @@ RequestId = str | int
 class _FrameError(Exception):
     """A frame the client sent cannot be served; becomes one ``error`` frame."""
 
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        request_id: RequestId | None = None,
-        category: str = "bad_request",
-        field: str | None = None,
-    ):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, error: WireError, request_id: RequestId | None = None):
+        super().__init__(error.message)
+        self.error = error
         self.request_id = request_id
-        self.category = category
-        self.field = field
 
-    def frame(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {
-            "type": "error",
-            "id": self.request_id,
-            "category": self.category,
-            "code": self.code,
-            "message": self.message,
-            "attempts": [],
-            "decisions": [],
-        }
-        if self.field is not None:
-            frame["field"] = self.field
-        return frame
+
+def _bad(
+    code: str, message: str, *, request_id: RequestId | None = None, field: str | None = None
+) -> _FrameError:
+    return _FrameError(WireError.bad_request(code, message, field=field), request_id)
 
 
 def _request_id(frame: Mapping[str, Any]) -> RequestId:
     if "id" not in frame:
-        raise _FrameError("missing_id", f"a {frame['type']!r} frame needs an 'id'", field="id")
+        raise _bad("missing_id", f"a {frame['type']!r} frame needs an 'id'", field="id")
     value = frame["id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _FrameError("invalid_id", "'id' must be a string or an integer", field="id")
-    if isinstance(value, str) and not 0 < len(value) <= _MAX_ID_LENGTH:
-        raise _FrameError(
-            "invalid_id", f"'id' must have 1 to {_MAX_ID_LENGTH} characters", field="id"
-        )
+        raise _bad("invalid_id", "'id' must be a string or an integer", field="id")
+    if isinstance(value, str):
+        if not 0 < len(value) <= _MAX_ID_LENGTH:
+            raise _bad("invalid_id", f"'id' must have 1 to {_MAX_ID_LENGTH} characters", field="id")
+        if not encodable(value):
+            # It cannot be echoed back: the error frame says id null.
+            raise _bad("invalid_id", "'id' is not valid Unicode (a lone surrogate)", field="id")
     return value
 
 
-def _error_frame(request_id: RequestId, exc: RequestFailed) -> dict[str, Any]:
-    trace = failure_trace(exc)
-    return {
-        "type": "error",
-        "id": request_id,
-        "category": trace["category"],
-        "code": exc.failure.code or trace["category"],
-        "message": exc.failure.message,
-        "provider": trace["provider"],
-        "attempts": trace["attempts"],
-        "decisions": trace["decisions"],
-    }
-
-
 class WebsocketEndpoint:
-    """The websocket surface of ``serve``: accepts connections until ``stop_accepting``."""
+    """The websocket surface of ``serve``: accepts connections until ``stop_accepting``.
 
-    def __init__(self, sup: Supervisor, settings: ServerSettings, gate: Gate):
+    Args:
+        sup: the supervisor that serves the requests.
+        settings: the websocket settings and limits.
+        gate: the gate of the surrounding ``serve`` (requests in flight, shutdown).
+        max_sockets: TCP connections open at once on this listener, handshakes included;
+            the next one waits in the kernel's accept queue.
+        encode_json: writes every frame but the deltas.
+    """
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        settings: ServerSettings,
+        gate: Gate,
+        *,
+        max_sockets: int,
+        encode_json: Callable[[Any], str] = dumps,
+    ):
         self.sup = sup
         self.settings = settings
         self.gate = gate
+        self.encode_json = encode_json
         self._listen_scope = trio.CancelScope()
+        self._sockets = trio.Semaphore(max_sockets)
         self._open = 0
         # Set when shutdown begins: connections close once their requests have ended.
         self.stopping = trio.Event()
@@ -137,23 +123,66 @@ class WebsocketEndpoint:
     async def _listen(
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[int]
     ) -> None:
-        with self._listen_scope:
-            await serve_websocket(
-                self._handshake,
-                self.settings.ws_host,
-                self.settings.ws_port or 0,
-                None,
-                handler_nursery=connections,
-                max_message_size=self.settings.max_frame_bytes,
-                task_status=_PortStatus(task_status),
-            )
+        listeners = await trio.open_tcp_listeners(
+            self.settings.ws_port or 0, host=self.settings.ws_host
+        )
+        try:
+            with self._listen_scope:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept, listener, connections)
+                    task_status.started(listeners[0].socket.getsockname()[1])
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
 
-    async def _handshake(self, request: WebSocketRequest) -> None:
-        remote = request.remote
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        sockets = self._sockets
+        while True:
+            # At the cap, new connections wait in the kernel's queue and cost us no descriptor.
+            await sockets.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                sockets.release()
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("websocket accept failed (%s): waiting 100 ms", errno.errorcode[exc.errno])
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                sockets.release()
+                raise
+            connections.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        """One TCP connection: its handshake (bounded in time), then its websocket."""
+        self._open += 1  # counted from the accept: unfinished handshakes count too
+        try:
+            held = HeldStream(stream)
+            async with held, trio.open_nursery() as nursery:
+                request = None
+                with trio.move_on_after(self.settings.handshake_timeout) as held.handshake_scope:
+                    request = await wrap_server_stream(
+                        nursery, held, max_message_size=self.settings.max_frame_bytes
+                    )
+                held.handshake_scope = None
+                if request is not None:
+                    await self._handshake(request, held, _remote(stream))
+                nursery.cancel_scope.cancel()
+        except Exception:
+            # Whatever went wrong belongs to this connection only, never to the server.
+            log.exception("websocket connection failed")
+        finally:
+            self._open -= 1
+            self._sockets.release()
+
+    async def _handshake(self, request: WebSocketRequest, stream: HeldStream, remote: str) -> None:
         if self.stopping.is_set():
             await _reject(request, 503, "server_shutdown", "the server is shutting down")
             return
-        if self._open >= self.settings.max_connections:
+        if self._open > self.settings.max_connections:
             log.warning("websocket connection from %s refused: too many connections", remote)
             await _reject(request, 503, "too_many_connections", "too many connections")
             return
@@ -167,25 +196,25 @@ class WebsocketEndpoint:
                 [(b"www-authenticate", b'Bearer realm="relayrace"')],
             )
             return
-        self._open += 1  # counted before the accept awaits, so the limit cannot be overshot
+        ws = await request.accept()
+        log.debug("websocket connection from %s", remote)
         try:
-            ws = await request.accept()
-            log.debug("websocket connection from %s", remote)
-            await _Connection(self, ws).run()
+            await _Connection(self, ws, stream).run()
+        except Exception:
+            log.exception("websocket connection from %s failed", remote)
+            with trio.move_on_after(_CLOSE_SECONDS):
+                await ws.aclose(_INTERNAL_ERROR, "internal error")
         finally:
-            self._open -= 1
+            with trio.move_on_after(_CLOSE_SECONDS):
+                await ws.aclose()
 
 
-class _PortStatus:
-    """Turns the started value of ``serve_websocket`` (a ``WebSocketServer``) into its port."""
-
-    def __init__(self, status: trio.TaskStatus[int]):
-        self._status = status
-
-    def started(self, server: Any = None) -> None:
-        endpoint = server.listeners[0]
-        assert isinstance(endpoint, Endpoint)
-        self._status.started(endpoint.port)
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except (OSError, ValueError):
+        return "(unknown)"
+    return f"{host}:{port}"
 
 
 async def _reject(
@@ -206,12 +235,14 @@ async def _reject(
 
 
 class _Connection:
-    def __init__(self, endpoint: WebsocketEndpoint, ws: WebSocketConnection):
+    def __init__(self, endpoint: WebsocketEndpoint, ws: WebSocketConnection, stream: HeldStream):
         self.endpoint = endpoint
+        self.stream = stream
         self.sup = endpoint.sup
         self.settings = endpoint.settings
+        self.encode_json = endpoint.encode_json
         self.ws = ws
-        self._send, self._outbox = trio.open_memory_channel[str](self.settings.send_queue_frames)
+        self._outbox = Batcher[str](self.settings.send_queue_frames)
         self._requests: dict[RequestId, Ticket] = {}
         self._idle = trio.Event()
         self._idle.set()
@@ -228,55 +259,48 @@ class _Connection:
     # --- the writer ---------------------------------------------------------------------------
 
     async def _write(self, connection_scope: trio.CancelScope) -> None:
-        outbox = self._outbox
-        sink = _FrameSink(self.ws)
-        most = self.settings.send_queue_frames
+        ws, stream = self.ws, self.stream
+
+        async def write(frames: list[str]) -> None:
+            if len(frames) == 1:
+                await ws.send_message(frames[0])
+                return
+            # A batch goes out in one write (one syscall): each ``send_message`` only appends.
+            stream.hold()
+            try:
+                for frame in frames:
+                    await ws.send_message(frame)
+            finally:
+                await stream.release()
+
         try:
-            async with outbox:
-                while True:
-                    # Every frame already queued goes out in the same write (one syscall),
-                    # up to one queue's worth: under load the batches grow, idle they are 1.
-                    try:
-                        frames = [outbox.receive_nowait()]
-                    except trio.WouldBlock:
-                        try:
-                            frames = [await outbox.receive()]
-                        except trio.EndOfChannel:
-                            break
-                    except trio.EndOfChannel:
-                        break
-                    while len(frames) < most:
-                        try:
-                            frames.append(outbox.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    await sink.send(frames)
+            await self._outbox.run(write)
             # The outbox was closed by a graceful shutdown, and every frame is out.
-            await self.ws.aclose(_GOING_AWAY, "server shutting down")
+            await ws.aclose(_GOING_AWAY, "server shutting down")
         except ConnectionClosed:
             pass
+        except Exception:
+            # This connection cannot be written to any more: it ends, and only it.
+            log.exception("websocket writer failed")
+            with trio.move_on_after(_CLOSE_SECONDS):
+                await ws.aclose(_INTERNAL_ERROR, "internal error")
         connection_scope.cancel()
 
     async def _put(self, frame: dict[str, Any]) -> None:
-        await self._put_text(dumps(frame))
-
-    async def _put_text(self, text: str) -> None:
-        # No schedule point when the queue has room: a request relaying deltas that are ready
-        # hands them all to the writer in one go. A full queue waits (backpressure).
+        """Queue a frame written by ``encode_json``; one it cannot write goes out escaped."""
         try:
-            self._send.send_nowait(text)
-        except trio.WouldBlock:
-            try:
-                await self._send.send(text)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection is closing: there is no one to tell
+            text = self.encode_json(frame)
+        except Exception:
+            log.exception("a websocket frame could not be encoded")
+            text = safe_dumps(WireError.internal().frame(frame.get("id")))
+        if not encodable(text):
+            text = safe_dumps(frame)
+        await self._outbox.put(text)
 
     async def _close_when_done(self) -> None:
         await self.endpoint.stopping.wait()
         await self._idle.wait()
-        self._send.close()
+        self._outbox.close()
 
     # --- the reader ---------------------------------------------------------------------------
 
@@ -289,21 +313,39 @@ class _Connection:
             try:
                 await self._dispatch(message, nursery)
             except _FrameError as exc:
-                await self._put(exc.frame())
+                await self._put(exc.error.frame(exc.request_id))
+            except Exception:
+                log.exception("a websocket frame could not be handled")
+                await self._put(WireError.internal().frame(None))
 
     async def _dispatch(self, message: str | bytes, nursery: trio.Nursery) -> None:
         if not isinstance(message, str):
-            raise _FrameError("not_text", "expected a JSON text frame, got a binary frame")
+            raise _bad("not_text", "expected a JSON text frame, got a binary frame")
         try:
             frame = json.loads(message)
         except ValueError as exc:
-            raise _FrameError("invalid_json", f"the frame is not valid JSON: {exc}") from None
+            raise _bad("invalid_json", f"the frame is not valid JSON: {exc}") from None
         except RecursionError:
             # JSON nested deeper than the decoder's recursion limit ("[[[[…"): not a ValueError,
             # and uncaught it would crash the connection's nursery and, through it, ``serve``.
-            raise _FrameError("invalid_json", "the frame is JSON nested too deeply") from None
+            raise _bad("invalid_json", "the frame is JSON nested too deeply") from None
         if not isinstance(frame, dict):
-            raise _FrameError("invalid_frame", "expected a JSON object")
+            raise _bad("invalid_frame", "expected a JSON object")
+        bad = unencodable_field(message, frame)
+        if bad is not None:
+            # A lone surrogate (``"\ud800"``) is valid JSON but cannot be written back out.
+            request_id = None
+            if bad != "id" and isinstance(frame.get("type"), str) and encodable(frame["type"]):
+                try:
+                    request_id = _request_id(frame)
+                except _FrameError:
+                    pass
+            raise _bad(
+                "invalid_text",
+                f"{bad}: not valid Unicode (a lone surrogate)",
+                request_id=request_id,
+                field=bad,
+            )
         kind = frame.get("type")
         if kind == "request":
             self._start(frame, nursery)
@@ -325,27 +367,25 @@ class _Connection:
                 reply["id"] = _request_id(frame)
             await self._put(reply)
         elif isinstance(kind, str):
-            raise _FrameError(
+            raise _bad(
                 "unknown_type",
                 f"unknown frame type {kind[:64]!r} (expected request, cancel or health)",
                 field="type",
             )
         else:
-            raise _FrameError("missing_type", "a frame needs a string 'type'", field="type")
+            raise _bad("missing_type", "a frame needs a string 'type'", field="type")
 
     def _start(self, frame: dict[str, Any], nursery: trio.Nursery) -> None:
         request_id = _request_id(frame)
         if request_id in self._requests:
             # The error frame cannot carry this id: the client would take it for the terminal
             # frame of the request that is still running under it.
-            raise _FrameError(
-                "duplicate_id",
-                f"a request with id {request_id!r} is already in flight",
-                field="id",
+            raise _bad(
+                "duplicate_id", f"a request with id {request_id!r} is already in flight", field="id"
             )
         unknown = sorted(set(frame) - _REQUEST_FIELDS)
         if unknown:
-            raise _FrameError(
+            raise _bad(
                 "unknown_field",
                 f"unknown field {unknown[0][:64]!r} in a request frame",
                 request_id=request_id,
@@ -353,23 +393,30 @@ class _Connection:
             )
         events = frame.get("events", False)
         if not isinstance(events, bool):
-            raise _FrameError(
+            raise _bad(
                 "invalid_request", "'events' must be true or false", request_id=request_id
+            )
+        with_text = frame.get("text", False)
+        if not isinstance(with_text, bool):
+            raise _bad(
+                "invalid_request",
+                "'text' must be true or false",
+                request_id=request_id,
+                field="text",
             )
         if self.endpoint.stopping.is_set():
             raise _FrameError(
-                "server_shutdown",
-                "the server is shutting down",
-                request_id=request_id,
-                category="local_capacity",
+                WireError.unavailable("server_shutdown", "the server is shutting down"),
+                request_id,
             )
         if len(self._requests) >= self.settings.max_in_flight_per_connection:
             raise _FrameError(
-                "too_many_requests",
-                f"at most {self.settings.max_in_flight_per_connection} requests may be in "
-                "flight on one connection",
-                request_id=request_id,
-                category="local_capacity",
+                WireError.unavailable(
+                    "too_many_requests",
+                    f"at most {self.settings.max_in_flight_per_connection} requests may be in "
+                    "flight on one connection",
+                ),
+                request_id,
             )
         try:
             request = Request(
@@ -380,45 +427,45 @@ class _Connection:
             )
             stream = self.sup.stream(request)
         except BadRequest as exc:
-            raise _FrameError(
+            raise _bad(
                 "invalid_request", str(exc), request_id=request_id, field=exc.field
             ) from None
         try:
             ticket = self.endpoint.gate.issue()
         except ShuttingDown:
             raise _FrameError(
-                "server_shutdown",
-                "the server is shutting down",
-                request_id=request_id,
-                category="local_capacity",
+                WireError.unavailable("server_shutdown", "the server is shutting down"),
+                request_id,
             ) from None
         self._requests[request_id] = ticket
         self._idle = trio.Event()
-        nursery.start_soon(self._serve, request_id, stream, ticket, events)
+        nursery.start_soon(self._serve, request_id, stream, ticket, events, with_text)
 
     # --- one request --------------------------------------------------------------------------
 
     async def _serve(
-        self, request_id: RequestId, stream: RequestStream, ticket: Ticket, events: bool
+        self,
+        request_id: RequestId,
+        stream: RequestStream,
+        ticket: Ticket,
+        events: bool,
+        with_text: bool,
     ) -> None:
         try:
             terminal: dict[str, Any] | None = None
             with ticket.scope:
-                if events:
-                    terminal = await self._relay_with_events(request_id, stream)
-                else:
-                    terminal = await self._relay(request_id, stream)
+                try:
+                    if events:
+                        terminal = await self._relay_with_events(request_id, stream, with_text)
+                    else:
+                        terminal = await self._relay(request_id, stream, with_text)
+                except Exception:
+                    # A fault of this request (a bug, a text that cannot be written) ends it
+                    # with an error frame; the connection and its other requests go on.
+                    log.exception("websocket request failed")
+                    terminal = WireError.internal().frame(request_id)
             if terminal is None:
-                why = ticket.stop or Stop.CLIENT_CANCELLED
-                terminal = {
-                    "type": "error",
-                    "id": request_id,
-                    "category": "cancelled",
-                    "code": "server_shutdown" if why is Stop.SHUTDOWN else "cancelled",
-                    "message": why.value,
-                    "attempts": [],
-                    "decisions": [],
-                }
+                terminal = WireError.stopped(ticket.stop or Stop.CLIENT_CANCELLED).frame(request_id)
             await self._put(terminal)
         finally:
             del self._requests[request_id]
@@ -426,20 +473,27 @@ class _Connection:
             if not self._requests:
                 self._idle.set()
 
-    async def _relay(self, request_id: RequestId, stream: RequestStream) -> dict[str, Any]:
+    async def _relay(
+        self, request_id: RequestId, stream: RequestStream, with_text: bool
+    ) -> dict[str, Any]:
         """Send the deltas; return the terminal frame."""
         # ``{"type":"delta","id":…,"seq":…,"text":…}``, as ``dumps`` writes it, without building
         # and encoding a dict per delta.
         head = '{"type":"delta","id":' + dumps(request_id) + ',"seq":'
-        put = self._put_text
+        put = self._outbox.put
+        sent = False
         try:
             async with stream:
                 async for delta in stream:
-                    await put(f'{head}{delta.seq},"text":{dumps_str(delta.text)}}}')
+                    text = delta.text
+                    if not text.isascii() and not encodable(text):
+                        raise ValueError(f"delta {delta.seq} from {delta.provider} is not UTF-8")
+                    await put(f'{head}{delta.seq},"text":{dumps_str(text)}}}')
+                    sent = True
             reply = stream.reply
         except RequestFailed as exc:
-            return _error_frame(request_id, exc)
-        return {
+            return WireError.from_failure(exc).frame(request_id)
+        done = {
             "type": "done",
             "id": request_id,
             "provider": reply.provider,
@@ -448,67 +502,24 @@ class _Connection:
             "finish_reason": reply.finish_reason,
             "attempts": [a.to_dict() for a in reply.attempts],
             "decisions": [d.to_dict() for d in reply.decisions],
-            "text": reply.text,
         }
+        # The deltas carried the text already: repeating it would hold every answer twice.
+        if with_text or not sent:
+            done["text"] = reply.text
+        return done
 
     async def _relay_with_events(
-        self, request_id: RequestId, stream: RequestStream
+        self, request_id: RequestId, stream: RequestStream, with_text: bool
     ) -> dict[str, Any]:
         async with self.sup.subscribe() as subscription, trio.open_nursery() as nursery:
             relay = _EventRelay(self, request_id, stream.request_id, subscription)
             nursery.start_soon(relay.run)
             try:
-                return await self._relay(request_id, stream)
+                return await self._relay(request_id, stream, with_text)
             finally:
                 # Every event of this request was published before its stream ended; the relay
                 # sends what is still queued, then stops.
                 relay.finish()
-
-
-class _FrameSink:
-    """Writes a batch of text frames to a websocket connection in one ``send_all``.
-
-    ``WebSocketConnection.send_message`` writes one frame per call (a lock, a syscall and two
-    schedule points each); this encodes every frame of the batch with the connection's wsproto
-    state, exactly as ``send_message`` does, and writes them together, under the same lock and
-    with the same handling of a broken stream. It relies on trio-websocket's internals
-    (``_wsproto``, ``_stream``, ``_stream_lock``, ``_close_reason``, ``_abort_web_socket``,
-    checked by the tests); without them it falls back to ``send_message`` per frame.
-    """
-
-    def __init__(self, ws: WebSocketConnection):
-        self._ws = ws
-        self._fast = all(hasattr(ws, name) for name in _WS_INTERNALS)
-
-    async def send(self, frames: list[str]) -> None:
-        ws = self._ws
-        if not self._fast:
-            for frame in frames:
-                await ws.send_message(frame)
-            return
-        internal: Any = ws
-        if internal._close_reason:
-            raise ConnectionClosed(internal._close_reason)
-        encode = internal._wsproto.send
-        if len(frames) == 1:
-            data = encode(TextMessage(data=frames[0]))
-        else:
-            data = b"".join([encode(TextMessage(data=frame)) for frame in frames])
-        lock: trio.Lock = internal._stream_lock
-        try:
-            lock.acquire_nowait()  # uncontended (the usual case): no schedule point
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            await internal._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await internal._abort_web_socket()
-            raise ConnectionClosed(internal._close_reason) from None
-        finally:
-            lock.release()
-
-
-_WS_INTERNALS = ("_wsproto", "_stream", "_stream_lock", "_close_reason", "_abort_web_socket")
 
 
 class _EventRelay:

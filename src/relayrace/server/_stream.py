@@ -1,0 +1,80 @@
+"""``HeldStream``: the websocket server's TCP stream, able to hold writes and send them at once.
+
+trio-websocket writes each frame with its own ``send_all`` (a syscall per frame). Its public
+``wrap_server_stream`` takes any ``trio.abc.Stream``: handing it this one lets the connection's
+writer ``hold`` the socket, send a batch of frames with the public ``send_message`` (each only
+appended here), then ``release`` them in one ``send_all``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class HeldStream(trio.abc.Stream):
+    """A ``SocketStream`` whose writes can be held and sent together.
+
+    Args:
+        stream: the accepted TCP stream; closed by ``aclose``.
+    """
+
+    __slots__ = ("_stream", "_held", "_lock", "handshake_scope")
+
+    def __init__(self, stream: trio.SocketStream):
+        self._stream = stream
+        self._held: list[bytes] | None = None
+        #: Cancelled when the peer closes (or trio-websocket closes the stream) before the
+        #: opening handshake is done: trio-websocket would wait for the handshake regardless.
+        self.handshake_scope: trio.CancelScope | None = None
+        # ``release`` and a write of trio-websocket's own (a pong, a close) may race.
+        self._lock = trio.StrictFIFOLock()
+
+    def hold(self) -> None:
+        """Keep every write from now on until ``release``."""
+        if self._held is None:
+            self._held = []
+
+    async def release(self) -> None:
+        """Write what was held, in one ``send_all``, and stop holding."""
+        held, self._held = self._held, None
+        if held:
+            await self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held is not None:
+            self._held.append(bytes(data))
+            return
+        await self._write(data)
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # uncontended (the usual case): no extra schedule point
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._stream.send_all(data)
+        finally:
+            lock.release()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            self._ended()
+            raise
+        if not data:
+            self._ended()
+        return data
+
+    def _ended(self) -> None:
+        if self.handshake_scope is not None:
+            self.handshake_scope.cancel()
+
+    async def aclose(self) -> None:
+        self._held = None
+        self._ended()
+        await self._stream.aclose()
