@@ -4,7 +4,10 @@ Compares, in one run, N requests through ``sup.complete`` / ``sup.stream`` again
 ``ScriptedClient.call`` made directly with a trivial sink: the difference is what routing,
 the actor hop, budgets, health and bookkeeping cost per request.
 
-    .venv/bin/python benchmarks/overhead_scripted.py [N] [CHUNKS]
+    .venv/bin/python benchmarks/overhead_scripted.py [N] [CHUNKS] [--metrics]
+
+``--metrics`` runs the supervised requests with a ``relayrace.observe.Metrics`` observer and
+renders its metrics once at the end (a scrape), inside the measured time.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import trio
 
 from relayrace import Config, ProviderConfig, Request, Route, open_supervisor
 from relayrace.actors import ClientCall
+from relayrace.observe import Metrics
 from relayrace.testing import Answer, ScriptedClient
 
 REQUEST = Request("m", [{"role": "user", "content": "hi"}])
@@ -40,13 +44,14 @@ async def direct(n: int, chunks: int, stream: bool) -> float:
     return (time.process_time() - start) / n
 
 
-async def supervised(n: int, chunks: int, stream: bool) -> float:
+async def supervised(n: int, chunks: int, stream: bool, metrics: bool = False) -> float:
     client = ScriptedClient([Answer(chunks=chunks)])
     config = Config(
         providers=[ProviderConfig(name="a", client=client)],
         routes=[Route(model="m", chain=["a"])],
     )
-    async with open_supervisor(config) as sup:
+    observers = [Metrics()] if metrics else []
+    async with open_supervisor(config, observers=observers) as sup:
         start = time.process_time()
         for _ in range(n):
             if stream:
@@ -56,15 +61,17 @@ async def supervised(n: int, chunks: int, stream: bool) -> float:
             else:
                 await sup.complete(REQUEST)
             client.calls.clear()
+        for observer in observers:
+            observer.render()
         return (time.process_time() - start) / n
 
 
-async def main(n: int, chunks: int) -> None:
+async def main(n: int, chunks: int, metrics: bool) -> None:
     for stream in (False, True):
         await direct(n // 10, chunks, stream)  # warm up
-        await supervised(n // 10, chunks, stream)
+        await supervised(n // 10, chunks, stream, metrics)
         bare = await direct(n, chunks, stream)
-        sup = await supervised(n, chunks, stream)
+        sup = await supervised(n, chunks, stream, metrics)
         label = f"stream ({chunks} chunks)" if stream else "complete"
         print(
             f"{label:>20}: direct {bare * 1e6:7.1f} µs CPU, supervised {sup * 1e6:7.1f} µs CPU,"
@@ -73,8 +80,11 @@ async def main(n: int, chunks: int) -> None:
 
 
 if __name__ == "__main__":
+    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     trio.run(
         main,
-        int(sys.argv[1]) if len(sys.argv) > 1 else 5000,
-        int(sys.argv[2]) if len(sys.argv) > 2 else 20,
+        int(args[0]) if len(args) > 0 else 5000,
+        int(args[1]) if len(args) > 1 else 20,
+        "--metrics" in flags,
     )

@@ -415,5 +415,11 @@ def test_the_supervisor_uses_only_public_names_of_the_actors():
         "Supervisor",
         "SupervisorStatistics",
         "open_supervisor",
+        # observers (issue #14)
+        "SURFACES",
+        "Observer",
+        "RequestInfo",
+        "RequestTiming",
+        "SupervisorView",
     }
     assert all(hasattr(relayrace.supervisor, name) for name in relayrace.supervisor.__all__)

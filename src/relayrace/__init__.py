@@ -42,7 +42,10 @@ from ._values import Usage as Usage
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
 from .providers import classify as classify
+from .supervisor import Observer as Observer
+from .supervisor import RequestInfo as RequestInfo
 from .supervisor import RequestStream as RequestStream
+from .supervisor import RequestTiming as RequestTiming
 from .supervisor import Supervisor as Supervisor
 from .supervisor import SupervisorStatistics as SupervisorStatistics
 from .supervisor import open_supervisor as open_supervisor
@@ -69,6 +72,7 @@ __all__ = [
     "HealthSnapshot",
     "Match",
     "MidStream",
+    "Observer",
     "Outcome",
     "Policies",
     "ProviderConfig",
@@ -77,7 +81,9 @@ __all__ = [
     "Reply",
     "Request",
     "RequestFailed",
+    "RequestInfo",
     "RequestStream",
+    "RequestTiming",
     "RetryBudgetPolicy",
     "RetryPolicy",
     "Route",

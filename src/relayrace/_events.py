@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from time import time as _wall_clock
 from typing import Any
 
 import attrs
@@ -31,7 +33,12 @@ class EventKind(enum.Enum):
 
 @attrs.frozen(kw_only=True)
 class Event:
-    """Something that happened. Fields that do not apply to ``kind`` are ``None``."""
+    """Something that happened. Fields that do not apply to ``kind`` are ``None``.
+
+    ``time`` is ``trio.current_time()`` (monotonic: for ordering and durations); ``wall_time``
+    is ``time.time()`` when the event was made (for people: ``to_dict`` gives it as ISO 8601
+    UTC).
+    """
 
     kind: EventKind
     time: float
@@ -41,11 +48,13 @@ class Event:
     decision: Decision | None = None
     until: float | None = None
     detail: str | None = None
+    wall_time: float = attrs.field(factory=_wall_clock)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind.value,
             "time": self.time,
+            "wall_time": iso_utc(self.wall_time),
             "request_id": self.request_id,
             "actor": self.actor,
             "failure": None if self.failure is None else self.failure.to_dict(),
@@ -53,6 +62,12 @@ class Event:
             "until": self.until,
             "detail": self.detail,
         }
+
+
+def iso_utc(wall_time: float) -> str:
+    """A ``time.time()`` value as ISO 8601 UTC with milliseconds: ``2026-12-01T14:40:27.123Z``."""
+    moment = datetime.datetime.fromtimestamp(wall_time, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class Subscribers:
@@ -94,6 +109,11 @@ class Subscribers:
                     detail=detail,
                 )
             )
+
+    @property
+    def listening(self) -> bool:
+        """Someone subscribes."""
+        return bool(self._channels)
 
     def deliver(self, event: Event) -> None:
         """Hand a built event to every subscriber that has room for it."""

@@ -1,6 +1,11 @@
 """The supervisor: routing, the failover loop, streaming to callers, actor supervision."""
 
 from ._ledger import SupervisorStatistics as SupervisorStatistics
+from ._observer import SURFACES as SURFACES
+from ._observer import Observer as Observer
+from ._observer import RequestInfo as RequestInfo
+from ._observer import RequestTiming as RequestTiming
+from ._observer import SupervisorView as SupervisorView
 from ._stream import STREAM_BUFFER as STREAM_BUFFER
 from ._stream import RequestStream as RequestStream
 from ._supervisor import MAX_RESTARTS as MAX_RESTARTS
@@ -12,8 +17,13 @@ __all__ = [
     "MAX_RESTARTS",
     "RESTART_WINDOW",
     "STREAM_BUFFER",
+    "SURFACES",
+    "Observer",
+    "RequestInfo",
     "RequestStream",
+    "RequestTiming",
     "Supervisor",
     "SupervisorStatistics",
+    "SupervisorView",
     "open_supervisor",
 ]

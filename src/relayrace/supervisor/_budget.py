@@ -48,3 +48,8 @@ class RetryBudget:
         bucket[2] += 1
         self._retries += 1
         return True
+
+    def tokens(self, now: float) -> float:
+        """The retries the budget would allow now (for metrics)."""
+        self._bucket(now)
+        return max(0.0, self._policy.floor + self._policy.ratio * self._requests - self._retries)

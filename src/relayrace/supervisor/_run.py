@@ -35,6 +35,7 @@ from .._failure import Category, Failure
 from .._values import Action, Attempt, Decision, Delta, Outcome, Reply, Request
 from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
 from ._ledger import Ledger
+from ._observer import RequestInfo
 from ._routing import plan_route
 
 
@@ -70,6 +71,8 @@ class Run:
         "keep",
         "seq",
         "deadline",
+        "surface",
+        "observed",
     )
 
     def __init__(
@@ -80,6 +83,7 @@ class Run:
         route: tuple[Route, list[ProviderActor]],
         *,
         streaming: bool,
+        surface: str = "python",
     ):
         self.ledger = ledger
         self.events = events
@@ -100,6 +104,8 @@ class Run:
         self.released = 0  # characters a stream passed on
         self.keep = ledger.policies.stream.keep_text
         self.seq = 0
+        self.surface = surface  # where the request came from, for the observers
+        self.observed: RequestInfo | None = None  # set while observers watch the request
 
     async def execute(self) -> Reply:
         ledger = self.ledger
@@ -107,6 +113,7 @@ class Run:
         if ledger.closed:
             raise self._failed(supervisor_closed(refused=True))
         ledger.admit(self, now)
+        self.observed = ledger.request_started(self, now)
         policy = ledger.policies.failover
         self.deadline = now + policy.total_budget
         try:
@@ -122,16 +129,19 @@ class Run:
                     message=f"the request's budget of {policy.total_budget:g}s ran out",
                 )
                 self.decisions.append(budget_spent(policy, Category.TIMEOUT.value))
+                ledger.decided(self, self.decisions[-1])
                 raise self._failed(failure)
             if isinstance(result, Failure):
                 raise self._failed(result)
             ledger.completed += 1
+            ledger.request_ended(self, result)
             self.events.publish(
                 EventKind.COMPLETED, request_id=self.request_id, actor=result.provider
             )
             return result
         except RequestFailed as exc:
             ledger.failed += 1
+            ledger.request_ended(self, exc)
             self.events.publish(EventKind.FAILED, request_id=self.request_id, failure=exc.failure)
             raise
         finally:
@@ -175,6 +185,7 @@ class Run:
             policy=policies.health,
         )
         self.decisions.extend(plan.decisions)
+        ledger.decided(self, *plan.decisions)
         # Actors planned whatever their health (the terminus; every actor benched): their jobs
         # run even if the actor is benched when they start, and so do retries, which the policy
         # chose for this actor knowing its failure. A first attempt on an actor that was planned
@@ -194,6 +205,7 @@ class Run:
                 )
                 if skip is not None:
                     self.decisions.append(skip)
+                    ledger.decided(self, skip)
                     continue
             if max_providers and tried >= max_providers:
                 break
@@ -234,6 +246,7 @@ class Run:
                         failure, attrs.evolve(situation, retry_allowed=False), policies, ledger.rng
                     )
                 self.decisions.append(decision)
+                ledger.decided(self, decision)
                 self.events.publish(
                     _EVENT_OF_ACTION.get(decision.action, EventKind.STOPPED),
                     request_id=self.request_id,
@@ -255,6 +268,7 @@ class Run:
             )
         last_failure = midstream_failure or last_failure
         self.decisions.append(no_provider_left(model, last_failure))
+        ledger.decided(self, self.decisions[-1])
         return last_failure
 
     async def _attempt(
@@ -295,10 +309,12 @@ class Run:
             self.attempts.append(
                 self._record(actor, number, job, started, Outcome.CANCELLED, continuation)
             )
+            self.ledger.attempt_ended(self, self.attempts[-1])
             raise
         outcome = job.outcome
         assert outcome is not None
         self.attempts.append(self._record(actor, number, job, started, outcome, continuation))
+        self.ledger.attempt_ended(self, self.attempts[-1])
         if outcome is Outcome.OK:
             completion = job.completion
             assert completion is not None

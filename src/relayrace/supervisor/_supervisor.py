@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
@@ -23,6 +23,7 @@ from .._events import Event, EventKind, Subscribers
 from .._values import Reply, Request
 from ..actors import HealthSnapshot, ProviderActor, State
 from ._ledger import Ledger, SupervisorStatistics
+from ._observer import SURFACES, Hooks
 from ._run import Run
 from ._stream import RequestStream
 
@@ -41,11 +42,12 @@ _EVENT_BUFFER = 1024
 class Supervisor:
     """The handle on a running supervisor; get one from ``open_supervisor``."""
 
-    def __init__(self, config: Config, nursery: trio.Nursery):
+    def __init__(self, config: Config, nursery: trio.Nursery, observers: Iterable[object] = ()):
         self.config = config
         self._nursery = nursery
         self._policies = config.policies
         self._events = Subscribers()
+        self._hooks = Hooks(observers)
         self._actors: dict[str, ProviderActor] = {}
         for p in config.providers:
             self._actors[p.name] = ProviderActor(
@@ -61,7 +63,7 @@ class Supervisor:
                 continues=p.continues,
                 priority=p.priority,
                 weight=p.weight,
-                publish=self._events.deliver,
+                publish=self._actor_event,
                 may_bench=self._may_bench,
             )
         self._routes: dict[str, tuple[Route, list[ProviderActor]]] = {}
@@ -70,22 +72,34 @@ class Supervisor:
         if not config.routes:
             everyone = Route(model="*", chain=tuple(self._actors.keys()))
             self._routes["*"] = (everyone, list(self._actors.values()))
-        self._ledger = Ledger(config.policies, random.Random(config.seed), list(self._routes))
+        self._ledger = Ledger(
+            config.policies, random.Random(config.seed), list(self._routes), self._hooks
+        )
 
     # --- public API ---------------------------------------------------------------------------
 
-    async def complete(self, request: Request) -> Reply:
+    async def complete(self, request: Request, *, surface: str = "python") -> Reply:
         """Serve a request and return the whole answer.
+
+        ``surface`` (``python``, ``http``, ``websocket``) tells the observers where the request
+        came from.
 
         Raises:
             BadRequest: the request names no route (raised before any provider is called).
             RequestFailed: no provider could answer; carries the deciding failure, the attempts
                 and the decisions.
         """
-        run = Run(self._ledger, self._events, request, self._route_for(request), streaming=False)
+        run = Run(
+            self._ledger,
+            self._events,
+            request,
+            self._route_for(request),
+            streaming=False,
+            surface=_surface(surface),
+        )
         return await run.execute()
 
-    def stream(self, request: Request) -> RequestStream:
+    def stream(self, request: Request, *, surface: str = "python") -> RequestStream:
         """Serve a request as a stream of deltas::
 
             async with sup.stream(request) as s:
@@ -94,12 +108,19 @@ class Supervisor:
             reply = s.reply
 
         Iterating raises ``RequestFailed`` if the request fails. Leaving the block early cancels
-        the request and its upstream call.
+        the request and its upstream call. ``surface``: as for ``complete``.
 
         Raises:
             BadRequest: the request names no route (raised before any provider is called).
         """
-        run = Run(self._ledger, self._events, request, self._route_for(request), streaming=True)
+        run = Run(
+            self._ledger,
+            self._events,
+            request,
+            self._route_for(request),
+            streaming=True,
+            surface=_surface(surface),
+        )
         return RequestStream(run, self._nursery)
 
     def health(self) -> dict[str, HealthSnapshot]:
@@ -167,6 +188,27 @@ class Supervisor:
             )
         return found
 
+    def _actor_event(self, event: Event) -> None:
+        """An actor's health changed: tell the subscribers and the observers."""
+        self._events.deliver(event)
+        for hook in self._hooks.health_changed:
+            hook(event)
+
+    def _announce(
+        self, kind: EventKind, *, actor: str, until: float | None = None, detail: str | None = None
+    ) -> None:
+        """Publish an actor event of the supervisor's own (restarts, give-ups)."""
+        if self._hooks.health_changed or self._events.listening:
+            self._actor_event(
+                Event(
+                    kind=kind,
+                    time=trio.current_time(),
+                    actor=actor,
+                    until=until,
+                    detail=detail,
+                )
+            )
+
     def _may_bench(self, name: str) -> bool:
         now = trio.current_time()
         benched = sum(
@@ -198,7 +240,7 @@ class Supervisor:
                 if len(restarts) > MAX_RESTARTS:
                     cool_off = self._policies.health.restart_cool_off
                     actor.give_up(now + cool_off)
-                    self._events.publish(
+                    self._announce(
                         EventKind.ACTOR_GAVE_UP,
                         actor=actor.name,
                         until=now + cool_off,
@@ -208,7 +250,7 @@ class Supervisor:
                     restarts = []
                     actor.reopen()
                     self._ledger.restarts += 1
-                    self._events.publish(
+                    self._announce(
                         EventKind.ACTOR_RESTARTED,
                         actor=actor.name,
                         detail=f"after a cool-off of {cool_off:g}s",
@@ -217,7 +259,7 @@ class Supervisor:
                 actor.restarting = True
                 actor.fail_queued("actor_restarting")
                 self._ledger.restarts += 1
-                self._events.publish(
+                self._announce(
                     EventKind.ACTOR_RESTARTED, actor=actor.name, detail=repr(_root_cause(exc))
                 )
                 try:
@@ -228,6 +270,12 @@ class Supervisor:
                     actor.restarting = False
 
 
+def _surface(surface: str) -> str:
+    if surface not in SURFACES:
+        raise ValueError(f"surface must be one of {', '.join(SURFACES)}, not {surface!r}")
+    return surface
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -235,8 +283,14 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 @asynccontextmanager
-async def open_supervisor(config: Config) -> AsyncIterator[Supervisor]:
+async def open_supervisor(
+    config: Config, *, observers: Iterable[object] = ()
+) -> AsyncIterator[Supervisor]:
     """Start a supervisor: one actor task per provider, in a nursery this block owns.
+
+    ``observers`` (see ``Observer``; ``relayrace.observe`` has metrics, traces and the access
+    log) are called inline as requests start and end, attempts end, decisions are made and
+    actors' health changes; each is told the supervisor once its actors run.
 
     Leaving the block cancels every request still in flight (each ends with ``RequestFailed``)
     and every actor, closes the provider clients, and leaves no task behind. Call
@@ -245,10 +299,12 @@ async def open_supervisor(config: Config) -> AsyncIterator[Supervisor]:
     sup: Supervisor | None = None
     try:
         async with trio.open_nursery() as nursery:
-            sup = Supervisor(config, nursery)
+            sup = Supervisor(config, nursery, observers)
             try:
                 for actor in sup._actors.values():
                     await nursery.start(sup._supervise, actor)
+                for started in sup._hooks.supervisor_started:
+                    started(sup)
                 yield sup
             finally:
                 sup._ledger.end_all()
