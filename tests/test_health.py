@@ -79,7 +79,8 @@ def test_success_resets_the_count_before_the_threshold() -> None:
 
 
 def test_failed_probes_double_the_bench_up_to_the_cap() -> None:
-    health = Health(HealthPolicy(cooldown_base=5.0, cooldown_cap=30.0))
+    # probe_interval as long as the cap: the plain doubling curve.
+    health = Health(HealthPolicy(cooldown_base=5.0, cooldown_cap=30.0, probe_interval=30.0))
     now = trip(health, 0.0)
     assert now == 5.0
     ends = []
@@ -94,22 +95,106 @@ def test_failed_probes_double_the_bench_up_to_the_cap() -> None:
     assert health.bench_count == 5
 
 
+def _probe_failures(policy: HealthPolicy, count: int) -> list[float]:
+    health = Health(policy)
+    now = trip(health, 0.0)
+    lengths = [now]
+    for _ in range(count):
+        assert health.begin_attempt(now) is True
+        until = health.record_failure(fail(C.PROVIDER_5XX), now, probe=True)
+        assert until is not None
+        lengths.append(until - now)
+        now = until
+    return lengths
+
+
+def test_by_default_a_provider_that_stays_down_is_probed_every_probe_interval() -> None:
+    # The first bench is the base (5 s); after a failed probe the bench never passes
+    # probe_interval (4 s): a provider that stays down is probed every 4 s, and is back in use
+    # within 5 s of recovering if a request comes within a second of the bench's end.
+    assert HealthPolicy().probe_interval == 4.0
+    assert _probe_failures(HealthPolicy(), 6) == [5.0] + [4.0] * 6
+
+
+@pytest.mark.parametrize(
+    ("base", "interval", "cap", "expected"),
+    [
+        (1.0, 5.0, 300.0, [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]),  # doubles up to the interval
+        (30.0, 4.0, 300.0, [30.0, 4.0, 4.0, 4.0, 4.0, 4.0]),  # a long first bench, then probes
+        (1.0, 60.0, 3.0, [1.0, 2.0, 3.0, 3.0, 3.0, 3.0]),  # the cap still caps
+    ],
+)
+def test_the_bench_curve_stops_doubling_at_probe_interval(
+    base: float, interval: float, cap: float, expected: list[float]
+) -> None:
+    policy = HealthPolicy(cooldown_base=base, probe_interval=interval, cooldown_cap=cap)
+    assert _probe_failures(policy, 5) == expected
+    assert [policy.cooldown(n) for n in range(1, 7)] == expected
+
+
+def test_with_active_probes_no_job_is_the_probe_before_the_actors_own() -> None:
+    health = Health(HealthPolicy(), active_probes=True)
+    end = trip(health, 0.0)
+    # The bench ended, the actor's probe has not begun: a job neither probes nor is routed.
+    assert health.state(end) is State.PROBING
+    assert health.active_probe_due(end)
+    assert not health.available(end) and health.begin_attempt(end) is False
+    assert health.begin_active_probe(end) is True
+    assert not health.active_probe_due(end) and not health.available(end)
+    # It failed: benched for the next interval, and probed by the actor again at its end.
+    assert health.record_failure(fail(C.NETWORK), end, probe=True) == end + 4.0
+    assert health.begin_attempt(end + 4.0) is False
+    assert health.begin_active_probe(end + 4.0) is True
+    # It answered a completion: OK at once.
+    assert health.record_success(end + 6.0, probe=True) is True
+    assert health.state(end + 6.0) is State.OK and health.available(end + 6.0)
+    # Only reachable (a model list): the next job decides, as with passive probes.
+    end = trip(health, 100.0)
+    assert health.begin_active_probe(end) is True
+    health.record_reachable(probe=True)
+    assert health.available(end) and health.begin_attempt(end) is True
+
+
+def test_an_active_probe_is_only_for_a_bench_for_failures() -> None:
+    # After the threshold or a failed probe: the actor may probe by itself.
+    health = Health(HealthPolicy())
+    end = trip(health, 0.0)
+    assert health.begin_active_probe(end - 1.0) is False  # still benched
+    assert health.begin_active_probe(end) is True
+    assert health.probe_in_flight and not health.available(end)
+    # A probe that only reached the provider (its model list) leaves the next job to decide.
+    health.record_reachable(probe=True)
+    assert health.state(end) is State.PROBING and health.available(end)
+    assert health.begin_attempt(end) is True
+    # A wait the provider sent, or an immediate bench: a cheap request would not settle it.
+    for failure in (fail(C.RATE_LIMIT, retry_after=7.0), fail(C.AUTH)):
+        other = Health(HealthPolicy())
+        until = other.record_failure(failure, 0.0, probe=False)
+        assert until is not None
+        assert other.begin_active_probe(until) is False
+        assert other.begin_attempt(until) is True  # the next job is the probe, as before
+        # ...and when that probe fails, the next bench is for failures: probed actively.
+        assert other.record_failure(fail(C.NETWORK), until, probe=True) == until + 4.0
+        assert other.begin_active_probe(until + 4.0) is True
+
+
 def test_failed_probe_rebenches_whatever_the_threshold() -> None:
     health = Health(HealthPolicy(failure_threshold=10))
     assert health.record_failure(fail(C.AUTH), 0.0, probe=False) == 600.0  # streak 1
     assert health.consecutive_failures == 0
     assert health.begin_attempt(600.0) is True
-    # One counted failure, far below the threshold, but it was the probe: 5 * 2 ** 1.
-    assert health.record_failure(fail(C.NETWORK), 600.0, probe=True) == 610.0
-    assert health.state(605.0) is State.BENCHED
+    # One counted failure, far below the threshold, but it was the probe: 5 * 2 ** 1, capped
+    # by probe_interval (4 s).
+    assert health.record_failure(fail(C.NETWORK), 600.0, probe=True) == 604.0
+    assert health.state(603.0) is State.BENCHED
 
 
 def test_successful_probe_recovers_and_resets_the_streak() -> None:
     health = Health(HealthPolicy())
     end = trip(health, 0.0)
     assert health.begin_attempt(end) is True
-    assert health.record_failure(fail(C.TIMEOUT), end, probe=True) == end + 10.0
-    end += 10.0
+    assert health.record_failure(fail(C.TIMEOUT), end, probe=True) == end + 4.0
+    end += 4.0
     assert health.begin_attempt(end) is True
     assert health.record_success(end + 1.0, probe=True) is True
     assert health.state(end + 1.0) is State.OK
@@ -442,11 +527,13 @@ class Model:
 
     policy: HealthPolicy
     exempt: bool
+    active: bool = False  # the actor probes by itself after a bench for failures
     fails: int = 0
     streak: int = 0
     auto_end: float | None = None  # end of the last automatic bench, until a success after it
     manual_end: float | None = None
     probe_out: bool = False
+    failing: bool = False  # the last automatic bench was for failures (threshold, probe)
 
     def auto_state(self, now: float) -> State:
         if self.auto_end is None:
@@ -462,8 +549,22 @@ class Model:
         ends = [e for e in (self.manual_end, self.auto_end) if e is not None and e > now]
         return max(ends, default=math.inf)
 
+    def waiting_for_active(self) -> bool:
+        return self.active and self.failing
+
     def begin(self, now: float) -> bool:
-        if self.state(now) is State.PROBING and not self.probe_out:
+        if (
+            self.state(now) is State.PROBING
+            and not self.probe_out
+            and not self.waiting_for_active()
+        ):
+            self.probe_out = True
+            return True
+        return False
+
+    def begin_active(self, now: float) -> bool:
+        if self.failing and self.state(now) is State.PROBING and not self.probe_out:
+            self.failing = False
             self.probe_out = True
             return True
         return False
@@ -478,6 +579,7 @@ class Model:
         recovered = self.state(now) is State.PROBING
         self.end_probe(probe)
         self.fails = self.streak = 0
+        self.failing = False
         if self.auto_end is not None and now >= self.auto_end:
             self.auto_end = None
         return recovered
@@ -503,11 +605,15 @@ class Model:
             return None
         auto = self.auto_state(now)
         lengths = [] if own is None else [own]
-        if auto is not State.BENCHED and (
+        escalated = auto is not State.BENCHED and (
             (probe and auto is State.PROBING)
             or (own is None and self.fails >= p.failure_threshold)
-        ):
-            lengths.append(min(p.cooldown_cap, p.cooldown_base * 2**self.streak))
+        )
+        if escalated:
+            length = min(p.cooldown_cap, p.cooldown_base * 2**self.streak)
+            if self.streak >= 1:  # a bench after a bench: at most probe_interval
+                length = min(length, p.probe_interval)
+            lengths.append(length)
         if not lengths:
             return None
         end = now + max(lengths)
@@ -518,6 +624,7 @@ class Model:
         else:
             self.streak += 1
         self.auto_end = end
+        self.failing = escalated
         return end
 
     def bench(self, now: float, seconds: float | None) -> None:
@@ -530,6 +637,7 @@ class Model:
     def unbench(self) -> None:
         self.fails = self.streak = 0
         self.auto_end = self.manual_end = None
+        self.failing = False
 
 
 RETRY_AFTERS = st.none() | st.sampled_from([0.0, 1.0, 3.0, 30.0, 900.0])
@@ -554,29 +662,34 @@ class HealthMachine(RuleBasedStateMachine):
         threshold=st.integers(1, 4),
         base=st.sampled_from([1.0, 5.0]),
         cap=st.sampled_from([8.0, 40.0, 300.0]),
+        interval=st.sampled_from([2.0, 5.0, 300.0]),
         long_bench=st.sampled_from([30.0, 600.0]),
         immediate=st.sampled_from([("auth", "quota_exhausted"), ("auth",), ("provider_5xx",)]),
         exempt=st.booleans(),
+        active=st.booleans(),
     )
     def setup(
         self,
         threshold: int,
         base: float,
         cap: float,
+        interval: float,
         long_bench: float,
         immediate: tuple[str, ...],
         exempt: bool,
+        active: bool,
     ) -> None:
         policy = HealthPolicy(
             failure_threshold=threshold,
             cooldown_base=base,
             cooldown_cap=cap,
+            probe_interval=interval,
             long_bench=long_bench,
             bench_immediately=immediate,
             overload_bench=2.0,
         )
-        self.health = Health(policy, exempt=exempt)
-        self.model = Model(policy, exempt)
+        self.health = Health(policy, exempt=exempt, active_probes=active)
+        self.model = Model(policy, exempt, active)
 
     @rule(dt=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 40.0, 300.0, 700.0]))
     def advance(self, dt: float) -> None:
@@ -588,6 +701,14 @@ class HealthMachine(RuleBasedStateMachine):
         probe = self.health.begin_attempt(self.now)
         assert probe == self.model.begin(self.now)
         self.attempts.append(probe)
+
+    @precondition(lambda self: len(self.attempts) < 5)
+    @rule()
+    def begin_active_probe(self) -> None:
+        probe = self.health.begin_active_probe(self.now)
+        assert probe == self.model.begin_active(self.now)
+        if probe:
+            self.attempts.append(probe)
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data())
@@ -674,7 +795,12 @@ class HealthMachine(RuleBasedStateMachine):
         assert snap.manual == (self.model.manual_end is not None and now < self.model.manual_end)
         available = self.health.available(now)
         assert available == (
-            state is State.OK or (state is State.PROBING and not self.model.probe_out)
+            state is State.OK
+            or (
+                state is State.PROBING
+                and not self.model.probe_out
+                and not self.model.waiting_for_active()
+            )
         )
 
     @invariant()
@@ -754,3 +880,50 @@ def test_a_manual_bench_is_not_capped_by_cooldown_cap() -> None:
     assert health.snapshot(0.0, "a", 0).benched_until == 99_999_999.0
     health.bench(0.0, None)
     assert health.state(1e12) is State.BENCHED
+
+
+# --- the recovery keys in a config --------------------------------------------------------------
+
+
+def _health_config(**health: object) -> dict:
+    return {
+        "providers": [{"name": "a", "kind": "scripted"}],
+        "policies": {"health": dict(health)},
+    }
+
+
+def test_probe_interval_is_read_from_policies_health() -> None:
+    from relayrace import load_config
+
+    assert load_config(_health_config()).policies.health.probe_interval == 4.0
+    cfg = load_config(_health_config(probe_interval=2.5, cooldown_base=1))
+    assert cfg.policies.health.probe_interval == 2.5
+    assert [cfg.policies.health.cooldown(n) for n in (1, 2, 3)] == [1.0, 2.0, 2.5]
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon"])
+def test_a_bad_probe_interval_names_its_key(value: object) -> None:
+    from relayrace import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"policies\.health\.probe_interval"):
+        load_config(_health_config(probe_interval=value))
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini", "mock"])
+@pytest.mark.parametrize("probe", [None, "models", "completion", "off"])
+def test_probe_is_read_from_the_provider_table(kind: str, probe: str | None) -> None:
+    from relayrace import load_config
+
+    table: dict[str, object] = {"name": "a", "kind": kind}
+    if probe is not None:
+        table["probe"] = probe
+    (provider,) = load_config({"providers": [table]}).providers
+    assert provider.client.probe_mode == (probe or "models")  # type: ignore[attr-defined]
+
+
+def test_a_bad_probe_names_its_key() -> None:
+    from relayrace import ConfigError, load_config
+
+    data = {"providers": [{"name": "a", "kind": "openai", "probe": "billed"}]}
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.probe: expected one of"):
+        load_config(data)

@@ -35,7 +35,9 @@ def five_xx() -> Fail:
 async def test_threshold_benches_with_exponential_capped_cooldown(autojump_clock):
     policies = Policies(
         retry=NO_RETRY,
-        health=HealthPolicy(failure_threshold=2, cooldown_base=4.0, cooldown_cap=10.0),
+        health=HealthPolicy(
+            failure_threshold=2, cooldown_base=4.0, cooldown_cap=10.0, probe_interval=10.0
+        ),
     )
     cfg = config(scripted_provider("a", five_xx()), scripted_provider("b"), policies=policies)
     async with open_sup(cfg) as sup:
@@ -284,7 +286,8 @@ async def test_a_hanging_probe_is_cut_at_its_own_deadline_and_rebenches(autojump
         assert probe.actor == "a" and probe.probe
         assert probe.failure.code == "probe_timeout"
         assert trio.current_time() - start == pytest.approx(3.0)  # not the 30 s first-token budget
-        assert sup.health()["a"].benched_until == pytest.approx(start + 3.0 + 10.0)
+        # Re-benched for the next cooldown: 10 s, capped by probe_interval (4 s).
+        assert sup.health()["a"].benched_until == pytest.approx(start + 3.0 + 4.0)
 
 
 # --- a wait the provider sends is capped by cooldown_cap, for the bench and the caller ----------

@@ -699,7 +699,8 @@ async def test_a_flapping_primary_fails_over_during_the_outage_is_probed_once_th
 ) -> None:
     policies = Policies(health=HealthPolicy(failure_threshold=2, cooldown_base=2.0))
     cfg = config(
-        provider(mock, "a", "flapping,down=1,chunks=3,delay=0.5"),
+        # Passive probes (the mock's model list answers while a model is down).
+        provider(mock, "a", "flapping,down=1,chunks=3,delay=0.5", probe="off"),
         provider(mock, "b", "ok"),
         policies=policies,
     )

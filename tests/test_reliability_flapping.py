@@ -1,8 +1,9 @@
 """Health under flapping: a primary that is down for a while, then healthy again.
 
 During the outage every request is served by the backup; the primary is checked by one probe at
-a time, at the end of each bench (5 s, 10 s, 20 s: the cooldown doubles); and traffic returns to
-it within one cooldown of its recovery. Checked against the mock's log, attempt by attempt.
+a time, at the first request after each bench (5 s, then 4 s each: past the first, a bench lasts
+at most ``probe_interval``); and traffic returns to it within one interval (and a request) of its
+recovery. Checked against the mock's log, attempt by attempt.
 """
 
 from __future__ import annotations
@@ -103,20 +104,29 @@ async def test_flapping_primary_is_probed_one_at_a_time_and_gets_its_traffic_bac
     assert all(a.outcome == "ok" for a in backup)
     recovered_at = min(a.started_at for a in primary if a.outcome == "ok")
 
-    # Benched after the threshold (3 failures) at once, then re-benched by each failed probe
-    # for twice as long: 5 s, 10 s, 20 s.
-    assert [until - at for at, until in benches] == [5.0, 10.0, 20.0]
-    assert [at for at, _ in benches] == [0.0, 5.0, 15.0]
+    # Benched after the threshold (3 failures) at once, for 5 s, then re-benched by each failed
+    # probe for the probe interval (4 s), which stops the doubling.
+    policy = HealthPolicy()
+    assert [until - at for at, until in benches] == [
+        policy.cooldown_base,
+        *[policy.probe_interval] * (len(benches) - 1),
+    ]
+    assert benches[0][0] == 0.0
     # During the outage, after the first burst (the requests in flight when it began), the
-    # primary only saw the probes, one at a time, each at the end of a bench.
+    # primary only saw the probes, one at a time: each the first request after a bench ended
+    # (the mock's model list, the actor's own probe, answers while the model is down), and
+    # each starting the next bench.
     probes = [a for a in primary if a.started_at > 0]
-    assert [a.started_at for a in probes if a.started_at < recovered_at] == [5.0, 15.0]
+    failed = [a.started_at for a in probes if a.started_at < recovered_at]
+    assert failed == [at for at, _ in benches[1:]]
+    assert all(0 <= at - end <= EVERY for at, (_, end) in zip(failed, benches, strict=False))
     assert not overlapping(probes)
-    # Traffic came back within one cooldown of the recovery: at the end of the bench that was
-    # running when the primary recovered (20 s long, from 15 s to 35 s).
+    # Traffic came back at the first request after the bench that was running when the
+    # primary recovered: within one interval and one request of the recovery.
     bench_at_recovery = [(at, until) for at, until in benches if at <= DOWN < until]
-    ((bench_start, bench_end),) = bench_at_recovery
-    assert recovered_at == bench_end and recovered_at - DOWN <= bench_end - bench_start
+    ((_, bench_end),) = bench_at_recovery
+    assert 0 <= recovered_at - bench_end <= EVERY
+    assert recovered_at - DOWN <= policy.probe_interval + EVERY
 
     # Every request was served: by the backup while the primary was out, by the primary after.
     assert len(served) == len(primary) + len(backup) - sum(a.outcome != "ok" for a in primary)

@@ -15,7 +15,7 @@ the actor switches from the first-token budget to the idle budget.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -63,6 +63,49 @@ class Sink(Protocol):
 
     def progress(self) -> None:
         """The provider has started answering (its response headers arrived)."""
+
+
+#: What an active probe of a benched provider sends: ``models`` (its model list, free),
+#: ``completion`` (a one-token completion of the actor's model: billed), or ``off`` (none: the
+#: next request after the bench is the probe).
+PROBE_MODES = ("models", "completion", "off")
+ProbeMode = Literal["models", "completion", "off"]
+
+
+@runtime_checkable
+class ProbingClient(Protocol):
+    """A provider client that can probe its provider while the actor has it benched
+    (optional: a client without ``probe`` is probed by the next request, passively).
+
+    ``open`` builds what the client needs to send (its connection pool, its TLS context), so
+    that none of it is built on the request path; the supervisor calls it when it starts.
+    """
+
+    def open(self) -> None:
+        """Build the client's connection pool now (idempotent; a closed client reopens)."""
+        ...
+
+    def probes(self, model: str | None) -> bool:
+        """Whether ``probe`` sends anything for an actor of this upstream ``model`` (``None``:
+        passed through); if not, the actor leaves probing to the next request."""
+        ...
+
+    async def probe(self, *, model: str | None, actor: str) -> bool | None:
+        """Send one cheap request to check the provider (the actor applies the budget).
+
+        Args:
+            model: the upstream model of the actor (``None``: passed through, unknown).
+            actor: the actor's name (for error messages).
+
+        Returns:
+            ``True``: the deployment answered a completion (it serves); ``False``: the provider
+            answered (reachable, the key works) but that does not prove the deployment serves;
+            ``None``: nothing was sent (probing off, or it needs a model the actor lacks).
+
+        Raises:
+            ProviderError: the provider failed the probe; ``.failure`` says how.
+        """
+        ...
 
 
 @runtime_checkable

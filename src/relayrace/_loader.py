@@ -437,6 +437,7 @@ def _policies(table: Table) -> Policies:
         else dh.bench_immediately,
         long_bench=h.number("long_bench", dh.long_bench, positive=True),
         overload_bench=h.number("overload_bench", dh.overload_bench, positive=True),
+        probe_interval=h.number("probe_interval", dh.probe_interval, positive=True),
         probe_timeout=h.number("probe_timeout", dh.probe_timeout, positive=True),
         restart_cool_off=h.number("restart_cool_off", dh.restart_cool_off, positive=True),
         max_benched_share=h.number(

@@ -171,7 +171,13 @@ class HealthPolicy(Configurable):
     Attributes:
         failure_threshold: consecutive counted failures that bench an actor.
         cooldown_base / cooldown_cap: the n-th bench in a row lasts
-            ``min(cap, base * 2 ** (n - 1))`` seconds.
+            ``min(cap, base * 2 ** (n - 1))`` seconds, and from the second on (a probe failed)
+            at most ``probe_interval``.
+        probe_interval: the longest bench after a failed probe: while a deployment stays down
+            it is probed once per ``probe_interval`` seconds (the doubling stops there), and
+            it is probed at most this long after it recovers (4 s: with a request within a
+            second of the bench's end, back in use within 5 s). Set it to ``cooldown_cap`` for
+            the plain doubling curve.
         bench_immediately: categories that bench at once (with ``long_bench``).
         long_bench: seconds for an immediate bench (auth, quota_exhausted).
         overload_bench: seconds for an ``overloaded`` failure without Retry-After.
@@ -192,10 +198,18 @@ class HealthPolicy(Configurable):
     )
     long_bench: float = 600.0
     overload_bench: float = 2.0
+    probe_interval: float = 4.0
     probe_timeout: float = 10.0
     restart_cool_off: float = 60.0
     max_benched_share: float = 1.0
     when_all_benched: AllBenched = AllBenched.TRY_ANYWAY
+
+    def cooldown(self, n: int) -> float:
+        """How long the ``n``-th automatic bench in a row lasts (``n`` >= 1): ``cooldown_base``
+        doubling up to ``cooldown_cap``, and from the second bench on (a probe failed) at most
+        ``probe_interval``."""
+        length = min(self.cooldown_cap, self.cooldown_base * 2 ** (n - 1))
+        return length if n <= 1 else min(length, self.probe_interval)
 
 
 # Failures that never count against a provider's health.

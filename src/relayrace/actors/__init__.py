@@ -1,7 +1,9 @@
 """Provider actors and the provider clients they drive."""
 
+from .._client import PROBE_MODES as PROBE_MODES
 from .._client import ClientCall as ClientCall
 from .._client import Completion as Completion
+from .._client import ProbingClient as ProbingClient
 from .._client import ProviderClient as ProviderClient
 from .._client import Sink as Sink
 from ._actor import Emit as Emit
@@ -20,6 +22,7 @@ from ._transport import sharded_transport as sharded_transport
 
 __all__ = [
     "POOL_SHARD",
+    "PROBE_MODES",
     "AnthropicClient",
     "ClientCall",
     "Completion",
@@ -30,6 +33,7 @@ __all__ = [
     "HealthSnapshot",
     "Job",
     "OpenAIClient",
+    "ProbingClient",
     "ProviderActor",
     "ProviderClient",
     "ShardedTransport",

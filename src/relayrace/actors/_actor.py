@@ -34,6 +34,7 @@ from .._failure import Category, Failure
 from .._policy import Match, Policies
 from .._values import Outcome
 from ._health import Health, HealthSnapshot, State
+from ._probe import Probe, run_probe
 
 Emit = Callable[[str], Awaitable[None]]
 #: Send a piece of the answer if that needs no waiting: True if it was taken (or swallowed),
@@ -224,7 +225,11 @@ class ProviderActor:
         self.continues = continues
         self.priority = priority
         self.weight = weight
-        self.health = Health(policies.health, exempt=exempt)
+        probes = getattr(client, "probes", None)
+        self._probe: Probe | None = None  # the client's active probe (``ProbingClient``)
+        if probes is not None and probes(model):
+            self._probe = client.probe  # type: ignore[attr-defined]
+        self.health = Health(policies.health, exempt=exempt, active_probes=self._probe is not None)
         self.demotion = 0
         self.in_flight = 0
         self.alive = True
@@ -355,8 +360,13 @@ class ProviderActor:
         raise self._crash
 
     async def _cooldown_timer(self) -> None:
-        # Wakes when a bench ends, so that subscribers hear the actor is being probed.
+        # Wakes when a bench ends, so that subscribers hear the actor is being probed, and
+        # probes it if its client can (also a bench that ended while the actor restarted).
         while True:
+            now = trio.current_time()
+            if self._probe is not None and self.health.begin_active_probe(now):
+                await self._active_probe(self._probe)
+                continue
             self._wake_timer = trio.Event()
             until = self.health.next_change()
             with trio.move_on_at(until):
@@ -364,6 +374,36 @@ class ProviderActor:
             now = trio.current_time()
             if now >= until and self.health.state(now) is State.PROBING:
                 self._emit(EventKind.ACTOR_PROBING)
+
+    async def _active_probe(self, probe: Probe) -> None:
+        """Run the half-open probe from the actor's own task (``begin_active_probe`` marked
+        it) and record its outcome like a job's."""
+        health = self.health
+        outcome = None
+        try:
+            outcome = await run_probe(
+                probe, model=self.model, actor=self.name, policy=self._health_policy
+            )
+        except Exception as exc:  # a bug in the client, as in an attempt
+            self._crashed_by(exc)
+            return
+        finally:
+            if outcome is None:  # it crashed, or the actor is stopping
+                health.record_cancelled(probe=True)
+        now = trio.current_time()
+        failure = outcome.failure
+        if failure is not None:
+            until = health.record_failure(
+                failure, now, probe=True, may_bench=self._may_bench(self.name)
+            )
+            if until is not None:
+                self._emit(EventKind.ACTOR_BENCHED, until=until, failure=failure, detail="probe")
+        elif outcome.proven:
+            if health.record_success(now, probe=True):
+                self.demotion = 0
+                self._emit(EventKind.ACTOR_RECOVERED, detail="probe")
+        else:  # reachable, not proven (a model list), or nothing sent: the next job decides
+            health.record_reachable(probe=True)
 
     # --- slots --------------------------------------------------------------------------------
 

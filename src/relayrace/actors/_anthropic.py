@@ -86,6 +86,9 @@ class AnthropicClient(HTTPProviderClient):
     def endpoint(self, call: ClientCall) -> str:
         return f"{self.base_url}{anthropic.PATH}"
 
+    def probe_url(self, model: str | None) -> str | None:
+        return f"{self.base_url}/v1/models"
+
     def payload(self, call: ClientCall) -> dict[str, Any]:
         return anthropic.payload(
             call.request,

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, TypedDict
 import httpx
 import trio
 
-from .._client import ClientCall, Completion, Sink
+from .._client import PROBE_MODES, ClientCall, Completion, ProbeMode, Sink
 from .._errors import ConfigError, ProviderError
 from .._failure import Category
 from .._redact import SecretFilter, redact, secret_forms
@@ -51,6 +51,7 @@ from ._body import (
     read_whole,
 )
 from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
+from ._probe import DISCARD, completion_probe, get_ok
 from ._transport import TRANSPORTS, make_http_client, tls_context
 
 # After a stream's terminator ([DONE], message_stop) the body normally ends at once; reading that
@@ -87,15 +88,23 @@ class ClientOptions(TypedDict, total=False):
     max_body_bytes: int
     max_sse_line_bytes: int
     max_event_bytes: int
+    probe: ProbeMode
 
 
 class HTTPProviderClient:
     """The base of the HTTP provider clients: connection pool, error boundary, attempt loop.
 
-    The ``httpx.AsyncClient`` is opened on the first call and closed by ``aclose``; a later call
-    opens a new one, so that one config can serve several supervisors in turn. Its TLS context
-    is made on the first open and kept (for an ``https://`` base URL only it loads the CA
-    bundle, ~30-100 ms of synchronous work).
+    The ``httpx.AsyncClient`` is built by ``open`` (the supervisor calls it when it starts, so
+    that nothing of it is built on the request path; a call on a client never opened opens it)
+    and closed by ``aclose``; a later ``open`` builds a new one, so that one config can serve
+    several supervisors in turn. Its TLS context is made on the first open and kept (for an
+    ``https://`` base URL only it loads the CA bundle, ~30-100 ms of synchronous work).
+
+    ``probe`` (``PROBE_MODES``) says what an active probe of a benched provider sends:
+    ``models`` (default) asks for the model list (``probe_url``): free, and it proves the
+    provider answers and the key works, not that the deployment serves, so the next request
+    decides; ``completion`` asks the actor's model for one token (billed, proves the
+    deployment); ``off`` sends nothing (the next request after a bench is the probe).
 
     ``accepts_continuation`` is a declaration for the supervisor, which sends a prefill only to
     a provider that declares (or is configured) to accept one; the client sends what it is
@@ -121,6 +130,7 @@ class HTTPProviderClient:
         max_event_bytes: the largest event of a stream accepted (default 4 MiB); past it
             ``event_too_large``. Each limit closes the connection, and the request fails over
             like on any stream error.
+        probe: what an active probe sends: ``models``, ``completion`` or ``off`` (above).
 
     Raises:
         ValueError: an argument is out of range.
@@ -148,7 +158,11 @@ class HTTPProviderClient:
         max_body_bytes: int = MAX_BODY_BYTES,
         max_sse_line_bytes: int = MAX_SSE_LINE_BYTES,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        probe: ProbeMode = "models",
     ):
+        if probe not in PROBE_MODES:
+            raise ValueError(f"probe: expected one of {', '.join(PROBE_MODES)}")
+        self.probe_mode: ProbeMode = probe
         if base_url is None:
             base_url = self.default_base_url
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
@@ -197,7 +211,14 @@ class HTTPProviderClient:
         # Never the key: only where the client points.
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
-    def _client(self) -> httpx.AsyncClient:
+    @property
+    def http_client(self) -> httpx.AsyncClient | None:
+        """The open ``httpx.AsyncClient`` (``None`` before ``open`` and after ``aclose``)."""
+        return self._http
+
+    def open(self) -> None:
+        """Build the connection pool (and, the first time, the TLS context) now, off the
+        request path. Does nothing if it is open."""
         if self._http is None or self._http.is_closed:
             if self._tls is None:
                 self._tls = tls_context(self.base_url)
@@ -208,7 +229,15 @@ class HTTPProviderClient:
                 connect_timeout=self._connect_timeout,
                 transport=self._transport,
             )
-        return self._http
+
+    def _client(self) -> httpx.AsyncClient:
+        http = self._http
+        if http is None or http.is_closed:
+            # Not opened by a supervisor (a client used on its own): open it now.
+            self.open()
+            http = self._http
+            assert http is not None
+        return http
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
@@ -237,6 +266,47 @@ class HTTPProviderClient:
     def reader(self, call: ClientCall) -> Reader:
         """A fresh reader of this attempt's response (a ``relayrace.providers`` reader)."""
         raise NotImplementedError
+
+    def probe_url(self, model: str | None) -> str | None:
+        """The URL a ``models`` probe GETs (the configured ``query`` is added), or ``None``
+        when the provider has none."""
+        return None
+
+    # --- an active probe ---
+
+    def probes(self, model: str | None) -> bool:
+        """Whether ``probe`` sends anything for this ``model``: ``off`` never, ``completion``
+        only for a known model, ``models`` where the provider has a model list."""
+        if self.probe_mode == "completion":
+            return model is not None
+        return self.probe_mode == "models" and self.probe_url(model) is not None
+
+    async def probe(self, *, model: str | None, actor: str) -> bool | None:
+        """Check a benched provider with one cheap request; see ``ProbingClient.probe``.
+
+        Raises:
+            ProviderError: the provider failed the probe.
+        """
+        if self.probe_mode == "completion":
+            if model is None:
+                return None
+            await self.call(completion_probe(model, actor), DISCARD)
+            return True
+        target = self.probe_url(model) if self.probe_mode == "models" else None
+        if target is None:
+            return None
+        url = httpx.URL(target)
+        if self.query:
+            url = url.copy_merge_params(self.query)
+        await get_ok(
+            self._client(),
+            url,
+            label=self.label,
+            actor=actor,
+            secrets=self._secrets,
+            error_limit=_MAX_ERROR_BODY,
+        )
+        return False
 
     # --- one attempt ---
 
@@ -422,8 +492,10 @@ def options_from_table(
     the environment variable that holds the key), ``headers`` and ``query`` (tables of strings)
     and ``extra_body`` (a table merged into every request body, under what the request sets),
     and the limits on what the provider may send: ``max_body_bytes``, ``max_sse_line_bytes``,
-    ``max_event_bytes`` (see ``HTTPProviderClient``), and ``transport`` (``h11`` or
-    ``httpx``). The pool size and connect timeout come from the provider's ``max_concurrency`` and
+    ``max_event_bytes`` (see ``HTTPProviderClient``), ``transport`` (``h11`` or ``httpx``)
+    and ``probe`` (``models``, ``completion`` or ``off``: what an active probe of a benched
+    provider sends). The pool size and connect timeout come from the provider's
+    ``max_concurrency`` and
     ``budgets.connect``, read by the config before the client's own keys.
 
     Raises:
@@ -447,6 +519,7 @@ def options_from_table(
         max_sse_line_bytes=table.integer("max_sse_line_bytes", MAX_SSE_LINE_BYTES, minimum=1),
         max_event_bytes=table.integer("max_event_bytes", MAX_EVENT_BYTES, minimum=1),
         transport=table.choice("transport", TRANSPORTS, "h11"),
+        probe=table.choice("probe", PROBE_MODES, "models"),
     )
 
 

@@ -8,6 +8,7 @@ translated) is ``relayrace.providers.gemini``.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import TYPE_CHECKING, Any, Unpack
 
 from .._client import ClientCall
@@ -82,6 +83,13 @@ class GeminiClient(HTTPProviderClient):
     def endpoint(self, call: ClientCall) -> str:
         path = gemini.path(call.upstream_model, stream=call.stream, api_version=self.api_version)
         return f"{self.base_url}{path}"
+
+    def probe_url(self, model: str | None) -> str | None:
+        # The deployment's own entry where the model is known (it proves the model exists).
+        if model is None:
+            return f"{self.base_url}/{self.api_version}/models"
+        name = urllib.parse.quote(model.removeprefix("models/"), safe="")
+        return f"{self.base_url}/{self.api_version}/models/{name}"
 
     def payload(self, call: ClientCall) -> dict[str, Any]:
         return gemini.payload(

@@ -9,6 +9,13 @@ States::
     BENCHED ──(the automatic bench ends)──▶ PROBING        (half-open: the next job is THE probe)
     PROBING ──(success)──▶ OK
     PROBING ──(the probe fails)──▶ BENCHED                 (next exponent, whatever the threshold)
+    PROBING ──(an active probe reached the provider)──▶ PROBING   (the next job decides)
+
+The probe is a job (passive) or the actor's own cheap request (active, ``begin_attempt`` from
+its timer): either way one at a time. The n-th bench in a row lasts ``policy.cooldown(n)``:
+the base, then doubling, but never more than ``probe_interval`` once a probe has failed, so a
+provider that stays down is probed once per interval and is back within one interval of its
+recovery.
     any ──(manual bench)──▶ BENCHED                         (until it ends or unbench())
 
 A manual bench is kept apart from the automatic one: automatic logic never shortens or lifts it.
@@ -102,6 +109,9 @@ class Health:
     Args:
         policy: thresholds and bench durations.
         exempt: never bench this actor (failures are still counted).
+        active_probes: the actor probes by itself (``begin_active_probe``) when a bench for
+            failures ends; until it has, no job is routed here or becomes the probe, so that
+            no caller pays for checking a provider that may still be down.
 
     ``now`` must never decrease from one call to the next: a bench whose end has been observed
     is settled into the half-open state.
@@ -109,6 +119,7 @@ class Health:
 
     policy: HealthPolicy
     exempt: bool = False
+    active_probes: bool = False
     _consecutive_failures: int = attrs.field(default=0, init=False)
     # Automatic benches in a row without a success: n in base * 2 ** (n - 1).
     _streak: int = attrs.field(default=0, init=False)
@@ -119,6 +130,9 @@ class Health:
     # End of the manual bench (math.inf: until unbench), while not observed to end.
     _manual_until: float | None = attrs.field(default=None, init=False)
     _probe_in_flight: bool = attrs.field(default=False, init=False)
+    # The automatic bench came from failures of ours (the threshold, a failed probe), not from
+    # a wait the provider sent or an immediate bench, and its active probe has not begun.
+    _failing: bool = attrs.field(default=False, init=False)
 
     @property
     def consecutive_failures(self) -> int:
@@ -155,10 +169,18 @@ class Health:
         auto = self._auto_state(now)
         return State.BENCHED if self._manual_until is not None else auto
 
+    def _awaiting_active_probe(self) -> bool:
+        return self.active_probes and self._failing
+
     def available(self, now: float) -> bool:
-        """May a new request be routed here: OK, or PROBING with no probe in flight."""
+        """May a new request be routed here: OK, or PROBING with no probe in flight (and, with
+        active probes, once the actor's own probe has had its turn)."""
         state = self.state(now)
-        return state is State.OK or (state is State.PROBING and not self._probe_in_flight)
+        return state is State.OK or (
+            state is State.PROBING
+            and not self._probe_in_flight
+            and not self._awaiting_active_probe()
+        )
 
     def next_change(self) -> float:
         """The time ``state()`` will next change on its own (the end of the bench), or ``math.inf``.
@@ -178,10 +200,34 @@ class Health:
         Returns:
             ``True`` if this attempt is the half-open probe (it is then marked in flight).
         """
-        if self.state(now) is State.PROBING and not self._probe_in_flight:
+        if (
+            self.state(now) is State.PROBING
+            and not self._probe_in_flight
+            and not self._awaiting_active_probe()
+        ):
             self._probe_in_flight = True
             return True
         return False
+
+    def begin_active_probe(self, now: float) -> bool:
+        """Like ``begin_attempt``, for the actor's own probe: only after a bench for failures
+        (the threshold, a failed probe), not one for a wait the provider sent (``Retry-After``)
+        or an immediate bench (auth, quota), which a cheap request would not settle.
+
+        Returns:
+            ``True`` if the caller is now the half-open probe (marked in flight).
+        """
+        if self._failing and self.state(now) is State.PROBING and not self._probe_in_flight:
+            self._failing = False
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def active_probe_due(self, now: float) -> bool:
+        """A bench for failures has ended and the actor's own probe has not begun."""
+        return (
+            self._failing and not self._probe_in_flight and self.state(now) is State.PROBING
+        )
 
     def _end_probe(self, probe: bool) -> bool:
         # A probe flag is honoured only if the probe is still marked: at most one probe at a time.
@@ -204,6 +250,7 @@ class Health:
         self._consecutive_failures = 0
         self._streak = 0
         self._half_open = False
+        self._failing = False
         return was_probing
 
     def record_failure(
@@ -260,7 +307,7 @@ class Health:
         durations = [] if own is None else [own]
         if escalate:
             n = self._streak + 1
-            durations.append(min(policy.cooldown_cap, policy.cooldown_base * 2 ** (n - 1)))
+            durations.append(policy.cooldown(n))
         if not durations or max(durations) <= 0:
             return None
         until = now + max(durations)
@@ -271,7 +318,14 @@ class Health:
             self._streak += 1
             self._half_open = False
         self._auto_until = until
+        self._failing = escalate
         return until
+
+    def record_reachable(self, *, probe: bool) -> None:
+        """Record an active probe that reached the provider without proving the deployment
+        serves (its model list answered): the probe ends and the state stays PROBING, so that
+        the next job is the probe that decides. No counter changes."""
+        self._end_probe(probe)
 
     def record_cancelled(self, *, probe: bool) -> None:
         """Record an attempt whose caller went away: no penalty; a cancelled probe frees its slot."""
@@ -306,6 +360,7 @@ class Health:
         self._manual_until = None
         self._auto_until = None
         self._half_open = False
+        self._failing = False
         self._consecutive_failures = 0
         self._streak = 0
 

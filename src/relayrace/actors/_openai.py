@@ -100,6 +100,9 @@ class OpenAIClient(HTTPProviderClient):
     def endpoint(self, call: ClientCall) -> str:
         return f"{self.base_url}{openai.PATH}"
 
+    def probe_url(self, model: str | None) -> str | None:
+        return f"{self.base_url}/models"
+
     def payload(self, call: ClientCall) -> dict[str, Any]:
         return openai.payload(
             call.request,

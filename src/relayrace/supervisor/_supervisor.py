@@ -301,6 +301,12 @@ async def open_supervisor(
         async with trio.open_nursery() as nursery:
             sup = Supervisor(config, nursery, observers)
             try:
+                # Connection pools and TLS contexts are built now, not on a first request
+                # (building one is synchronous and blocks every task for up to ~100 ms).
+                for provider in config.providers:
+                    open_client = getattr(provider.client, "open", None)
+                    if open_client is not None:
+                        open_client()
                 for actor in sup._actors.values():
                     await nursery.start(sup._supervise, actor)
                 for started in sup._hooks.supervisor_started:
