@@ -836,7 +836,13 @@ async def test_anthropic_payload_translation() -> None:
         },
         {"role": "assistant", "content": "answer"},
         {"role": "developer", "content": [{"type": "text", "text": "Use French."}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "42"},
         {"role": "user", "content": "and?"},
     ]
@@ -1091,8 +1097,14 @@ async def test_gemini_payload_translation() -> None:
             "role": "user",
             "content": [{"type": "image_url", "image_url": {"url": "https://x.test/cat.png"}}],
         },
-        {"role": "assistant", "content": "two"},
-        {"role": "tool", "content": "three"},
+        {
+            "role": "assistant",
+            "content": "two",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "three"},
     ]
     await run(
         client,

@@ -38,6 +38,8 @@ from ._record import Scope as Scope
 from ._values import Delta as Delta
 from ._values import Reply as Reply
 from ._values import Request as Request
+from ._values import ToolCall as ToolCall
+from ._values import ToolCallDelta as ToolCallDelta
 from ._values import Usage as Usage
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
@@ -87,6 +89,8 @@ __all__ = [
     "StreamPolicy",
     "Supervisor",
     "SupervisorStatistics",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
     "classify",
     "load_config",
