@@ -881,11 +881,17 @@ async def test_anthropic_payload_translation() -> None:
                     },
                 ],
             },
-            {"role": "assistant", "content": "answer"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "answer"},
+                    {"type": "tool_use", "id": "c1", "name": "f", "input": {}},
+                ],
+            },
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "[tool result c1]\n42"},
+                    {"type": "tool_result", "tool_use_id": "c1", "content": "42"},
                     {"type": "text", "text": "and?"},
                 ],
             },
@@ -914,7 +920,7 @@ async def test_anthropic_stream_events() -> None:
     assert sink.deltas == ["Hel", "lo"]
     assert completion == Completion(
         model="claude-real-20250101",
-        usage=Usage(prompt_tokens=30, completion_tokens=15),
+        usage=Usage(prompt_tokens=30, completion_tokens=15, cached_tokens=5),
         finish_reason="stop",
     )
 
@@ -1127,8 +1133,11 @@ async def test_gemini_payload_translation() -> None:
                     {"fileData": {"fileUri": "https://x.test/cat.png", "mimeType": "image/png"}},
                 ],
             },
-            {"role": "model", "parts": [{"text": "two"}]},
-            {"role": "user", "parts": [{"text": "three"}]},
+            {"role": "model", "parts": [{"text": "two"}, {"functionCall": {"name": "f", "args": {}}}]},
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"name": "f", "response": {"result": "three"}}}],
+            },
             {"role": "model", "parts": [{"text": "four"}]},
         ],
         "systemInstruction": {"parts": [{"text": "Be brief."}]},
@@ -1155,7 +1164,7 @@ async def test_gemini_stream_with_crlf_usage_model_and_finish() -> None:
     assert sink.text == "Hello"
     assert completion == Completion(
         model="gemini-real-001",
-        usage=Usage(prompt_tokens=8, completion_tokens=6),
+        usage=Usage(prompt_tokens=8, completion_tokens=6, reasoning_tokens=2),
         finish_reason="stop",
     )
 

@@ -2,8 +2,10 @@
 (which builds clients), the actors (which drive them) and the clients.
 
 A provider client is any object with an ``accepts_continuation`` flag, an async ``call``
-method and an async ``aclose`` (``ProviderClient``, checked by mypy where a client is given). The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas into
-the sink as they arrive and returns a ``Completion``, or raises ``ProviderError`` carrying a
+method and an async ``aclose`` (``ProviderClient``, checked by mypy where a client is given).
+The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas and tool-call
+fragments (indexed 0, 1, 2… per answer) into the sink as they arrive and returns a
+``Completion``, or raises ``ProviderError`` carrying a
 classified ``Failure``. Any other exception is a bug in the client: the actor crashes and its
 supervisor restarts it.
 
@@ -15,11 +17,12 @@ the actor switches from the first-token budget to the idle budget.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from ._values import Request, Usage
+from ._values import Request, ToolCallDelta, Usage
 
 
 @attrs.frozen(kw_only=True)
@@ -48,11 +51,18 @@ class ClientCall:
 
 @attrs.frozen(kw_only=True)
 class Completion:
-    """How a successful call ended."""
+    """How a successful call ended.
+
+    Attributes:
+        refusal: what the model said instead of an answer, if it did.
+        logprobs: the answer's log probabilities (OpenAI's ``{"content": [...]}``), if given.
+    """
 
     model: str
     usage: Usage | None = None
     finish_reason: str | None = None
+    refusal: str | None = None
+    logprobs: Mapping[str, Any] | None = None
 
 
 class Sink(Protocol):
@@ -60,6 +70,9 @@ class Sink(Protocol):
 
     async def delta(self, text: str) -> None:
         """Send one piece of the answer (may wait: a slow caller slows the provider read)."""
+
+    async def tool_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
+        """Send tool-call fragments (like a delta, they are output: may wait)."""
 
     def progress(self) -> None:
         """The provider has started answering (its response headers arrived)."""

@@ -48,6 +48,7 @@ class Situation:
         text_kept: the supervisor still holds the text released (it did not grow past
             ``StreamPolicy.keep_text``): without it a ``continue`` has no prefill.
         continuation: the failed attempt was asked to continue a partial answer.
+        tool_calls: the caller holds a tool call of the partial answer.
         retry_allowed: the supervisor-wide retry budget has room for one more retry.
     """
 
@@ -58,6 +59,7 @@ class Situation:
     released: bool = False
     text_kept: bool = True
     continuation: bool = False
+    tool_calls: bool = False
     retry_allowed: bool = True
 
 
@@ -112,12 +114,26 @@ def decide(
     if rule is not None:
         return stop("a hard-stop rule matched", rule)
 
+    if failure.code == "restart_diverged" and failure.category is Category.STREAM_ERROR:
+        return stop(
+            "the restarted answer differs from what the caller holds",
+            Rule("default", "stream", "mid_stream.restart", "diverged"),
+        )
+
     mode = policies.stream.mid_stream
     why_not_retry = ""
     if s.released:
         rule = Rule(policies.stream.source("mid_stream"), "stream", "mid_stream", mode.value)
         if mode is MidStream.ERROR:
             return stop("the stream broke after the caller received part of the answer", rule)
+        if mode is MidStream.CONTINUE and s.tool_calls:
+            # A model continues text, not a tool call half made (or made): a prefill cannot
+            # hold one, and a continuation could call the tool again.
+            return stop(
+                "the stream broke after a tool call: a partial answer with a tool call is"
+                " never continued",
+                Rule("default", "stream", "mid_stream.continue", "tool_call"),
+            )
         if mode is MidStream.CONTINUE and not s.text_kept:
             return stop(
                 "the stream broke after more than keep_text characters: its text was not kept,"

@@ -6,6 +6,7 @@ from .._client import ProviderClient as ProviderClient
 from .._client import Sink as Sink
 from ._actor import Emit as Emit
 from ._actor import EmitNowait as EmitNowait
+from ._actor import EmitTools as EmitTools
 from ._actor import Job as Job
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
@@ -24,6 +25,7 @@ __all__ = [
     "Completion",
     "Emit",
     "EmitNowait",
+    "EmitTools",
     "GeminiClient",
     "HealthSnapshot",
     "Job",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -32,13 +32,15 @@ from .._errors import ProviderError
 from .._events import Event, EventKind
 from .._failure import Category, Failure
 from .._policy import Match, Policies
-from .._values import Outcome
+from .._values import Outcome, ToolCallDelta
 from ._health import Health, HealthSnapshot, State
 
 Emit = Callable[[str], Awaitable[None]]
 #: Send a piece of the answer if that needs no waiting: True if it was taken (or swallowed),
 #: False if nothing happened and ``Emit`` must be awaited.
 EmitNowait = Callable[[str], bool]
+#: Send tool-call fragments towards the caller (may wait, like ``Emit``).
+EmitTools = Callable[[tuple[ToolCallDelta, ...]], Awaitable[None]]
 
 
 def _never_now(text: str) -> bool:
@@ -56,6 +58,8 @@ class Job:
     call: ClientCall
     emit: Emit
     emit_nowait: EmitNowait = _never_now
+    #: where tool-call fragments go (``None``: a caller that takes none; they are dropped).
+    emit_tools: EmitTools | None = None
     request_id: int = 0
     outcome: Outcome | None = None
     completion: Completion | None = None
@@ -175,6 +179,23 @@ class _Sink:
             self._deadline = self._scope.deadline = min(self._end, due)
         elif due > self._deadline:
             self._deadline = self._scope.deadline = min(self._end, due + self._slack)
+
+    async def tool_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
+        # Output like a delta: the first one ends the first-token budget. Rare, so no fast path.
+        job = self._job
+        if not fragments or job.emit_tools is None:
+            return
+        self._scope.deadline = self._end
+        try:
+            await job.emit_tools(tuple(fragments))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            job.cancel()
+            await trio.lowlevel.checkpoint()
+        now = self._now()
+        if job.deltas == 0:
+            job.first_delta_at = now
+        job.deltas += 1
+        self._deadline = self._scope.deadline = min(self._end, now + self._idle)
 
     def progress(self) -> None:
         self._job.progressed = True

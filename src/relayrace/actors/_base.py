@@ -302,13 +302,21 @@ class HTTPProviderClient:
                         text = mask.feed(text)
                     if text:
                         await sink.delta(text)
+                    if reader.tools.pending:
+                        await sink.tool_calls(reader.tools.take())
             finally:
                 await response.aclose()
         # The answer is whole (also when the connection failed after its finish reason).
         if mask is not None and (rest := mask.flush()):
             await sink.delta(rest)
         model = redact(reader.model, self._secrets)
-        return Completion(model=model, usage=reader.usage, finish_reason=reader.finish_reason)
+        return Completion(
+            model=model,
+            usage=reader.usage,
+            finish_reason=reader.finish_reason,
+            refusal=reader.refusal,
+            logprobs=None if reader.logprobs is None else {"content": reader.logprobs},
+        )
 
     async def _read_stream(
         self,
@@ -373,6 +381,16 @@ class HTTPProviderClient:
     ) -> None:
         text = reader.event(event)
         state.finished = reader.finished or reader.terminated
+        if reader.tools.pending:
+            # Text first: an event that carries both is one piece of the answer in that order.
+            if text:
+                check_text(text, "a delta")
+                if mask is not None:
+                    text = mask.feed(text)
+                if text:
+                    await sink.delta(text)
+            await sink.tool_calls(reader.tools.take())
+            return
         if text:
             # Encoding a delta costs ~40 ns, less than looking for a surrogate's escape in the
             # event; the model is checked by the reader when it changes.

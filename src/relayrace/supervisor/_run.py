@@ -32,8 +32,19 @@ from .._decide import (
 from .._errors import RequestFailed
 from .._events import EventKind, Subscribers
 from .._failure import Category, Failure
-from .._values import Action, Attempt, Decision, Delta, Outcome, Reply, Request
-from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
+from .._values import (
+    Action,
+    Attempt,
+    Decision,
+    Delta,
+    Outcome,
+    Reply,
+    Request,
+    ToolCall,
+    ToolCallDelta,
+    tool_calls_of,
+)
+from ..actors import ClientCall, Emit, EmitNowait, EmitTools, Job, ProviderActor
 from ._ledger import Ledger
 from ._routing import plan_route
 
@@ -70,6 +81,10 @@ class Run:
         "keep",
         "seq",
         "deadline",
+        "tools",
+        "_job",
+        "_diverged",
+        "_again",
     )
 
     def __init__(
@@ -100,6 +115,13 @@ class Run:
         self.released = 0  # characters a stream passed on
         self.keep = ledger.policies.stream.keep_text
         self.seq = 0
+        #: the tool-call fragments the caller will get (complete) or holds (streams).
+        self.tools: list[ToolCallDelta] = []
+        self._job: Job | None = None
+        #: a restarted attempt's own answer for each held tool call: [name, arguments]
+        self._again: dict[int, list[str]] = {}
+        #: a restarted attempt's answer differed from what the caller holds.
+        self._diverged = False
 
     async def execute(self) -> Reply:
         ledger = self.ledger
@@ -149,8 +171,13 @@ class Run:
             supervisor_closed(), self.attempts, self.decisions, request_id=self.request_id
         )
 
+    @property
+    def holds_output(self) -> bool:
+        """The caller holds part of the answer (a stream past its first delta)."""
+        return bool(self.released) or (self.streaming and bool(self.tools))
+
     def _failed(self, failure: Failure) -> RequestFailed:
-        if self.released and failure.category is not Category.STREAM_ERROR:
+        if self.holds_output and failure.category is not Category.STREAM_ERROR:
             failure = Failure(
                 category=Category.STREAM_ERROR,
                 code="interrupted",
@@ -213,7 +240,7 @@ class Run:
                     return supervisor_closed()
                 failure = outcome
                 last_failure = failure
-                if self.released and midstream_failure is None:
+                if self.holds_output and midstream_failure is None:
                     # The first failure after the caller got part of the answer is the one that
                     # broke its stream; later ones (a refused continuation...) must not hide it.
                     midstream_failure = failure
@@ -223,9 +250,10 @@ class Run:
                     tries_on_actor=tries,
                     actors_tried=tried,
                     remaining=self.deadline - now,
-                    released=bool(self.released),
+                    released=self.holds_output,
                     text_kept=self.parts is not None,
                     continuation=continuation,
+                    tool_calls=self.streaming and bool(self.tools),
                     retry_allowed=True,
                 )
                 decision = decide(failure, situation, policies, ledger.rng)
@@ -246,6 +274,8 @@ class Run:
                     await trio.sleep(decision.wait)
                     continue
                 if decision.action is Action.STOP:
+                    if failure.code == "restart_diverged":
+                        return failure  # the restart's own error, not the break before it
                     return midstream_failure or failure
                 ledger.failovers += 1
                 break
@@ -269,8 +299,12 @@ class Run:
         """Run one attempt on ``actor`` and record it."""
         parts = self.parts
         parts_before = 0 if parts is None else len(parts)
+        tools_before = len(self.tools)
         prefill = "".join(parts) if continuation and parts is not None else None
-        emit, emit_nowait = self._emitter(actor.name, skip=0 if continuation else released)
+        skip = 0 if continuation else released
+        emit, emit_nowait = self._emitter(actor.name, skip=skip)
+        # A restart (the caller holds output, no continuation) must give back what it holds.
+        held = tool_calls_of(self.tools) if self.streaming and not continuation else ()
         call = ClientCall(
             request=self.request,
             model=actor.model,
@@ -284,7 +318,10 @@ class Run:
             emit_nowait=emit_nowait,
             request_id=self.request_id,
             forced=forced,
+            emit_tools=self._tool_emitter(actor.name, held),
         )
+        self._job = job
+        self._diverged = False
         started = trio.current_time()
         self.events.publish(EventKind.ATTEMPT_STARTED, request_id=self.request_id, actor=actor.name)
         try:
@@ -299,6 +336,10 @@ class Run:
         outcome = job.outcome
         assert outcome is not None
         self.attempts.append(self._record(actor, number, job, started, outcome, continuation))
+        if outcome is Outcome.OK and held and not self._caught_up(held):
+            # The restarted answer ended without a tool call the caller already holds.
+            self._diverged = True
+            outcome = Outcome.FAILED
         if outcome is Outcome.OK:
             completion = job.completion
             assert completion is not None
@@ -314,11 +355,26 @@ class Run:
                 finish_reason=completion.finish_reason,
                 request_id=self.request_id,
                 text_kept=parts is not None,
+                tool_calls=tool_calls_of(self.tools),
+                refusal=completion.refusal,
+                logprobs=completion.logprobs,
             )
-        if not self.streaming and parts is not None:
-            del parts[parts_before:]  # nothing reached the caller: forget the partial answer
+        if not self.streaming:
+            # Nothing reached the caller: forget the partial answer.
+            if parts is not None:
+                del parts[parts_before:]
+            del self.tools[tools_before:]
+        if self._diverged:
+            failure: Failure | None = Failure(
+                category=Category.STREAM_ERROR,
+                code="restart_diverged",
+                message="the restarted answer differs from what the caller holds",
+                provider=actor.name,
+            )
+        else:
+            failure = job.failure
         # No failure: the attempt was cancelled by the actor's own shutdown.
-        failure = job.failure or Failure(
+        failure = failure or Failure(
             category=Category.CANCELLED,
             code="cancelled",
             message="the attempt was cancelled",
@@ -381,12 +437,20 @@ class Run:
 
             return forward_all, forward_all_nowait
         to_skip = [skip]
+        # What the caller holds, to check the restarted answer against (when it was kept).
+        holds = "".join(self.parts) if self.parts is not None else None
 
         def trim(text: str) -> tuple[str, int]:
             # Restarting after a broken stream: release output only past what the caller has.
             left = to_skip[0]
             if not left:
                 return text, 0
+            if holds is not None:
+                at = skip - left
+                overlap = min(len(text), left)
+                if text[:overlap] != holds[at : at + overlap]:
+                    self._diverge()
+                    return "", left
             if len(text) <= left:
                 return "", left - len(text)
             return text[left:], 0
@@ -407,6 +471,66 @@ class Run:
                 passed_on(out)
 
         return forward, forward_nowait
+
+    def _tool_emitter(self, actor: str, held: tuple[ToolCall, ...]) -> EmitTools:
+        """What the actor's sink calls with tool-call fragments: collected for ``complete``;
+        sent as deltas for a stream, past what the caller holds (``held``) after a restart,
+        which must give those calls back unchanged (else it diverged, and the attempt ends)."""
+        tools = self.tools
+        if not self.streaming:
+
+            async def collect(fragments: tuple[ToolCallDelta, ...]) -> None:
+                tools.extend(fragments)
+
+            return collect
+        send = self.emit
+        assert send is not None
+        again = self._again = {}
+
+        async def forward(fragments: tuple[ToolCallDelta, ...]) -> None:
+            out: list[ToolCallDelta] = []
+            for fragment in fragments:
+                index = fragment.index
+                if index >= len(held):
+                    out.append(fragment)
+                    continue
+                have = held[index]
+                mine = again.setdefault(index, ["", ""])
+                if fragment.name is not None:
+                    mine[0] = fragment.name
+                before = len(mine[1])
+                mine[1] += fragment.arguments
+                args = mine[1]
+                if (mine[0] and mine[0] != have.name) or not (
+                    have.arguments.startswith(args) or args.startswith(have.arguments)
+                ):
+                    self._diverge()
+                    await trio.lowlevel.checkpoint()
+                    return
+                if len(args) > len(have.arguments):
+                    start = max(before, len(have.arguments))
+                    out.append(ToolCallDelta(index, arguments=args[start:]))
+            if out:
+                await send(Delta(self.seq, "", actor, tuple(out)))
+                self.seq += 1
+                tools.extend(out)
+
+        return forward
+
+    def _caught_up(self, held: tuple[ToolCall, ...]) -> bool:
+        """Whether a restarted answer gave back every held call whole (it may add more)."""
+        again = self._again
+        return all(
+            call.index in again
+            and again[call.index][0] == call.name
+            and again[call.index][1].startswith(call.arguments)
+            for call in held
+        )
+
+    def _diverge(self) -> None:
+        self._diverged = True
+        if self._job is not None:
+            self._job.interrupt("restart_diverged")
 
     def _record(
         self,
