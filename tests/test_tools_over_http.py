@@ -7,13 +7,18 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 from trio.testing import wait_all_tasks_blocked
 
 from relayrace import (
+    Action,
+    BadRequest,
     Budgets,
+    Capabilities,
     Category,
     Config,
+    ConfigError,
     Policies,
     ProviderConfig,
     Reply,
@@ -22,6 +27,7 @@ from relayrace import (
     RetryPolicy,
     Route,
     Supervisor,
+    load_config,
     open_supervisor,
 )
 from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
@@ -208,3 +214,108 @@ async def test_logprobs_and_refusal_come_back(mock: MockProvider, stream: bool) 
     async with open_supervisor(cfg) as sup:
         reply = await sup.complete(Request("m", [{"role": "user", "content": "x"}]))
     assert reply.refusal == "I can't help with that." and reply.text == ""
+
+
+# --- capabilities -----------------------------------------------------------------------------
+
+
+async def test_a_provider_lacking_a_capability_is_skipped_without_a_call(
+    mock: MockProvider,
+) -> None:
+    cfg = config(
+        mock,
+        ("claude", "anthropic", mock_model("ok")),
+        ("gpt", "openai", mock_model("ok", logprobs=True)),
+    )
+    request = Request("m", [{"role": "user", "content": "x"}], params={"logprobs": True})
+    async with open_supervisor(cfg) as sup:
+        reply = await sup.complete(request)
+    assert reply.provider == "gpt"
+    skip = reply.decisions[0]
+    assert skip.action is Action.SKIP and skip.actor == "claude"
+    assert str(skip.rule) == "default:capabilities.logprobs=false"
+    assert [a.model for a in mock.log] == [mock_model("ok", logprobs=True) + ",tag=gpt"]
+
+
+async def test_a_configured_capability_names_the_config_in_its_rule(mock: MockProvider) -> None:
+    cfg = config(mock, ("a", "openai", mock_model("ok")), ("b", "gemini", mock_model("ok")))
+    no_tools = attrs.evolve(
+        cfg.providers[0],
+        capabilities=Capabilities(tools=False, n=False, configured=frozenset({"tools"})),
+    )
+    cfg = attrs.evolve(cfg, providers=[no_tools, cfg.providers[1]])
+    async with open_supervisor(cfg) as sup:
+        reply = await sup.complete(
+            Request("m", [{"role": "user", "content": "x"}], params={"tools": TOOLS})
+        )
+    assert reply.provider == "b"
+    assert str(reply.decisions[0].rule) == "config:capabilities.tools=false"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (
+            {"response_format": {"type": "json_object"}},
+            "params.response_format",
+        ),
+        ({"n": 2}, "params.n"),
+    ],
+)
+async def test_a_request_no_provider_can_serve_is_a_bad_request_before_any_call(
+    mock: MockProvider, params: dict[str, Any], field: str
+) -> None:
+    cfg = config(mock, ("claude", "anthropic", mock_model("ok")))
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(BadRequest) as info:
+            await sup.complete(Request("m", [{"role": "user", "content": "x"}], params=params))
+        with pytest.raises(BadRequest):
+            sup.stream(Request("m", [{"role": "user", "content": "x"}], params=params))
+    assert info.value.field == field
+    assert "claude: default:capabilities." in info.value.problem
+    assert mock.log == []
+
+
+async def test_a_prompt_over_a_declared_context_skips_the_provider(mock: MockProvider) -> None:
+    cfg = config(mock, ("small", "openai", mock_model("ok")), ("big", "openai", mock_model("ok")))
+    small = attrs.evolve(
+        cfg.providers[0],
+        capabilities=Capabilities(
+            n=False, max_context_tokens=10, configured=frozenset({"max_context_tokens"})
+        ),
+    )
+    cfg = attrs.evolve(cfg, providers=[small, cfg.providers[1]])
+    async with open_supervisor(cfg) as sup:
+        short = await sup.complete(Request("m", [{"role": "user", "content": "hi"}]))
+        long = await sup.complete(Request("m", [{"role": "user", "content": "word " * 20}]))
+    assert short.provider == "small"
+    assert long.provider == "big"
+    assert str(long.decisions[0].rule) == "config:capabilities.max_context_tokens=10"
+
+
+def test_capabilities_are_read_from_the_toml_over_the_kind_defaults() -> None:
+    cfg = load_config(
+        {
+            "providers": [
+                {
+                    "name": "a",
+                    "kind": "anthropic",
+                    "base_url": "http://localhost:1",
+                    "capabilities": {"json_schema": True, "max_context_tokens": 1000},
+                },
+                {"name": "b", "kind": "anthropic", "base_url": "http://localhost:1"},
+            ]
+        }
+    )
+    a, b = (p.effective_capabilities for p in cfg.providers)
+    assert a.json_schema and a.tools and not a.logprobs and a.max_context_tokens == 1000
+    assert a.source("json_schema") == "config" and a.source("logprobs") == "default"
+    assert not b.json_schema and b.configured == frozenset()
+    with pytest.raises(ConfigError):
+        load_config(
+            {
+                "providers": [
+                    {"name": "a", "kind": "openai", "capabilities": {"tool": True}},
+                ]
+            }
+        )

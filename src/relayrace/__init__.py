@@ -1,5 +1,6 @@
 """relayrace: fail over LLM requests between ranked provider actors, on trio."""
 
+from ._client import Capabilities as Capabilities
 from ._config import Budgets as Budgets
 from ._config import Config as Config
 from ._config import ProviderConfig as ProviderConfig
@@ -55,6 +56,7 @@ __all__ = [
     "Attempt",
     "BadRequest",
     "Budgets",
+    "Capabilities",
     "Category",
     "Config",
     "ConfigError",

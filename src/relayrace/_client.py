@@ -24,6 +24,53 @@ import attrs
 
 from ._values import Request, ToolCallDelta, Usage
 
+#: the yes/no capabilities, in the order a skip names the first one missing.
+CAPABILITY_FLAGS = ("tools", "vision", "json_schema", "n", "logprobs", "embeddings")
+
+
+@attrs.frozen(kw_only=True)
+class Capabilities:
+    """What a provider can serve; a request that needs more is not sent to it (a ``skip``
+    decision naming the capability), and one that no provider of its route can serve is a
+    ``BadRequest`` before any call.
+
+    Each HTTP client kind declares its defaults (``default_capabilities``); a provider's
+    config overrides them key by key (``[providers.capabilities]``). Whether a provider
+    continues a partial answer is ``ProviderConfig.accepts_continuation``, not here.
+
+    Attributes:
+        tools: tool calling (``tools``, assistant ``tool_calls``, ``tool`` messages).
+        vision: image content parts.
+        json_schema: structured output (``response_format`` ``json_object`` / ``json_schema``).
+        n: several choices (``n > 1``).
+        logprobs: log probabilities (``logprobs: true``).
+        embeddings: an embeddings endpoint (for the gateway's ``/v1/embeddings``).
+        max_context_tokens: the largest prompt, estimated at 4 characters a token; ``None``:
+            no limit known.
+        configured: the keys the config set (a skip's rule says ``config``), the others
+            being the client kind's defaults (``default``).
+    """
+
+    tools: bool = True
+    vision: bool = True
+    json_schema: bool = True
+    n: bool = True
+    logprobs: bool = True
+    embeddings: bool = True
+    max_context_tokens: int | None = None
+    configured: frozenset[str] = frozenset()
+
+    @property
+    def everything(self) -> bool:
+        """Nothing is lacking: no request is ever skipped for a capability."""
+        return self.max_context_tokens is None and all(
+            getattr(self, name) for name in CAPABILITY_FLAGS
+        )
+
+    def source(self, name: str) -> str:
+        """Where a capability's value came from: ``config`` or ``default``."""
+        return "config" if name in self.configured else "default"
+
 
 @attrs.frozen(kw_only=True)
 class ClientCall:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 import trio
 
-from .._client import ClientCall, Completion, ProviderClient
+from .._client import Capabilities, ClientCall, Completion, ProviderClient
 from .._config import Budgets
 from .._decide import capped_wait
 from .._errors import ProviderError
@@ -230,6 +230,7 @@ class ProviderActor:
         exempt: bool = False,
         terminus: bool = False,
         continues: bool = False,
+        capabilities: Capabilities | None = None,
         priority: int = 0,
         weight: float = 1.0,
         publish: Callable[[Event], None] = lambda event: None,
@@ -243,6 +244,7 @@ class ProviderActor:
         self.inbox_size = inbox_size
         self.terminus = terminus
         self.continues = continues
+        self.capabilities = capabilities if capabilities is not None else Capabilities()
         self.priority = priority
         self.weight = weight
         self.health = Health(policies.health, exempt=exempt)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, TypedDict
 import httpx
 import trio
 
-from .._client import ClientCall, Completion, Sink
+from .._client import Capabilities, ClientCall, Completion, Sink
 from .._errors import ConfigError, ProviderError
 from .._failure import Category
 from .._redact import SecretFilter, redact, secret_forms
@@ -130,6 +130,9 @@ class HTTPProviderClient:
     default_base_url: ClassVar[str] = ""
     #: whether the provider continues a trailing assistant message unless configured.
     default_accepts_continuation: ClassVar[bool] = False
+    #: what the provider can serve unless configured (``n``: only the first choice is read,
+    #: so no kind declares it).
+    default_capabilities: ClassVar[Capabilities] = Capabilities(n=False)
 
     def __init__(
         self,

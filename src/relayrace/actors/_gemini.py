@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Unpack
 
-from .._client import ClientCall
+from .._client import Capabilities, ClientCall
 from ..providers import GeminiReader, Reader, gemini
 from ._base import ClientOptions, HTTPProviderClient, options_from_table
 
@@ -37,6 +37,7 @@ class GeminiClient(HTTPProviderClient):
     """
 
     label = "gemini"
+    default_capabilities = Capabilities(n=False, logprobs=False)
     default_base_url = GEMINI_BASE_URL
 
     def __init__(

@@ -46,7 +46,7 @@ from .._values import (
 )
 from ..actors import ClientCall, Emit, EmitNowait, EmitTools, Job, ProviderActor
 from ._ledger import Ledger
-from ._routing import plan_route
+from ._routing import capability_skips, plan_route
 
 
 def supervisor_closed(*, refused: bool = False) -> Failure:
@@ -85,6 +85,7 @@ class Run:
         "_job",
         "_diverged",
         "_again",
+        "_lacking",
     )
 
     def __init__(
@@ -101,6 +102,8 @@ class Run:
         self.request = request
         self.route, self.chain = route
         self.streaming = streaming
+        #: the actors that lack a capability the request needs, and which (skipped)
+        self._lacking = capability_skips(request, self.route.model, self.chain)
         # Set by RequestStream for streams.
         self.emit: Callable[[Delta], Awaitable[None]] | None = None
         self.emit_nowait: Callable[[Delta], bool] | None = None
@@ -211,7 +214,11 @@ class Run:
         midstream_failure: Failure | None = None
         tried = 0
         max_providers = policies.failover.max_providers
+        lacking = self._lacking
         for actor in plan.actors:
+            if lacking and actor.name in lacking:
+                self.decisions.append(lacking[actor.name])
+                continue
             released = self.released
             # (Guarded: a call less per actor on the hot path, where nothing was released.)
             continuation = bool(released) and continues_partial(released, policies.stream)
