@@ -7,7 +7,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -28,6 +28,7 @@ from relayrace import (
     Request,
     RequestFailed,
     RetryPolicy,
+    ToolCallDelta,
     Usage,
     load_config,
     open_supervisor,
@@ -79,10 +80,14 @@ class Body(httpx.AsyncByteStream):
 class Sink:
     def __init__(self) -> None:
         self.deltas: list[str] = []
+        self.tools: list[ToolCallDelta] = []
         self.progressed = 0
 
     async def delta(self, text: str) -> None:
         self.deltas.append(text)
+
+    async def tool_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
+        self.tools.extend(fragments)
 
     def progress(self) -> None:
         self.progressed += 1
@@ -1550,3 +1555,32 @@ async def test_a_cookie_a_provider_sets_never_rides_on_the_next_request() -> Non
     finally:
         await client.aclose()
     assert [r.headers.get("cookie") for r in server.requests] == [None, None]
+
+
+async def test_tool_calls_have_the_key_masked_and_keep_the_text_of_their_event() -> None:
+    chunk = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "content": "calling",
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "function": {"name": "f", "arguments": json.dumps({"k": KEY})},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    client, _ = openai(streamed(sse(chunk, "[DONE]")))
+    completion, sink = await run(client, call())
+    assert sink.text == "calling"
+    assert completion.finish_reason == "tool_calls"
+    assert [(f.id, f.name) for f in sink.tools] == [("call_1", "f")]
+    assert KEY not in sink.tools[0].arguments
+    assert json.loads(sink.tools[0].arguments) == {"k": "[REDACTED]"}
+

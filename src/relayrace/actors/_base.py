@@ -32,6 +32,7 @@ from .._errors import ConfigError, ProviderError
 from .._failure import Category
 from .._redact import SecretFilter, redact, secret_forms
 from .._table import Table
+from .._values import ToolCallDelta
 from ..providers import (
     MAX_EVENT_BYTES,
     MAX_SSE_LINE_BYTES,
@@ -306,7 +307,7 @@ class HTTPProviderClient:
                     if text:
                         await sink.delta(text)
                     if reader.tools.pending:
-                        await sink.tool_calls(reader.tools.take())
+                        await sink.tool_calls(_masked(reader.tools.take(), self._secrets))
             finally:
                 await response.aclose()
         # The answer is whole (also when the connection failed after its finish reason).
@@ -374,14 +375,15 @@ class HTTPProviderClient:
         if not (reader.finished or reader.terminated):
             raise MalformedStream("stream_cut", "the stream ended before its finish reason")
 
-    @staticmethod
     async def _event(
+        self,
         event: ServerSentEvent,
         reader: Reader,
         state: AttemptState,
         sink: Sink,
         mask: SecretFilter | None,
     ) -> None:
+        secrets = self._secrets
         text = reader.event(event)
         state.finished = reader.finished or reader.terminated
         if reader.tools.pending:
@@ -392,7 +394,7 @@ class HTTPProviderClient:
                     text = mask.feed(text)
                 if text:
                     await sink.delta(text)
-            await sink.tool_calls(reader.tools.take())
+            await sink.tool_calls(_masked(reader.tools.take(), secrets))
             return
         if text:
             # Encoding a delta costs ~40 ns, less than looking for a surrogate's escape in the
@@ -403,6 +405,34 @@ class HTTPProviderClient:
                 if not text:
                     return
             await sink.delta(text)
+
+
+def _masked(fragments: list[ToolCallDelta], secrets: tuple[str, ...]) -> list[ToolCallDelta]:
+    """Tool-call fragments with the key (as configured, whole) masked in their text. Only the
+    exact secret forms: the key-shaped patterns ``redact`` also masks could be a tool's own
+    arguments. (A key split across two fragments is not caught.)"""
+    if not secrets:
+        return fragments
+    out = []
+    for fragment in fragments:
+        fields = (fragment.id, fragment.name, fragment.arguments)
+        if any(field and secret in field for field in fields for secret in secrets):
+            fragment = ToolCallDelta(
+                fragment.index,
+                _mask(fragment.id, secrets),
+                _mask(fragment.name, secrets),
+                _mask(fragment.arguments, secrets) or "",
+            )
+        out.append(fragment)
+    return out
+
+
+def _mask(text: str | None, secrets: tuple[str, ...]) -> str | None:
+    if text is None:
+        return None
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "[REDACTED]")
+    return text
 
 
 def _quiet_http_loggers() -> None:
