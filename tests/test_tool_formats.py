@@ -323,3 +323,26 @@ def test_openai_logprobs_and_refusal_are_read_whole_and_streamed() -> None:
     read_stream(reader, body, [])
     assert reader.logprobs == items * 2
     assert reader.refusal == "I cannot."
+
+
+def test_openai_other_choices_are_read_apart_whole_and_streamed() -> None:
+    from relayrace import Choice
+
+    call = ToolCall(0, "call_9", "add", '{"a": 1}')
+    others = [
+        Choice(index=1, text="b", finish_reason="stop"),
+        Choice(index=2, text="", tool_calls=(call,), finish_reason="tool_calls"),
+    ]
+    reader = OpenAIReader("m")
+    assert (
+        reader.whole(openai.completion(id="x", created=0, model="m", text="a", choices=others))
+        == "a"
+    )
+    assert reader.other_choices() == others
+    encoder = openai.StreamEncoder("c", 0, False)
+    body = encoder.content("m", "a") + encoder.other_choice("m", 1, "b", None)
+    body += encoder.other_choice("m", 1, "", "stop") + encoder.closing("m", "stop", None)
+    reader = OpenAIReader("m")
+    read_stream(reader, body, [])
+    assert reader.other_choices() == [Choice(index=1, text="b", finish_reason="stop")]
+    assert reader.tools.take() == []  # choice 1 never mixes into the answer's own calls

@@ -260,6 +260,7 @@ async def test_a_configured_capability_names_the_config_in_its_rule(mock: MockPr
             "params.response_format",
         ),
         ({"n": 2}, "params.n"),
+        ({"logprobs": True}, "params.logprobs"),
     ],
 )
 async def test_a_request_no_provider_can_serve_is_a_bad_request_before_any_call(
@@ -319,3 +320,26 @@ def test_capabilities_are_read_from_the_toml_over_the_kind_defaults() -> None:
                 ]
             }
         )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_n_choices_are_served_by_the_openai_kind(mock: MockProvider, stream: bool) -> None:
+    cfg = config(
+        mock,
+        ("claude", "anthropic", mock_model("ok")),
+        ("gpt", "openai", mock_model("ok", chunks=3)),
+    )
+    request = Request("m", [{"role": "user", "content": "x"}], params={"n": 3})
+    async with open_supervisor(cfg) as sup:
+        if stream:
+            async with sup.stream(request) as s:
+                text = "".join([d.text async for d in s])
+            reply = s.reply
+        else:
+            reply = await sup.complete(request)
+            text = reply.text
+    assert str(reply.decisions[0].rule) == "default:capabilities.n=false"
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.choices[0].text == text == reply.text
+    assert {c.text for c in reply.choices} == {text}
+    assert all(c.finish_reason == "stop" for c in reply.choices)

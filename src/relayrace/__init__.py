@@ -36,6 +36,7 @@ from ._record import Decision as Decision
 from ._record import Outcome as Outcome
 from ._record import Rule as Rule
 from ._record import Scope as Scope
+from ._values import Choice as Choice
 from ._values import Delta as Delta
 from ._values import Reply as Reply
 from ._values import Request as Request
@@ -58,6 +59,7 @@ __all__ = [
     "Budgets",
     "Capabilities",
     "Category",
+    "Choice",
     "Config",
     "ConfigError",
     "ConfigErrors",

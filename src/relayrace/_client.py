@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from ._values import Request, ToolCallDelta, Usage
+from ._values import Choice, Request, ToolCallDelta, Usage
 
 #: the yes/no capabilities, in the order a skip names the first one missing.
 CAPABILITY_FLAGS = ("tools", "vision", "json_schema", "n", "logprobs", "embeddings")
@@ -103,6 +103,7 @@ class Completion:
     Attributes:
         refusal: what the model said instead of an answer, if it did.
         logprobs: the answer's log probabilities (OpenAI's ``{"content": [...]}``), if given.
+        choices: the choices past the first (``n > 1``), whole.
     """
 
     model: str
@@ -110,6 +111,7 @@ class Completion:
     finish_reason: str | None = None
     refusal: str | None = None
     logprobs: Mapping[str, Any] | None = None
+    choices: tuple[Choice, ...] = ()
 
 
 class Sink(Protocol):

@@ -504,6 +504,18 @@ class Usage:
 
 
 @attrs.frozen(kw_only=True)
+class Choice:
+    """One choice of an answer asked for with ``n > 1`` (see ``Reply.choices``)."""
+
+    index: int
+    text: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+    refusal: str | None = None
+    logprobs: Mapping[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Reply:
     """A complete answer.
 
@@ -525,6 +537,9 @@ class Reply:
         refusal: what the model said instead of an answer (OpenAI's ``refusal``), if it did.
         logprobs: OpenAI's ``{"content": [...]}`` log probabilities of the answer (merged
             over a stream), when asked for and given.
+        choices: every choice of an answer with several (``n > 1``), in order; the first is
+            the one the other fields describe (and a stream's deltas carry: the others
+            arrive whole here). Empty for an answer of one choice.
     """
 
     text: str
@@ -540,3 +555,4 @@ class Reply:
     tool_calls: tuple[ToolCall, ...] = ()
     refusal: str | None = None
     logprobs: Mapping[str, Any] | None = None
+    choices: tuple[Choice, ...] = ()

@@ -131,8 +131,8 @@ class HTTPProviderClient:
     default_base_url: ClassVar[str] = ""
     #: whether the provider continues a trailing assistant message unless configured.
     default_accepts_continuation: ClassVar[bool] = False
-    #: what the provider can serve unless configured (``n``: only the first choice is read,
-    #: so no kind declares it).
+    #: what the provider can serve unless configured (``n``: only a kind whose reader gives
+    #: the other choices declares it).
     default_capabilities: ClassVar[Capabilities] = Capabilities(n=False)
 
     def __init__(
@@ -320,6 +320,7 @@ class HTTPProviderClient:
             finish_reason=reader.finish_reason,
             refusal=reader.refusal,
             logprobs=None if reader.logprobs is None else {"content": reader.logprobs},
+            choices=tuple(reader.other_choices()),
         )
 
     async def _read_stream(

@@ -41,7 +41,7 @@ class OpenAIClient(HTTPProviderClient):
     """
 
     label = "openai"
-    default_capabilities = Capabilities(n=False)
+    default_capabilities = Capabilities()
     default_base_url = OPENAI_BASE_URL
 
     def __init__(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._values import Usage
+from .._values import Choice, Usage
 from ._errors import check_text
 from ._sse import ServerSentEvent
 from ._tools import ToolCallBuilder
@@ -52,6 +52,14 @@ class Reader:
     def whole(self, body: Any) -> str:
         """Read a whole (non-streamed) JSON body; return the answer's text."""
         raise NotImplementedError
+
+    def other_choices(self) -> list[Choice]:
+        """The answer's choices past the first (``n > 1``), whole, once it has ended.
+
+        Raises:
+            MalformedStream: ``malformed_tool_call``, arguments of one that are not JSON.
+        """
+        return []
 
     def answered_by(self, model: Any) -> None:
         """Record the model the provider says answered (ignored unless a non-empty string).

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from .._client import Completion
 from .._config import Route
 from .._decide import (
     Situation,
@@ -35,6 +36,7 @@ from .._failure import Category, Failure
 from .._values import (
     Action,
     Attempt,
+    Choice,
     Decision,
     Delta,
     Outcome,
@@ -365,6 +367,7 @@ class Run:
                 tool_calls=tool_calls_of(self.tools),
                 refusal=completion.refusal,
                 logprobs=completion.logprobs,
+                choices=self._choices(completion),
             )
         if not self.streaming:
             # Nothing reached the caller: forget the partial answer.
@@ -523,6 +526,20 @@ class Run:
                 tools.extend(out)
 
         return forward
+
+    def _choices(self, completion: Completion) -> tuple[Choice, ...]:
+        """Every choice of an answer with several; ``()`` for one choice."""
+        if not completion.choices:
+            return ()
+        first = Choice(
+            index=0,
+            text="".join(self.parts or ()),
+            tool_calls=tool_calls_of(self.tools),
+            finish_reason=completion.finish_reason,
+            refusal=completion.refusal,
+            logprobs=completion.logprobs,
+        )
+        return (first, *completion.choices)
 
     def _caught_up(self, held: tuple[ToolCall, ...]) -> bool:
         """Whether a restarted answer gave back every held call whole (it may add more)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from .._values import ToolCall, ToolCallDelta, Usage
+from .._values import Choice, ToolCall, ToolCallDelta, Usage
 from ..providers import anthropic, dumps, gemini, openai
 from ._scenarios import MockScenario
 
@@ -30,6 +30,7 @@ class Reply:
         "reuse_index",
         "logprobs",
         "refusal",
+        "n",
         "_openai",
         "_framer",
     )
@@ -46,6 +47,7 @@ class Reply:
         self.reuse_index = False  # OpenAI: every call under upstream index 0
         self.logprobs = False
         self.refusal: str | None = None
+        self.n = 1  # OpenAI: the choices asked for
         self._openai: openai.StreamEncoder | None = None
         self._framer: gemini.Framer | None = None
 
@@ -64,6 +66,9 @@ class Reply:
         if fmt is OPENAI:
             self.reuse_index = sc.reuse_index
             self.logprobs = sc.logprobs
+            n = payload.get("n")
+            if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 8:
+                self.n = n
             if sc.refusal:
                 self.refusal, self.text = "I can't help with that.", ""
         if sc.tools and not ends_with_tool_result(fmt, payload):
@@ -156,6 +161,7 @@ class OpenAI(Format):
             tool_calls=r.tool_calls,
             refusal=r.refusal,
             logprobs=[_logprob(r.text)] if r.logprobs else None,
+            choices=[Choice(index=i, text=r.text, finish_reason="stop") for i in range(1, r.n)],
         )
 
     def stream_open(self, r: Reply) -> bytes:
@@ -173,6 +179,8 @@ class OpenAI(Format):
 
     def stream_close(self, r: Reply, terminator: bool) -> bytes:
         out = b""
+        for i in range(1, r.n):
+            out += r.openai.other_choice(r.model, i, r.text, "stop")
         upstream = (lambda _: 0) if r.reuse_index else None
         for call in r.tool_calls:
             for fragment in _fragments(call):

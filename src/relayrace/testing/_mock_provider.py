@@ -91,6 +91,7 @@ Parameters (any scenario takes any of them; those that do not apply are ignored)
   ``cached_tokens``, Anthropic ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``).
 - ``logprobs`` (0): OpenAI answers carry log probabilities (one item per text piece).
 - ``refusal`` (0): OpenAI answers with a ``refusal`` and no content.
+- A request's ``n`` (OpenAI, up to 8): that many choices, each the same answer.
 
 The log
 -------
