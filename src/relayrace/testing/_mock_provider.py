@@ -231,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="relayrace mock-provider",
         description="A fault-injecting mock LLM provider (OpenAI, Anthropic and Gemini wire "
         "formats). The model name picks the scenario, e.g. 'ok,chunks=20,delay=0.01' or "
-        "'rate-limit,retry_after=2'. Scenarios: " + ", ".join(SCENARIOS) + ".",
+        "'rate-limit,retry_after=2'. Scenarios: " + ", ".join(SCENARIOS) + ". Agent options "
+        "on any scenario: tools=N (N tool calls of the declared tools; text once the "
+        "conversation ends with a tool result), reuse_index=1, bad_args=1, cached=N, "
+        "logprobs=1, refusal=1; an OpenAI request's n gives n choices.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8900, help="port (0: any free port)")
