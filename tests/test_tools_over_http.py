@@ -19,6 +19,7 @@ from relayrace import (
     Category,
     Config,
     ConfigError,
+    MidStream,
     Policies,
     ProviderConfig,
     Reply,
@@ -26,12 +27,13 @@ from relayrace import (
     RequestFailed,
     RetryPolicy,
     Route,
+    StreamPolicy,
     Supervisor,
     load_config,
     open_supervisor,
 )
 from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
-from relayrace.testing import MockProvider, mock_model, serve_mock_provider
+from relayrace.testing import SCRIPTED_ANSWER, MockProvider, mock_model, serve_mock_provider
 
 FORMATS = ("openai", "anthropic", "gemini")
 KEY = "sk-mock-0123456789abcdef"
@@ -343,3 +345,67 @@ async def test_n_choices_are_served_by_the_openai_kind(mock: MockProvider, strea
     assert reply.choices[0].text == text == reply.text
     assert {c.text for c in reply.choices} == {text}
     assert all(c.finish_reason == "stop" for c in reply.choices)
+
+
+# --- failover after a tool call -----------------------------------------------------------------
+
+
+def after_a_call(mock: MockProvider, fmt: str, mode: MidStream, then: str) -> Config:
+    """Provider ``a`` breaks its stream right after its tool call; ``b`` answers ``then``."""
+    cfg = config(
+        mock,
+        ("a", fmt, mock_model("cut", tools=1, chunks=2, after=2)),
+        ("b", fmt, then),
+    )
+    policies = Policies(retry=RetryPolicy(max_attempts=1), stream=StreamPolicy(mid_stream=mode))
+    return attrs.evolve(cfg, policies=policies)
+
+
+async def stream_of(sup: Supervisor) -> tuple[list[Any], Any]:
+    request = Request("m", [{"role": "user", "content": "go"}], params={"tools": TOOLS})
+    async with sup.stream(request) as s:
+        deltas = [d async for d in s]
+    return deltas, s.reply
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_a_restart_after_a_tool_call_gives_it_once(mock: MockProvider, fmt: str) -> None:
+    cfg = after_a_call(mock, fmt, MidStream.RESTART, mock_model("ok", tools=1, chunks=3))
+    async with open_supervisor(cfg) as sup:
+        deltas, reply = await stream_of(sup)
+    fragments = [f for d in deltas for f in d.tool_calls]
+    opened = [f for f in fragments if f.id is not None]
+    assert len(opened) == 1 and opened[0].id == reply.tool_calls[0].id
+    assert [c.name for c in reply.tool_calls] == ["get_weather"]
+    assert json.loads(reply.tool_calls[0].arguments) == {"n": 0, "q": "mock"}
+    assert reply.provider == "b" and reply.text == SCRIPTED_ANSWER
+    assert {d.provider for d in deltas if d.tool_calls} == {"a"}
+
+
+async def test_a_restart_whose_tool_calls_differ_is_an_error(mock: MockProvider) -> None:
+    cfg = after_a_call(mock, "openai", MidStream.RESTART, mock_model("ok", tools=0))
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(RequestFailed) as info:
+            await stream_of(sup)
+    assert info.value.failure.code == "restart_diverged"
+
+
+async def test_after_a_tool_call_the_default_is_a_stream_error(mock: MockProvider) -> None:
+    cfg = after_a_call(mock, "anthropic", MidStream.ERROR, mock_model("ok", tools=1))
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(RequestFailed) as info:
+            await stream_of(sup)
+    assert info.value.failure.category is Category.STREAM_ERROR
+    assert [a.model for a in mock.log] == [mock_model("cut", tools=1, chunks=2, after=2) + ",tag=a"]
+
+
+async def test_continue_is_never_used_after_a_tool_call(mock: MockProvider) -> None:
+    cfg = after_a_call(mock, "openai", MidStream.CONTINUE, mock_model("ok", tools=1))
+    cfg = attrs.evolve(
+        cfg, providers=[attrs.evolve(p, accepts_continuation=True) for p in cfg.providers]
+    )
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(RequestFailed) as info:
+            await stream_of(sup)
+    assert str(info.value.decisions[-1].rule) == "default:stream.mid_stream.continue=tool_call"
+    assert len(mock.log) == 1

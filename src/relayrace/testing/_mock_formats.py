@@ -31,6 +31,8 @@ class Reply:
         "logprobs",
         "refusal",
         "n",
+        "pieces_left",
+        "tools_sent",
         "_openai",
         "_framer",
     )
@@ -48,6 +50,8 @@ class Reply:
         self.logprobs = False
         self.refusal: str | None = None
         self.n = 1  # OpenAI: the choices asked for
+        self.pieces_left = 0  # text pieces still to stream: the tool calls follow the last
+        self.tools_sent = False
         self._openai: openai.StreamEncoder | None = None
         self._framer: gemini.Framer | None = None
 
@@ -55,8 +59,11 @@ class Reply:
     def finish_reason(self) -> str:
         return "tool_calls" if self.tool_calls else "stop"
 
-    def dress(self, fmt: Format, sc: MockScenario, payload: dict[str, Any]) -> None:
-        """Add what the scenario's agent options ask for (``tools``, ``cached``…)."""
+    def dress(self, fmt: Format, sc: MockScenario, payload: dict[str, Any], pieces: int) -> None:
+        """Add what the scenario's agent options ask for (``tools``, ``cached``…); a stream
+        of ``pieces`` text pieces sends its tool calls with the last one (so that a ``cut``
+        with ``after`` = ``chunks`` breaks the stream after its tool calls)."""
+        self.pieces_left = pieces
         if sc.cached:
             self.usage = attrs.evolve(
                 self.usage,
@@ -136,6 +143,25 @@ class Format:
     def malformed(self, r: Reply) -> bytes:
         raise NotImplementedError
 
+    def stream_tools(self, r: Reply) -> bytes:
+        """The events of the answer's tool calls."""
+        return b""
+
+    def piece(self, r: Reply, out: bytes) -> bytes:
+        """``out`` (a text piece's events), followed by the tool calls after the last one."""
+        r.pieces_left -= 1
+        if r.pieces_left <= 0 and not r.tools_sent:
+            r.tools_sent = True
+            out += self.stream_tools(r)
+        return out
+
+    def tools_left(self, r: Reply) -> bytes:
+        """The tool calls' events, unless a text piece carried them already."""
+        if r.tools_sent:
+            return b""
+        r.tools_sent = True
+        return self.stream_tools(r)
+
     def stream_end(self, r: Reply) -> bytes:
         """Bytes that end the body whatever happened (Gemini's JSON array needs its ``]``)."""
         return b""
@@ -172,19 +198,23 @@ class OpenAI(Format):
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
         if r.refusal:
-            return b""
+            return self.piece(r, b"")
         if r.logprobs:
-            return r.openai.logprobs(r.model, piece, [_logprob(piece)])
-        return r.openai.content(r.model, piece)
+            return self.piece(r, r.openai.logprobs(r.model, piece, [_logprob(piece)]))
+        return self.piece(r, r.openai.content(r.model, piece))
 
-    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+    def stream_tools(self, r: Reply) -> bytes:
         out = b""
-        for i in range(1, r.n):
-            out += r.openai.other_choice(r.model, i, r.text, "stop")
         upstream = (lambda _: 0) if r.reuse_index else None
         for call in r.tool_calls:
             for fragment in _fragments(call):
                 out += r.openai.tool_calls(r.model, [fragment], upstream_index=upstream)
+        return out
+
+    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+        out = self.tools_left(r)
+        for i in range(1, r.n):
+            out += r.openai.other_choice(r.model, i, r.text, "stop")
         return out + r.openai.closing(r.model, r.finish_reason, r.usage, terminator=terminator)
 
     def stream_error(self, r: Reply, kind: str) -> bytes:
@@ -221,16 +251,19 @@ class Anthropic(Format):
         )
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
-        return anthropic.text_delta(piece)
+        return self.piece(r, anthropic.text_delta(piece))
 
-    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+    def stream_tools(self, r: Reply) -> bytes:
         out = b""
         for call in r.tool_calls:
             block = call.index + 1  # block 0 is the text
             out += anthropic.tool_use_start(block, call.id, call.name)
             for fragment in _fragments(call):
                 out += anthropic.input_json_delta(block, fragment.arguments)
-        return out + anthropic.closing(
+        return out
+
+    def stream_close(self, r: Reply, terminator: bool) -> bytes:
+        return self.tools_left(r) + anthropic.closing(
             r.finish_reason,
             r.usage.completion_tokens,
             terminator=terminator,
@@ -275,17 +308,19 @@ class Gemini(Format):
         )
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
-        return r.framer.write(gemini.response(id=r.id, model=r.model, text=piece))
+        return self.piece(r, r.framer.write(gemini.response(id=r.id, model=r.model, text=piece)))
+
+    def stream_tools(self, r: Reply) -> bytes:
+        if not r.tool_calls:
+            return b""
+        calls = gemini.response(id=r.id, model=r.model, text="", tool_calls=r.tool_calls)
+        return r.framer.write(calls)
 
     def stream_close(self, r: Reply, terminator: bool) -> bytes:
-        return r.framer.write(
+        out = self.tools_left(r)
+        return out + r.framer.write(
             gemini.response(
-                id=r.id,
-                model=r.model,
-                text="",
-                finish_reason=r.finish_reason,
-                usage=r.usage,
-                tool_calls=r.tool_calls,
+                id=r.id, model=r.model, text="", finish_reason=r.finish_reason, usage=r.usage
             )
         )
 
