@@ -59,13 +59,15 @@ class Capabilities:
     embeddings: bool = True
     max_context_tokens: int | None = None
     configured: frozenset[str] = frozenset()
+    #: nothing is lacking: no request is ever skipped for a capability (worked out once:
+    #: routing asks it of every actor of every request).
+    everything: bool = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def everything(self) -> bool:
-        """Nothing is lacking: no request is ever skipped for a capability."""
-        return self.max_context_tokens is None and all(
+    def __attrs_post_init__(self) -> None:
+        everything = self.max_context_tokens is None and all(
             getattr(self, name) for name in CAPABILITY_FLAGS
         )
+        object.__setattr__(self, "everything", everything)
 
     def source(self, name: str) -> str:
         """Where a capability's value came from: ``config`` or ``default``."""

@@ -46,7 +46,7 @@ from .._values import (
     ToolCallDelta,
     tool_calls_of,
 )
-from ..actors import ClientCall, Emit, EmitNowait, EmitTools, Job, ProviderActor
+from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
 from ._ledger import Ledger
 from ._routing import capability_skips, plan_route
 
@@ -88,6 +88,8 @@ class Run:
         "_diverged",
         "_again",
         "_lacking",
+        "_held",
+        "_tools_actor",
     )
 
     def __init__(
@@ -125,6 +127,9 @@ class Run:
         self._job: Job | None = None
         #: a restarted attempt's own answer for each held tool call: [name, arguments]
         self._again: dict[int, list[str]] = {}
+        #: the tool calls the caller held when this attempt (a restart) started
+        self._held: tuple[ToolCall, ...] = ()
+        self._tools_actor = ""
         #: a restarted attempt's answer differed from what the caller holds.
         self._diverged = False
 
@@ -313,7 +318,13 @@ class Run:
         skip = 0 if continuation else released
         emit, emit_nowait = self._emitter(actor.name, skip=skip)
         # A restart (the caller holds output, no continuation) must give back what it holds.
-        held = tool_calls_of(self.tools) if self.streaming and not continuation else ()
+        held = (
+            tool_calls_of(self.tools) if self.tools and self.streaming and not continuation else ()
+        )
+        self._held = held
+        self._tools_actor = actor.name
+        if held:
+            self._again = {}
         call = ClientCall(
             request=self.request,
             model=actor.model,
@@ -327,7 +338,7 @@ class Run:
             emit_nowait=emit_nowait,
             request_id=self.request_id,
             forced=forced,
-            emit_tools=self._tool_emitter(actor.name, held),
+            emit_tools=self._take_tools,
         )
         self._job = job
         self._diverged = False
@@ -342,6 +353,10 @@ class Run:
                 self._record(actor, number, job, started, Outcome.CANCELLED, continuation)
             )
             raise
+        finally:
+            # The run and its job refer to each other only while the job runs: a cycle left
+            # behind would be freed by the cyclic collector, not at once (~4 µs a request).
+            self._job = None
         outcome = job.outcome
         assert outcome is not None
         self.attempts.append(self._record(actor, number, job, started, outcome, continuation))
@@ -364,7 +379,7 @@ class Run:
                 finish_reason=completion.finish_reason,
                 request_id=self.request_id,
                 text_kept=parts is not None,
-                tool_calls=tool_calls_of(self.tools),
+                tool_calls=tool_calls_of(self.tools) if self.tools else (),
                 refusal=completion.refusal,
                 logprobs=completion.logprobs,
                 choices=self._choices(completion),
@@ -482,50 +497,42 @@ class Run:
 
         return forward, forward_nowait
 
-    def _tool_emitter(self, actor: str, held: tuple[ToolCall, ...]) -> EmitTools:
+    async def _take_tools(self, fragments: tuple[ToolCallDelta, ...]) -> None:
         """What the actor's sink calls with tool-call fragments: collected for ``complete``;
-        sent as deltas for a stream, past what the caller holds (``held``) after a restart,
+        sent as deltas for a stream, past what the caller holds (``_held``) after a restart,
         which must give those calls back unchanged (else it diverged, and the attempt ends)."""
-        tools = self.tools
         if not self.streaming:
-
-            async def collect(fragments: tuple[ToolCallDelta, ...]) -> None:
-                tools.extend(fragments)
-
-            return collect
-        send = self.emit
-        assert send is not None
-        again = self._again = {}
-
-        async def forward(fragments: tuple[ToolCallDelta, ...]) -> None:
-            out: list[ToolCallDelta] = []
-            for fragment in fragments:
-                index = fragment.index
-                if index >= len(held):
-                    out.append(fragment)
-                    continue
-                have = held[index]
-                mine = again.setdefault(index, ["", ""])
-                if fragment.name is not None:
-                    mine[0] = fragment.name
-                before = len(mine[1])
-                mine[1] += fragment.arguments
-                args = mine[1]
-                if (mine[0] and mine[0] != have.name) or not (
-                    have.arguments.startswith(args) or args.startswith(have.arguments)
-                ):
-                    self._diverge()
-                    await trio.lowlevel.checkpoint()
-                    return
-                if len(args) > len(have.arguments):
-                    start = max(before, len(have.arguments))
-                    out.append(ToolCallDelta(index, arguments=args[start:]))
-            if out:
-                await send(Delta(self.seq, "", actor, tuple(out)))
-                self.seq += 1
-                tools.extend(out)
-
-        return forward
+            self.tools.extend(fragments)
+            return
+        held = self._held
+        out: list[ToolCallDelta] = []
+        for fragment in fragments:
+            index = fragment.index
+            if index >= len(held):
+                out.append(fragment)
+                continue
+            have = held[index]
+            mine = self._again.setdefault(index, ["", ""])
+            if fragment.name is not None:
+                mine[0] = fragment.name
+            before = len(mine[1])
+            mine[1] += fragment.arguments
+            args = mine[1]
+            if (mine[0] and mine[0] != have.name) or not (
+                have.arguments.startswith(args) or args.startswith(have.arguments)
+            ):
+                self._diverge()
+                await trio.lowlevel.checkpoint()
+                return
+            if len(args) > len(have.arguments):
+                start = max(before, len(have.arguments))
+                out.append(ToolCallDelta(index, arguments=args[start:]))
+        if out:
+            send = self.emit
+            assert send is not None
+            await send(Delta(self.seq, "", self._tools_actor, tuple(out)))
+            self.seq += 1
+            self.tools.extend(out)
 
     def _choices(self, completion: Completion) -> tuple[Choice, ...]:
         """Every choice of an answer with several; ``()`` for one choice."""
