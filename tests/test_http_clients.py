@@ -7,7 +7,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -28,6 +28,7 @@ from relayrace import (
     Request,
     RequestFailed,
     RetryPolicy,
+    ToolCallDelta,
     Usage,
     load_config,
     open_supervisor,
@@ -79,10 +80,14 @@ class Body(httpx.AsyncByteStream):
 class Sink:
     def __init__(self) -> None:
         self.deltas: list[str] = []
+        self.tools: list[ToolCallDelta] = []
         self.progressed = 0
 
     async def delta(self, text: str) -> None:
         self.deltas.append(text)
+
+    async def tool_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
+        self.tools.extend(fragments)
 
     def progress(self) -> None:
         self.progressed += 1
@@ -836,7 +841,13 @@ async def test_anthropic_payload_translation() -> None:
         },
         {"role": "assistant", "content": "answer"},
         {"role": "developer", "content": [{"type": "text", "text": "Use French."}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "42"},
         {"role": "user", "content": "and?"},
     ]
@@ -875,11 +886,17 @@ async def test_anthropic_payload_translation() -> None:
                     },
                 ],
             },
-            {"role": "assistant", "content": "answer"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "answer"},
+                    {"type": "tool_use", "id": "c1", "name": "f", "input": {}},
+                ],
+            },
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "[tool result c1]\n42"},
+                    {"type": "tool_result", "tool_use_id": "c1", "content": "42"},
                     {"type": "text", "text": "and?"},
                 ],
             },
@@ -908,7 +925,7 @@ async def test_anthropic_stream_events() -> None:
     assert sink.deltas == ["Hel", "lo"]
     assert completion == Completion(
         model="claude-real-20250101",
-        usage=Usage(prompt_tokens=30, completion_tokens=15),
+        usage=Usage(prompt_tokens=30, completion_tokens=15, cached_tokens=5),
         finish_reason="stop",
     )
 
@@ -1091,8 +1108,14 @@ async def test_gemini_payload_translation() -> None:
             "role": "user",
             "content": [{"type": "image_url", "image_url": {"url": "https://x.test/cat.png"}}],
         },
-        {"role": "assistant", "content": "two"},
-        {"role": "tool", "content": "three"},
+        {
+            "role": "assistant",
+            "content": "two",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "three"},
     ]
     await run(
         client,
@@ -1115,8 +1138,11 @@ async def test_gemini_payload_translation() -> None:
                     {"fileData": {"fileUri": "https://x.test/cat.png", "mimeType": "image/png"}},
                 ],
             },
-            {"role": "model", "parts": [{"text": "two"}]},
-            {"role": "user", "parts": [{"text": "three"}]},
+            {"role": "model", "parts": [{"text": "two"}, {"functionCall": {"name": "f", "args": {}}}]},
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"name": "f", "response": {"result": "three"}}}],
+            },
             {"role": "model", "parts": [{"text": "four"}]},
         ],
         "systemInstruction": {"parts": [{"text": "Be brief."}]},
@@ -1143,7 +1169,7 @@ async def test_gemini_stream_with_crlf_usage_model_and_finish() -> None:
     assert sink.text == "Hello"
     assert completion == Completion(
         model="gemini-real-001",
-        usage=Usage(prompt_tokens=8, completion_tokens=6),
+        usage=Usage(prompt_tokens=8, completion_tokens=6, reasoning_tokens=2),
         finish_reason="stop",
     )
 
@@ -1535,3 +1561,32 @@ async def test_a_cookie_a_provider_sets_never_rides_on_the_next_request() -> Non
     finally:
         await client.aclose()
     assert [r.headers.get("cookie") for r in server.requests] == [None, None]
+
+
+async def test_tool_calls_have_the_key_masked_and_keep_the_text_of_their_event() -> None:
+    chunk = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "content": "calling",
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "function": {"name": "f", "arguments": json.dumps({"k": KEY})},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    client, _ = openai(streamed(sse(chunk, "[DONE]")))
+    completion, sink = await run(client, call())
+    assert sink.text == "calling"
+    assert completion.finish_reason == "tool_calls"
+    assert [(f.id, f.name) for f in sink.tools] == [("call_1", "f")]
+    assert KEY not in sink.tools[0].arguments
+    assert json.loads(sink.tools[0].arguments) == {"k": "[REDACTED]"}
+

@@ -1,5 +1,6 @@
 """relayrace: fail over LLM requests between ranked provider actors, on trio."""
 
+from ._client import Capabilities as Capabilities
 from ._config import Budgets as Budgets
 from ._config import Config as Config
 from ._config import ProviderConfig as ProviderConfig
@@ -35,9 +36,12 @@ from ._record import Decision as Decision
 from ._record import Outcome as Outcome
 from ._record import Rule as Rule
 from ._record import Scope as Scope
+from ._values import Choice as Choice
 from ._values import Delta as Delta
 from ._values import Reply as Reply
 from ._values import Request as Request
+from ._values import ToolCall as ToolCall
+from ._values import ToolCallDelta as ToolCallDelta
 from ._values import Usage as Usage
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
@@ -56,7 +60,9 @@ __all__ = [
     "Attempt",
     "BadRequest",
     "Budgets",
+    "Capabilities",
     "Category",
+    "Choice",
     "Config",
     "ConfigError",
     "ConfigErrors",
@@ -93,6 +99,8 @@ __all__ = [
     "StreamPolicy",
     "Supervisor",
     "SupervisorStatistics",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
     "classify",
     "load_config",

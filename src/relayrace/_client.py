@@ -2,8 +2,10 @@
 (which builds clients), the actors (which drive them) and the clients.
 
 A provider client is any object with an ``accepts_continuation`` flag, an async ``call``
-method and an async ``aclose`` (``ProviderClient``, checked by mypy where a client is given). The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas into
-the sink as they arrive and returns a ``Completion``, or raises ``ProviderError`` carrying a
+method and an async ``aclose`` (``ProviderClient``, checked by mypy where a client is given).
+The actor gives it a ``ClientCall`` and a ``Sink``; the client pushes text deltas and tool-call
+fragments (indexed 0, 1, 2… per answer) into the sink as they arrive and returns a
+``Completion``, or raises ``ProviderError`` carrying a
 classified ``Failure``. Any other exception is a bug in the client: the actor crashes and its
 supervisor restarts it.
 
@@ -15,11 +17,61 @@ the actor switches from the first-token budget to the idle budget.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
-from ._values import Request, Usage
+from ._values import Choice, Request, ToolCallDelta, Usage
+
+#: the yes/no capabilities, in the order a skip names the first one missing.
+CAPABILITY_FLAGS = ("tools", "vision", "json_schema", "n", "logprobs", "embeddings")
+
+
+@attrs.frozen(kw_only=True)
+class Capabilities:
+    """What a provider can serve; a request that needs more is not sent to it (a ``skip``
+    decision naming the capability), and one that no provider of its route can serve is a
+    ``BadRequest`` before any call.
+
+    Each HTTP client kind declares its defaults (``default_capabilities``); a provider's
+    config overrides them key by key (``[providers.capabilities]``). Whether a provider
+    continues a partial answer is ``ProviderConfig.accepts_continuation``, not here.
+
+    Attributes:
+        tools: tool calling (``tools``, assistant ``tool_calls``, ``tool`` messages).
+        vision: image content parts.
+        json_schema: structured output (``response_format`` ``json_object`` / ``json_schema``).
+        n: several choices (``n > 1``).
+        logprobs: log probabilities (``logprobs: true``).
+        embeddings: an embeddings endpoint (for the gateway's ``/v1/embeddings``).
+        max_context_tokens: the largest prompt, estimated at 4 characters a token; ``None``:
+            no limit known.
+        configured: the keys the config set (a skip's rule says ``config``), the others
+            being the client kind's defaults (``default``).
+    """
+
+    tools: bool = True
+    vision: bool = True
+    json_schema: bool = True
+    n: bool = True
+    logprobs: bool = True
+    embeddings: bool = True
+    max_context_tokens: int | None = None
+    configured: frozenset[str] = frozenset()
+    #: nothing is lacking: no request is ever skipped for a capability (worked out once:
+    #: routing asks it of every actor of every request).
+    everything: bool = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        everything = self.max_context_tokens is None and all(
+            getattr(self, name) for name in CAPABILITY_FLAGS
+        )
+        object.__setattr__(self, "everything", everything)
+
+    def source(self, name: str) -> str:
+        """Where a capability's value came from: ``config`` or ``default``."""
+        return "config" if name in self.configured else "default"
 
 
 @attrs.frozen(kw_only=True)
@@ -48,11 +100,20 @@ class ClientCall:
 
 @attrs.frozen(kw_only=True)
 class Completion:
-    """How a successful call ended."""
+    """How a successful call ended.
+
+    Attributes:
+        refusal: what the model said instead of an answer, if it did.
+        logprobs: the answer's log probabilities (OpenAI's ``{"content": [...]}``), if given.
+        choices: the choices past the first (``n > 1``), whole.
+    """
 
     model: str
     usage: Usage | None = None
     finish_reason: str | None = None
+    refusal: str | None = None
+    logprobs: Mapping[str, Any] | None = None
+    choices: tuple[Choice, ...] = ()
 
 
 class Sink(Protocol):
@@ -60,6 +121,9 @@ class Sink(Protocol):
 
     async def delta(self, text: str) -> None:
         """Send one piece of the answer (may wait: a slow caller slows the provider read)."""
+
+    async def tool_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
+        """Send tool-call fragments (like a delta, they are output: may wait)."""
 
     def progress(self) -> None:
         """The provider has started answering (its response headers arrived)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from ._client import ProviderClient
+from ._client import Capabilities, ProviderClient
 from ._errors import ConfigError, raise_config_errors
 from ._policy import Policies
 
@@ -67,6 +67,8 @@ class ProviderConfig:
         accepts_continuation: may be asked to continue a partial answer (``continue`` mode);
             ``None`` takes the client's own declaration.
         budgets: the attempt's time budgets.
+        capabilities: what the provider can serve; ``None`` takes the client kind's
+            defaults (``default_capabilities``; everything for other clients).
     """
 
     name: str
@@ -80,6 +82,15 @@ class ProviderConfig:
     terminus: bool = False
     accepts_continuation: bool | None = None
     budgets: Budgets = Budgets()
+    capabilities: Capabilities | None = None
+
+    @property
+    def effective_capabilities(self) -> Capabilities:
+        """The capabilities routing uses: the configured ones, else the client's defaults."""
+        if self.capabilities is not None:
+            return self.capabilities
+        default = getattr(self.client, "default_capabilities", None)
+        return default if isinstance(default, Capabilities) else Capabilities()
 
     @property
     def continues(self) -> bool:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
+from ._client import Capabilities
 from ._failure import Category, Failure
 from ._policy import (
     DEFAULT_RETRYABLE,
@@ -28,7 +31,7 @@ from ._policy import (
     RetryPolicy,
     StreamPolicy,
 )
-from ._values import Action, Decision, Rule, Scope
+from ._values import Action, Decision, Request, Rule, Scope
 
 #: Failure codes of attempts the actor itself could not finish (it crashed, was stopped or gave
 #: up): never retried on the same actor, which is restarting or gone.
@@ -48,6 +51,7 @@ class Situation:
         text_kept: the supervisor still holds the text released (it did not grow past
             ``StreamPolicy.keep_text``): without it a ``continue`` has no prefill.
         continuation: the failed attempt was asked to continue a partial answer.
+        tool_calls: the caller holds a tool call of the partial answer.
         retry_allowed: the supervisor-wide retry budget has room for one more retry.
     """
 
@@ -58,6 +62,7 @@ class Situation:
     released: bool = False
     text_kept: bool = True
     continuation: bool = False
+    tool_calls: bool = False
     retry_allowed: bool = True
 
 
@@ -112,12 +117,26 @@ def decide(
     if rule is not None:
         return stop("a hard-stop rule matched", rule)
 
+    if failure.code == "restart_diverged" and failure.category is Category.STREAM_ERROR:
+        return stop(
+            "the restarted answer differs from what the caller holds",
+            Rule("default", "stream", "mid_stream.restart", "diverged"),
+        )
+
     mode = policies.stream.mid_stream
     why_not_retry = ""
     if s.released:
         rule = Rule(policies.stream.source("mid_stream"), "stream", "mid_stream", mode.value)
         if mode is MidStream.ERROR:
             return stop("the stream broke after the caller received part of the answer", rule)
+        if mode is MidStream.CONTINUE and s.tool_calls:
+            # A model continues text, not a tool call half made (or made): a prefill cannot
+            # hold one, and a continuation could call the tool again.
+            return stop(
+                "the stream broke after a tool call: a partial answer with a tool call is"
+                " never continued",
+                Rule("default", "stream", "mid_stream.continue", "tool_call"),
+            )
         if mode is MidStream.CONTINUE and not s.text_kept:
             return stop(
                 "the stream broke after more than keep_text characters: its text was not kept,"
@@ -350,7 +369,9 @@ def when_all_benched(
             try_terminus=True,
         )
     # A manual bench or a long one may end later than this: the caller is told at most the cap.
-    wait = None if math.isinf(next_change) else min(policy.cooldown_cap, max(0.0, next_change - now))
+    wait = (
+        None if math.isinf(next_change) else min(policy.cooldown_cap, max(0.0, next_change - now))
+    )
     return AllBenchedChoice(
         decision=Decision(
             scope=Scope.REQUEST, action=Action.STOP, reason="every provider is benched", rule=rule
@@ -384,3 +405,88 @@ def may_bench(policy: HealthPolicy, *, benched_others: int, actors: int) -> bool
     are benched at once (``benched_others``: those benched now, the candidate aside)."""
     share = policy.max_benched_share
     return share >= 1.0 or benched_others + 1 <= share * actors
+
+
+# --- capabilities -------------------------------------------------------------------------------
+
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+
+
+def needed_capabilities(request: Request) -> tuple[str, ...]:
+    """The capabilities (``Capabilities`` flags) that ``request`` needs, in flag order."""
+    params = request.params
+    tools = bool(params.get("tools"))
+    vision = False
+    for message in request.messages:
+        content = message.get("content")
+        if type(content) is not str and isinstance(content, list):
+            vision = vision or any(
+                isinstance(part, Mapping) and part.get("type") in _IMAGE_PARTS for part in content
+            )
+        if not tools and (message.get("role") == "tool" or message.get("tool_calls")):
+            tools = True
+    needs = []
+    if tools:
+        needs.append("tools")
+    if vision:
+        needs.append("vision")
+    if params:
+        if _type_of(params.get("response_format")) in ("json_object", "json_schema"):
+            needs.append("json_schema")
+        n = params.get("n")
+        if isinstance(n, int) and n > 1:
+            needs.append("n")
+        if params.get("logprobs") is True:
+            needs.append("logprobs")
+    return tuple(needs)
+
+
+def _type_of(value: Any) -> Any:
+    return value.get("type") if isinstance(value, Mapping) else None
+
+
+def estimated_tokens(request: Request) -> int:
+    """A rough size of the prompt: 4 characters a token, over its text."""
+    chars = 0
+    for message in request.messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(
+                len(part["text"])
+                for part in content
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+            )
+    return chars // 4
+
+
+def missing_capability(
+    capabilities: Capabilities, needs: tuple[str, ...], tokens: int | None
+) -> tuple[str, str] | None:
+    """The first capability ``needs`` (or a prompt of ``tokens``) asks of a provider with
+    ``capabilities`` that it lacks, as ``(name, the value that is short)``; ``None`` if it
+    can serve the request."""
+    for name in needs:
+        if not getattr(capabilities, name):
+            return name, "false"
+    limit = capabilities.max_context_tokens
+    if limit is not None and tokens is not None and tokens > limit:
+        return "max_context_tokens", str(limit)
+    return None
+
+
+def skip_for_capability(
+    actor: str, capabilities: Capabilities, missing: tuple[str, str]
+) -> Decision:
+    """Skip ``actor``: it lacks a capability the request needs (no call is made)."""
+    name, value = missing
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.SKIP,
+        reason=f"the provider cannot serve {name}"
+        if value == "false"
+        else f"the prompt is estimated over its context of {value} tokens",
+        rule=Rule(capabilities.source(name), "capabilities", name, value),
+        actor=actor,
+    )

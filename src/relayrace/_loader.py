@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._client import CAPABILITY_FLAGS, Capabilities
 from ._config import (
     STRATEGIES,
     Budgets,
@@ -305,6 +306,7 @@ def _provider(
     terminus = table.flag("terminus", False)
     accepts_continuation = table.flag("accepts_continuation", None)
     budgets = _unit(problems, _budgets, table.table("budgets")) or Budgets()
+    capabilities_data = table.raw("capabilities", None)
     if kind is None:
         return name, None  # what is left belongs to a client nobody knows: not checked
     # What is left belongs to the client factory (base_url, api_key_env, script, ...).
@@ -320,6 +322,16 @@ def _provider(
         problems.add(ConfigError(table.path, expected, show_got=False))
         return name, None
     table.done()
+    capabilities = None
+    if capabilities_data is not None:
+        capabilities = _unit(
+            problems,
+            _capabilities,
+            capabilities_data,
+            f"{table.path}.capabilities",
+            problems,
+            client,
+        )
     if name is None:
         return None, None
     return name, ProviderConfig(
@@ -334,6 +346,7 @@ def _provider(
         terminus=terminus,
         accepts_continuation=accepts_continuation,
         budgets=budgets,
+        capabilities=capabilities,
     )
 
 
@@ -346,6 +359,24 @@ def _route(data: Any, index: int, problems: Problems) -> Route:
     )
     table.done()
     return route
+
+
+def _capabilities(data: Any, path: str, problems: Problems, client: Any) -> Capabilities:
+    """``[providers.capabilities]``: each key overrides the client kind's default."""
+    table = Table(data, path, problems)
+    default = getattr(client, "default_capabilities", None)
+    if not isinstance(default, Capabilities):
+        default = Capabilities()
+    values: dict[str, Any] = {}
+    for name in CAPABILITY_FLAGS:
+        value = table.flag(name, None)
+        if value is not None:
+            values[name] = value
+    limit = table.integer("max_context_tokens", None, minimum=1)
+    if limit is not None:
+        values["max_context_tokens"] = limit
+    table.done()
+    return attrs.evolve(default, **values, configured=frozenset(values))
 
 
 def _budgets(table: Table) -> Budgets:

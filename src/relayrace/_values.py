@@ -6,8 +6,9 @@ invalid request never reaches a provider.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -138,6 +139,7 @@ def _check_messages(messages: Any) -> tuple[Mapping[str, Any], ...]:
         raise BadRequest("messages", "expected a list of messages")
     if not messages:
         raise BadRequest("messages", "expected at least one message")
+    call_ids: set[str] = set()
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise BadRequest(f"messages[{i}]", "expected an object with 'role' and 'content'")
@@ -146,14 +148,141 @@ def _check_messages(messages: Any) -> tuple[Mapping[str, Any], ...]:
         if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}")
         content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            continue
+        if role == "assistant" and "tool_calls" in message:
+            _check_message_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls", call_ids)
+            if content is None:
+                continue
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or call_id not in call_ids:
+                raise BadRequest(
+                    f"messages[{i}].tool_call_id",
+                    "expected the id of a tool call of an earlier assistant message",
+                )
         if isinstance(content, str):
             continue
         if isinstance(content, list) and all(isinstance(part, Mapping) for part in content):
             continue
         raise BadRequest(f"messages[{i}].content", "expected a string or a list of content parts")
     return tuple(messages)
+
+
+def _check_message_tool_calls(calls: Any, field: str, call_ids: set[str]) -> None:
+    """An assistant message's ``tool_calls``: ids (recorded in ``call_ids``), function names
+    and arguments that are JSON text."""
+    if not isinstance(calls, list) or not calls:
+        raise BadRequest(field, "expected a non-empty list of tool calls")
+    for j, call in enumerate(calls):
+        at = f"{field}[{j}]"
+        if not isinstance(call, Mapping):
+            raise BadRequest(at, "expected an object with 'id', 'type' and 'function'")
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise BadRequest(f"{at}.id", "expected a non-empty string")
+        if call.get("type", "function") != "function":
+            raise BadRequest(f"{at}.type", "expected 'function'")
+        function = call.get("function")
+        if not isinstance(function, Mapping):
+            raise BadRequest(f"{at}.function", "expected an object with 'name' and 'arguments'")
+        _check_name(function.get("name"), f"{at}.function.name")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str) or not _is_json(arguments):
+            raise BadRequest(f"{at}.function.arguments", "expected a string of JSON")
+        call_ids.add(call_id)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_name(name: Any, field: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > _MAX_MODEL_LENGTH:
+        raise BadRequest(field, "expected a non-empty function name")
+    return name
+
+
+_TOOL_CHOICES = ("none", "auto", "required")
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _check_agent_params(params: Mapping[str, Any]) -> None:
+    """The agent surface of the params: ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+    ``response_format``, ``logprobs`` / ``top_logprobs``."""
+    names: set[str] = set()
+    tools = params.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("params.tools", "expected a list of tools")
+        for i, tool in enumerate(tools):
+            at = f"params.tools[{i}]"
+            if not isinstance(tool, Mapping) or tool.get("type") != "function":
+                raise BadRequest(at, "expected {'type': 'function', 'function': {...}}")
+            function = tool.get("function")
+            if not isinstance(function, Mapping):
+                raise BadRequest(f"{at}.function", "expected an object with a 'name'")
+            name = _check_name(function.get("name"), f"{at}.function.name")
+            if name in names:
+                raise BadRequest(f"{at}.function.name", f"{name!r} is declared twice")
+            names.add(name)
+            if "description" in function and not isinstance(function["description"], str):
+                raise BadRequest(f"{at}.function.description", "expected a string")
+            schema = function.get("parameters")
+            if schema is not None and not _is_schema(schema):
+                raise BadRequest(f"{at}.function.parameters", "expected a JSON schema object")
+    if "tool_choice" in params:
+        choice = params["tool_choice"]
+        if isinstance(choice, Mapping):
+            function = choice.get("function")
+            chosen = function.get("name") if isinstance(function, Mapping) else None
+            if (
+                choice.get("type") != "function"
+                or not isinstance(chosen, str)
+                or chosen not in names
+            ):
+                raise BadRequest(
+                    "params.tool_choice", "expected a function that params.tools declares"
+                )
+        elif choice not in _TOOL_CHOICES:
+            raise BadRequest(
+                "params.tool_choice", "expected none, auto, required or a declared function"
+            )
+        elif choice == "required" and not names:
+            raise BadRequest("params.tool_choice", "'required' needs params.tools")
+    if "parallel_tool_calls" in params and not isinstance(params["parallel_tool_calls"], bool):
+        raise BadRequest("params.parallel_tool_calls", "expected true or false")
+    if "response_format" in params:
+        _check_response_format(params["response_format"])
+    if "logprobs" in params and not isinstance(params["logprobs"], bool | None):
+        raise BadRequest("params.logprobs", "expected true or false")
+    if "top_logprobs" in params:
+        top = params["top_logprobs"]
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise BadRequest("params.top_logprobs", "expected an integer from 0 to 20")
+        if not params.get("logprobs"):
+            raise BadRequest("params.top_logprobs", "needs params.logprobs to be true")
+
+
+def _is_schema(schema: Any) -> bool:
+    return isinstance(schema, Mapping) and schema.get("type", "object") == "object"
+
+
+def _check_response_format(value: Any) -> None:
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind not in _RESPONSE_FORMATS:
+        raise BadRequest("params.response_format.type", "expected text, json_object or json_schema")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise BadRequest("params.response_format.json_schema", "expected an object")
+        _check_name(spec.get("name"), "params.response_format.json_schema.name")
+        if not isinstance(spec.get("schema"), Mapping):
+            raise BadRequest(
+                "params.response_format.json_schema.schema", "expected a JSON schema object"
+            )
 
 
 def _check_params(params: Any) -> Mapping[str, Any]:
@@ -192,6 +321,7 @@ def _check_params(params: Any) -> Mapping[str, Any]:
         raise BadRequest("params.stream", "is chosen by the call (complete or stream), not a param")
     if params:
         _check_text(params, "params")
+        _check_agent_params(params)
     return dict(params)
 
 
@@ -250,31 +380,139 @@ class Request:
 
 
 @attrs.frozen
+class ToolCall:
+    """A whole tool call of an answer.
+
+    Attributes:
+        index: its place among the answer's tool calls (0, 1, 2…).
+        id: the call's id (the upstream's, or one we made for a provider that sends none).
+        name: the function to call.
+        arguments: the arguments as JSON text (checked to parse).
+        type: always ``function``.
+    """
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+    type: str = "function"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The call in OpenAI's shape (an item of ``message.tool_calls``)."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@attrs.frozen
+class ToolCallDelta:
+    """A fragment of a streamed tool call: ``id`` and ``name`` on a call's first fragment,
+    then pieces of its ``arguments`` JSON text. ``index`` says which call it belongs to; it is
+    assigned by relayrace (0, 1, 2… per answer), so two calls never share one."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fragment in OpenAI's shape (an item of ``delta.tool_calls``)."""
+        out: dict[str, Any] = {"index": self.index}
+        function: dict[str, Any] = {"arguments": self.arguments}
+        if self.id is not None:
+            out["id"] = self.id
+            out["type"] = "function"
+        if self.name is not None:
+            function["name"] = self.name
+        out["function"] = function
+        return out
+
+
+def tool_calls_of(fragments: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """The whole tool calls that ``fragments`` make, by index, in order of index (a call's
+    id and name are the first given; its arguments are its fragments' joined)."""
+    ids: dict[int, str] = {}
+    names: dict[int, str] = {}
+    arguments: dict[int, list[str]] = {}
+    for fragment in fragments:
+        index = fragment.index
+        pieces = arguments.setdefault(index, [])
+        if fragment.id is not None and index not in ids:
+            ids[index] = fragment.id
+        if fragment.name is not None and index not in names:
+            names[index] = fragment.name
+        if fragment.arguments:
+            pieces.append(fragment.arguments)
+    return tuple(
+        ToolCall(index, ids.get(index, f"call_{index}"), names.get(index, ""), "".join(pieces))
+        for index, pieces in sorted(arguments.items())
+    )
+
+
+@attrs.frozen
 class Delta:
-    """A piece of the answer as it streams: ``seq`` counts from 0 for each request."""
+    """A piece of the answer as it streams: ``seq`` counts from 0 for each request.
+
+    A delta carries text, tool-call fragments (``tool_calls``), or both.
+    """
 
     seq: int
     text: str
     provider: str
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
 class Usage:
-    """Token counts as the provider reported them."""
+    """Token counts as the provider reported them (0 where it reported none).
+
+    Attributes:
+        prompt_tokens: the whole prompt, cached parts included.
+        completion_tokens: the whole output, reasoning included.
+        cached_tokens: prompt tokens read from the provider's cache (OpenAI's
+            ``cached_tokens``, Anthropic's ``cache_read_input_tokens``, Gemini's
+            ``cachedContentTokenCount``).
+        reasoning_tokens: output tokens spent thinking (OpenAI's ``reasoning_tokens``,
+            Gemini's ``thoughtsTokenCount``).
+        cache_creation_tokens: prompt tokens written to the cache (Anthropic).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_creation_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_dict(self) -> dict[str, int]:
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's ``usage`` object (details only where a count is reported)."""
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
+
+
+@attrs.frozen(kw_only=True)
+class Choice:
+    """One choice of an answer asked for with ``n > 1`` (see ``Reply.choices``)."""
+
+    index: int
+    text: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+    refusal: str | None = None
+    logprobs: Mapping[str, Any] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -294,6 +532,14 @@ class Reply:
         text_kept: ``False`` for a stream whose text grew past ``StreamPolicy.keep_text``: it
             was passed on as deltas and not kept, and ``text`` is empty (never a truncated
             text). Always ``True`` for ``complete()``.
+        tool_calls: the answer's tool calls, whole, in order (assembled from the fragments
+            of a stream).
+        refusal: what the model said instead of an answer (OpenAI's ``refusal``), if it did.
+        logprobs: OpenAI's ``{"content": [...]}`` log probabilities of the answer (merged
+            over a stream), when asked for and given.
+        choices: every choice of an answer with several (``n > 1``), in order; the first is
+            the one the other fields describe (and a stream's deltas carry: the others
+            arrive whole here). Empty for an answer of one choice.
     """
 
     text: str
@@ -306,3 +552,7 @@ class Reply:
     finish_reason: str | None = None
     request_id: int = 0
     text_kept: bool = True
+    tool_calls: tuple[ToolCall, ...] = ()
+    refusal: str | None = None
+    logprobs: Mapping[str, Any] | None = None
+    choices: tuple[Choice, ...] = ()

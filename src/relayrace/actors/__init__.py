@@ -6,15 +6,16 @@ from .._client import Completion as Completion
 from .._client import ProbingClient as ProbingClient
 from .._client import ProviderClient as ProviderClient
 from .._client import Sink as Sink
-from ._actor import Emit as Emit
-from ._actor import EmitNowait as EmitNowait
-from ._actor import Job as Job
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
 from ._gemini import GeminiClient as GeminiClient
 from ._h11 import H11Transport as H11Transport
 from ._health import HealthSnapshot as HealthSnapshot
 from ._health import State as State
+from ._job import Emit as Emit
+from ._job import EmitNowait as EmitNowait
+from ._job import EmitTools as EmitTools
+from ._job import Job as Job
 from ._openai import OpenAIClient as OpenAIClient
 from ._transport import POOL_SHARD as POOL_SHARD
 from ._transport import ShardedTransport as ShardedTransport
@@ -28,6 +29,7 @@ __all__ = [
     "Completion",
     "Emit",
     "EmitNowait",
+    "EmitTools",
     "GeminiClient",
     "H11Transport",
     "HealthSnapshot",

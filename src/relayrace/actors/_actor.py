@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import attrs
 import trio
 
-from .._client import ClientCall, Completion, ProviderClient
+from .._client import Capabilities, Completion, ProviderClient
 from .._config import Budgets
 from .._decide import capped_wait
 from .._errors import ProviderError
@@ -34,152 +34,8 @@ from .._failure import Category, Failure
 from .._policy import Match, Policies
 from .._values import Outcome
 from ._health import Health, HealthSnapshot, State
+from ._job import Job, JobSink, refusal
 from ._probe import Probe, run_probe
-
-Emit = Callable[[str], Awaitable[None]]
-#: Send a piece of the answer if that needs no waiting: True if it was taken (or swallowed),
-#: False if nothing happened and ``Emit`` must be awaited.
-EmitNowait = Callable[[str], bool]
-
-
-def _never_now(text: str) -> bool:
-    return False
-
-
-@attrs.define(eq=False)
-class Job:
-    """One attempt, from the supervisor to an actor, and its result.
-
-    ``emit`` sends a piece of the answer towards the caller (it may wait: backpressure).
-    ``run_job`` fills in the result; ``cancel`` stops the attempt (the caller went away).
-    """
-
-    call: ClientCall
-    emit: Emit
-    emit_nowait: EmitNowait = _never_now
-    request_id: int = 0
-    outcome: Outcome | None = None
-    completion: Completion | None = None
-    failure: Failure | None = None
-    probe: bool = False
-    #: routed here whatever the actor's health (a terminus, or every actor benched): run it even
-    #: if the actor is benched when the job starts.
-    forced: bool = False
-    started_at: float | None = None
-    first_delta_at: float | None = None
-    ended_at: float | None = None
-    deltas: int = 0
-    #: the provider started answering (its response headers arrived, or a delta).
-    progressed: bool = False
-    cancel_requested: bool = False
-    #: why the actor stopped the attempt (it crashed, or was stopped), if it did.
-    interrupted: str | None = None
-    _scope: trio.CancelScope | None = None
-    #: set when a queued job is given a slot, or ended while it waited.
-    _wake: trio.Event | None = None
-    _granted: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None
-
-    def cancel(self) -> None:
-        """Stop the attempt at once (the caller went away)."""
-        self.cancel_requested = True
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def interrupt(self, reason: str) -> None:
-        """Stop the attempt at once: its actor crashed or stopped."""
-        if self.interrupted is None:
-            self.interrupted = reason
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def finish(
-        self,
-        outcome: Outcome,
-        *,
-        completion: Completion | None = None,
-        failure: Failure | None = None,
-    ) -> None:
-        if self.outcome is not None:
-            return
-        self.outcome = outcome
-        self.completion = completion
-        self.failure = failure
-        self.ended_at = trio.current_time()
-        if self._wake is not None:
-            self._wake.set()
-
-    def finish_interrupted(self, actor: str, reason: str) -> None:
-        """End a job that the actor could not finish itself (it crashed or was stopped)."""
-        if self.cancel_requested:
-            self.finish(Outcome.CANCELLED)
-        else:
-            self.finish(Outcome.FAILED, failure=_refusal(actor, Category.UNKNOWN, reason))
-
-
-def _refusal(actor: str, category: Category, code: str, message: str | None = None) -> Failure:
-    return Failure(
-        category=category,
-        code=code,
-        message=message or f"actor {actor}: {code.replace('_', ' ')}",
-        provider=actor,
-    )
-
-
-class _Sink:
-    """The client's sink for one job: forwards deltas and moves the attempt's deadline.
-
-    One cancel scope holds every time budget of an attempt: its deadline is the earlier of the
-    attempt's end and the first-token (then idle) deadline. The idle deadline is never early
-    (at least ``idle`` after the last delta) and at most ``slack`` late: moving a deadline costs
-    a heap operation in trio's run loop, so a delta moves it only when it must, not every time.
-    """
-
-    __slots__ = ("_job", "_scope", "_idle", "_end", "_slack", "_deadline", "_now")
-
-    def __init__(self, job: Job, scope: trio.CancelScope, idle: float, end: float):
-        self._now = trio.lowlevel.current_clock().current_time
-        self._job = job
-        self._scope = scope
-        self._idle = idle
-        self._end = end
-        self._slack = idle / 16
-        self._deadline = scope.deadline
-
-    async def delta(self, text: str) -> None:
-        if not text:
-            return
-        job = self._job
-        exact = False
-        try:
-            # The fast path: the caller can take it now. The provider's read is the checkpoint.
-            if not job.emit_nowait(text):
-                # Waiting on a slow caller is not the provider's fault: no idle deadline meanwhile.
-                self._scope.deadline = self._end
-                exact = True
-                await job.emit(text)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The caller is gone. Cancel rather than raise, so that the client's error mapping
-            # never mistakes this for a provider failure.
-            job.cancel()
-            await trio.lowlevel.checkpoint()
-        now = self._now()
-        if job.deltas == 0:
-            job.first_delta_at = now
-            exact = True
-        job.deltas += 1
-        due = now + self._idle
-        if exact:
-            self._deadline = self._scope.deadline = min(self._end, due)
-        elif due > self._deadline:
-            self._deadline = self._scope.deadline = min(self._end, due + self._slack)
-
-    def progress(self) -> None:
-        self._job.progressed = True
-        self._deadline = self._scope.deadline = min(self._end, self._now() + self._idle)
 
 
 class ProviderActor:
@@ -210,6 +66,7 @@ class ProviderActor:
         exempt: bool = False,
         terminus: bool = False,
         continues: bool = False,
+        capabilities: Capabilities | None = None,
         priority: int = 0,
         weight: float = 1.0,
         publish: Callable[[Event], None] = lambda event: None,
@@ -223,6 +80,7 @@ class ProviderActor:
         self.inbox_size = inbox_size
         self.terminus = terminus
         self.continues = continues
+        self.capabilities = capabilities if capabilities is not None else Capabilities()
         self.priority = priority
         self.weight = weight
         probes = getattr(client, "probes", None)
@@ -268,7 +126,7 @@ class ProviderActor:
                 code, what = "actor_gone", "is not running"
             job.finish(
                 Outcome.FAILED,
-                failure=_refusal(self.name, Category.LOCAL_CAPACITY, code, f"{self.name} {what}"),
+                failure=refusal(self.name, Category.LOCAL_CAPACITY, code, f"{self.name} {what}"),
             )
             return
         if self.in_flight < self.max_concurrency and not self._inbox:
@@ -279,7 +137,7 @@ class ProviderActor:
         else:
             job.finish(
                 Outcome.FAILED,
-                failure=_refusal(
+                failure=refusal(
                     self.name,
                     Category.LOCAL_CAPACITY,
                     "inbox_full",
@@ -419,7 +277,7 @@ class ProviderActor:
                 self._inbox.remove(job)
                 job.finish(
                     Outcome.FAILED,
-                    failure=_refusal(
+                    failure=refusal(
                         self.name,
                         Category.LOCAL_CAPACITY,
                         "queue_timeout",
@@ -473,7 +331,7 @@ class ProviderActor:
             # Another job is already the probe; this one must not pile onto a sick provider.
             job.finish(
                 Outcome.FAILED,
-                failure=_refusal(
+                failure=refusal(
                     self.name,
                     Category.LOCAL_CAPACITY,
                     "probe_in_flight",
@@ -487,7 +345,7 @@ class ProviderActor:
             # on a provider that is benched, so it fails over instead, like the case above.
             job.finish(
                 Outcome.FAILED,
-                failure=_refusal(
+                failure=refusal(
                     self.name,
                     Category.LOCAL_CAPACITY,
                     "benched",
@@ -513,7 +371,7 @@ class ProviderActor:
                 try:
                     if job.cancel_requested:
                         scope.cancel()
-                    completion = await self._call(job.call, _Sink(job, scope, budgets.idle, end))
+                    completion = await self._call(job.call, JobSink(job, scope, budgets.idle, end))
                 except ProviderError as exc:
                     failure = capped_wait(
                         exc.failure
@@ -577,7 +435,7 @@ class ProviderActor:
         job.finish(Outcome.FAILED, failure=failure)
 
     def _timeout(self, code: str, message: str) -> Failure:
-        return _refusal(self.name, Category.TIMEOUT, code, f"{self.name}: {message}")
+        return refusal(self.name, Category.TIMEOUT, code, f"{self.name}: {message}")
 
     def _emit(
         self,

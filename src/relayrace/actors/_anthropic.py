@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Unpack
 
-from .._client import ClientCall
+from .._client import Capabilities, ClientCall
 from ..providers import AnthropicReader, Reader, anthropic
 from ._base import ClientOptions, HTTPProviderClient, options_from_table
 
@@ -35,6 +35,9 @@ class AnthropicClient(HTTPProviderClient):
     """
 
     label = "anthropic"
+    default_capabilities = Capabilities(
+        json_schema=False, n=False, logprobs=False, embeddings=False
+    )
     default_base_url = ANTHROPIC_BASE_URL
     default_accepts_continuation = True
 

@@ -27,11 +27,12 @@ from typing import Any, ClassVar, TypedDict
 import httpx
 import trio
 
-from .._client import PROBE_MODES, ClientCall, Completion, ProbeMode, Sink
+from .._client import PROBE_MODES, Capabilities, ClientCall, Completion, ProbeMode, Sink
 from .._errors import ConfigError, ProviderError
 from .._failure import Category
 from .._redact import SecretFilter, redact, secret_forms
 from .._table import Table
+from .._values import ToolCallDelta
 from ..providers import (
     MAX_EVENT_BYTES,
     MAX_SSE_LINE_BYTES,
@@ -142,6 +143,9 @@ class HTTPProviderClient:
     default_base_url: ClassVar[str] = ""
     #: whether the provider continues a trailing assistant message unless configured.
     default_accepts_continuation: ClassVar[bool] = False
+    #: what the provider can serve unless configured (``n``: only a kind whose reader gives
+    #: the other choices declares it).
+    default_capabilities: ClassVar[Capabilities] = Capabilities(n=False)
 
     def __init__(
         self,
@@ -376,13 +380,22 @@ class HTTPProviderClient:
                         text = mask.feed(text)
                     if text:
                         await sink.delta(text)
+                    if reader.tools.pending:
+                        await sink.tool_calls(_masked(reader.tools.take(), self._secrets))
             finally:
                 await response.aclose()
         # The answer is whole (also when the connection failed after its finish reason).
         if mask is not None and (rest := mask.flush()):
             await sink.delta(rest)
         model = redact(reader.model, self._secrets)
-        return Completion(model=model, usage=reader.usage, finish_reason=reader.finish_reason)
+        return Completion(
+            model=model,
+            usage=reader.usage,
+            finish_reason=reader.finish_reason,
+            refusal=reader.refusal,
+            logprobs=None if reader.logprobs is None else {"content": reader.logprobs},
+            choices=tuple(reader.other_choices()),
+        )
 
     async def _read_stream(
         self,
@@ -437,16 +450,27 @@ class HTTPProviderClient:
         if not (reader.finished or reader.terminated):
             raise MalformedStream("stream_cut", "the stream ended before its finish reason")
 
-    @staticmethod
     async def _event(
+        self,
         event: ServerSentEvent,
         reader: Reader,
         state: AttemptState,
         sink: Sink,
         mask: SecretFilter | None,
     ) -> None:
+        secrets = self._secrets
         text = reader.event(event)
         state.finished = reader.finished or reader.terminated
+        if reader.tools.pending:
+            # Text first: an event that carries both is one piece of the answer in that order.
+            if text:
+                check_text(text, "a delta")
+                if mask is not None:
+                    text = mask.feed(text)
+                if text:
+                    await sink.delta(text)
+            await sink.tool_calls(_masked(reader.tools.take(), secrets))
+            return
         if text:
             # Encoding a delta costs ~40 ns, less than looking for a surrogate's escape in the
             # event; the model is checked by the reader when it changes.
@@ -456,6 +480,34 @@ class HTTPProviderClient:
                 if not text:
                     return
             await sink.delta(text)
+
+
+def _masked(fragments: list[ToolCallDelta], secrets: tuple[str, ...]) -> list[ToolCallDelta]:
+    """Tool-call fragments with the key (as configured, whole) masked in their text. Only the
+    exact secret forms: the key-shaped patterns ``redact`` also masks could be a tool's own
+    arguments. (A key split across two fragments is not caught.)"""
+    if not secrets:
+        return fragments
+    out = []
+    for fragment in fragments:
+        fields = (fragment.id, fragment.name, fragment.arguments)
+        if any(field and secret in field for field in fields for secret in secrets):
+            fragment = ToolCallDelta(
+                fragment.index,
+                _mask(fragment.id, secrets),
+                _mask(fragment.name, secrets),
+                _mask(fragment.arguments, secrets) or "",
+            )
+        out.append(fragment)
+    return out
+
+
+def _mask(text: str | None, secrets: tuple[str, ...]) -> str | None:
+    if text is None:
+        return None
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "[REDACTED]")
+    return text
 
 
 def _quiet_http_loggers() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Unpack
 
-from .._client import ClientCall
+from .._client import Capabilities, ClientCall
 from ..providers import GeminiReader, Reader, gemini
 from ._base import ClientOptions, HTTPProviderClient, options_from_table
 
@@ -38,6 +38,7 @@ class GeminiClient(HTTPProviderClient):
     """
 
     label = "gemini"
+    default_capabilities = Capabilities(n=False, logprobs=False)
     default_base_url = GEMINI_BASE_URL
 
     def __init__(

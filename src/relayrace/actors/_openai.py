@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Unpack
 
-from .._client import ClientCall
+from .._client import Capabilities, ClientCall
 from ..providers import OpenAIReader, Reader, openai
 from ._base import ClientOptions, HTTPProviderClient, options_from_table
 
@@ -41,6 +41,7 @@ class OpenAIClient(HTTPProviderClient):
     """
 
     label = "openai"
+    default_capabilities = Capabilities()
     default_base_url = OPENAI_BASE_URL
 
     def __init__(

@@ -15,7 +15,7 @@ from .._decide import capped_wait
 from .._errors import ProviderError
 from .._failure import Category, Failure
 from .._policy import HealthPolicy
-from .._values import Request
+from .._values import Request, ToolCallDelta
 from ._body import read_at_most
 from ._boundary import AttemptState, UpstreamStatus, map_provider_errors
 
@@ -62,6 +62,9 @@ class _Discard:
     """The sink of a completion probe: its answer goes nowhere."""
 
     async def delta(self, text: str) -> None:
+        pass
+
+    async def tool_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
         pass
 
     def progress(self) -> None:

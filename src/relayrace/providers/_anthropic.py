@@ -1,8 +1,10 @@
 """The Anthropic Messages wire format: request payload, reader, error codes, encoder.
 
 ``POST …/v1/messages``. The OpenAI-style request is translated: system and developer messages
-become ``system``, consecutive messages of one role are merged (tool results travel as user
-text), content parts become content blocks, ``max_tokens`` is always sent (Anthropic requires
+become ``system``, consecutive messages of one role are merged, content parts become content
+blocks, ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` become ``tools`` (with an
+``input_schema``) / ``tool_choice``, an assistant's tool calls become ``tool_use`` blocks and
+tool messages ``tool_result`` blocks of a user turn, ``max_tokens`` is always sent (Anthropic requires
 it). A streamed answer is a sequence of named events (``message_start``,
 ``content_block_delta``, ``message_delta``, ``message_stop``, ``ping``, ``error``);
 ``message_stop`` is the terminator.
@@ -14,11 +16,12 @@ already has) is cut from what comes back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._failure import Category
-from .._values import Request, Usage
+from .._values import Request, ToolCall, Usage
 from ._errors import MalformedStream, UpstreamErrorBody
 from ._format import PREFILL_REFUSED, WireFormat
 from ._json import (
@@ -32,9 +35,10 @@ from ._json import (
     stop_sequences,
     text_of,
 )
-from ._messages import content_parts, translate_turns
+from ._messages import call_parts, content_parts, translate_turns
 from ._reader import Reader
 from ._sse import ServerSentEvent, encode_event
+from ._tools import chosen_function, function_tools
 
 NAME = "anthropic"
 PATH = "/v1/messages"
@@ -129,8 +133,35 @@ def payload(
     user = params.get("user")
     if isinstance(user, str) and user and "metadata" not in body:
         body["metadata"] = {"user_id": user}
+    _add_tools(body, params)
     body["stream"] = stream
     return body
+
+
+def _add_tools(body: dict[str, Any], params: Mapping[str, Any]) -> None:
+    functions = function_tools(params)
+    if functions:
+        body["tools"] = [
+            {
+                "name": function["name"],
+                **({"description": function["description"]} if "description" in function else {}),
+                "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+            }
+            for function in functions
+        ]
+    choice = params.get("tool_choice")
+    named = chosen_function(params)
+    tool_choice: dict[str, Any] | None = None
+    if named is not None:
+        tool_choice = {"type": "tool", "name": named}
+    elif choice in ("auto", "required", "none"):
+        tool_choice = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
+    if params.get("parallel_tool_calls") is False and functions:
+        tool_choice = tool_choice or {"type": "auto"}
+        if tool_choice["type"] != "none":
+            tool_choice["disable_parallel_tool_use"] = True
+    if tool_choice is not None and functions:
+        body["tool_choice"] = tool_choice
 
 
 def translate_messages(
@@ -138,13 +169,18 @@ def translate_messages(
 ) -> tuple[str, list[dict[str, Any]]]:
     """OpenAI-style messages as Anthropic's ``system`` and ``messages``.
 
-    System and developer messages (wherever they are) join ``system``; tool results become
-    user text; messages without text are dropped; consecutive messages of one role merge into
+    System and developer messages (wherever they are) join ``system``; tool calls become
+    ``tool_use`` blocks and tool results ``tool_result`` blocks of a user turn; messages without text are dropped; consecutive messages of one role merge into
     one with several content blocks; the prefill extends the last assistant message or becomes
     one, and the final assistant text loses its trailing whitespace.
     """
     system, turns = translate_turns(
-        messages, parts=_blocks, tool_text=_tool_result_text, assistant="assistant", key="content"
+        messages,
+        parts=_blocks,
+        tool_call=_tool_use,
+        tool_result=_tool_result,
+        assistant="assistant",
+        key="content",
     )
     if prefill:
         if not turns or turns[-1]["role"] != "assistant":
@@ -178,10 +214,17 @@ def cuts_whitespace(messages: Any, prefill: str | None) -> bool:
     return bool(tail) and tail != tail.rstrip()
 
 
-def _tool_result_text(message: Any) -> str:
-    text = text_of(message.get("content"))
-    call_id = message.get("tool_call_id")
-    return f"[tool result {call_id}]\n{text}" if isinstance(call_id, str) and call_id else text
+def _tool_use(call: Mapping[str, Any]) -> dict[str, Any]:
+    call_id, name, arguments = call_parts(call)
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
+
+
+def _tool_result(message: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {
+        "type": "tool_result",
+        "tool_use_id": message.get("tool_call_id"),
+        "content": text_of(message.get("content")),
+    }
 
 
 def _text_block(text: str) -> dict[str, Any]:
@@ -221,6 +264,9 @@ class AnthropicReader(Reader):
         self._strip_leading = strip_leading
         self._input_tokens = 0
         self._output_tokens = 0
+        self._usage: dict[str, int] = {}
+        # the tool calls (our indexes) that got input_json_delta events
+        self._with_input: set[int] = set()
 
     def event(self, event: ServerSentEvent) -> str | None:
         data = load_event(event)
@@ -231,16 +277,31 @@ class AnthropicReader(Reader):
             message = data.get("message")
             self.answered_by(get(message, "model"))
             self._add_usage(get(message, "usage"))
+        elif kind == "content_block_start":
+            block = data.get("content_block")
+            if get(block, "type") == "tool_use":
+                self.tools.start(data.get("index"), get(block, "id"), get(block, "name"))
         elif kind == "content_block_delta":
             delta = data.get("delta")
-            if get(delta, "type") == "text_delta":
+            kind = get(delta, "type")
+            if kind == "text_delta":
                 return self._text(get(delta, "text"))
+            if kind == "input_json_delta":
+                index = self.tools.index_of(data.get("index"))
+                if index is None:
+                    raise MalformedStream("malformed_tool_call", "input for a block that is no tool_use")
+                self._with_input.add(index)
+                self.tools.add(index, get(delta, "partial_json"))
+        elif kind == "content_block_stop":
+            index = self.tools.index_of(data.get("index"))
+            if index is not None and index not in self._with_input:
+                self.tools.add(index, "{}")  # a call without arguments
         elif kind == "message_delta":
             self._add_usage(data.get("usage"))
             self._stop(get(data, "delta", "stop_reason"), data)
         elif kind == "message_stop":
             self.terminated = True
-        # ping, content_block_start / _stop and events yet unknown carry no answer text.
+        # ping and events yet unknown carry no answer.
         return None
 
     def whole(self, body: Any) -> str:
@@ -252,6 +313,13 @@ class AnthropicReader(Reader):
             raise MalformedStream("malformed_response", "the response has no content")
         self.answered_by(body.get("model"))
         self._add_usage(body.get("usage"))
+        for number, block in enumerate(content):
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                index = self.tools.start(number, block.get("id"), block.get("name"))
+                arguments = block.get("input", {})
+                if not isinstance(arguments, dict):
+                    raise MalformedStream("malformed_tool_call", "tool_use input that is no object")
+                self.tools.add(index, dumps(arguments))
         self._stop(body.get("stop_reason"), body)
         self.finished = True
         return self._text(
@@ -277,6 +345,7 @@ class AnthropicReader(Reader):
             return
         if reason == "refusal":
             raise UpstreamErrorBody(data)  # classify reads the refusal: content_policy
+        self.tools.check()
         self.finish_reason = _FINISH_REASONS.get(reason, reason)
         self.finished = True
 
@@ -285,13 +354,23 @@ class AnthropicReader(Reader):
             return
         # Anthropic counts cached input apart; the prompt is all of it. Counts are cumulative,
         # and a later event may repeat or extend an earlier one.
-        inputs = sum(
-            as_int(usage.get(key))
-            for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        counts = self._usage
+        for key in (
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+        ):
+            if key in usage:
+                counts[key] = max(counts.get(key, 0), as_int(usage.get(key)))
+        self.usage = Usage(
+            prompt_tokens=counts.get("input_tokens", 0)
+            + counts.get("cache_creation_input_tokens", 0)
+            + counts.get("cache_read_input_tokens", 0),
+            completion_tokens=counts.get("output_tokens", 0),
+            cached_tokens=counts.get("cache_read_input_tokens", 0),
+            cache_creation_tokens=counts.get("cache_creation_input_tokens", 0),
         )
-        self._input_tokens = max(self._input_tokens, inputs)
-        self._output_tokens = max(self._output_tokens, as_int(usage.get("output_tokens")))
-        self.usage = Usage(prompt_tokens=self._input_tokens, completion_tokens=self._output_tokens)
 
 
 # --- writing the format ---------------------------------------------------------------------
@@ -302,19 +381,44 @@ def stop_reason(finish_reason: str) -> str:
     return _STOP_REASONS.get(finish_reason, finish_reason)
 
 
+def usage_of(usage: Usage) -> dict[str, int]:
+    """A ``usage`` object (``input_tokens`` excludes the cached parts, as Anthropic counts)."""
+    out = {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens - usage.cache_creation_tokens,
+        "output_tokens": usage.completion_tokens,
+    }
+    if usage.cached_tokens or usage.cache_creation_tokens:
+        out["cache_read_input_tokens"] = usage.cached_tokens
+        out["cache_creation_input_tokens"] = usage.cache_creation_tokens
+    return out
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    """A whole tool call as a ``tool_use`` block."""
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
+
+
 def message(
-    *, id: str, model: str, text: str, finish_reason: str = "stop", usage: Usage
+    *,
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str = "stop",
+    usage: Usage,
+    tool_calls: Sequence[ToolCall] = (),
 ) -> dict[str, Any]:
     """A whole ``message``."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not tool_calls else []
+    content.extend(tool_use_block(call) for call in tool_calls)
     return {
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": text}],
+        "content": content,
         "stop_reason": stop_reason(finish_reason),
         "stop_sequence": None,
-        "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+        "usage": usage_of(usage),
     }
 
 
@@ -365,10 +469,35 @@ def text_delta(text: str) -> bytes:
     return event("content_block_delta", delta)
 
 
-def closing(finish_reason: str, output_tokens: int, *, terminator: bool = True) -> bytes:
-    """The events that end a stream: ``content_block_stop``, ``message_delta`` (the stop reason
-    and usage), ``message_stop``."""
-    out = event("content_block_stop", {"type": "content_block_stop", "index": 0}) + event(
+def tool_use_start(index: int, call_id: str, name: str) -> bytes:
+    """The events that end the block before ``index`` and open a ``tool_use`` block."""
+    start = {
+        "type": "content_block_start",
+        "index": index,
+        "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}},
+    }
+    return event("content_block_stop", {"type": "content_block_stop", "index": index - 1}) + event(
+        "content_block_start", start
+    )
+
+
+def input_json_delta(index: int, partial_json: str) -> bytes:
+    """The event of a fragment of a tool call's input."""
+    delta = {
+        "type": "content_block_delta",
+        "index": index,
+        "delta": {"type": "input_json_delta", "partial_json": partial_json},
+    }
+    return event("content_block_delta", delta)
+
+
+def closing(
+    finish_reason: str, output_tokens: int, *, terminator: bool = True, last_block: int = 0
+) -> bytes:
+    """The events that end a stream: ``content_block_stop`` (of ``last_block``),
+    ``message_delta`` (the stop reason and usage), ``message_stop``."""
+    stop = {"type": "content_block_stop", "index": last_block}
+    out = event("content_block_stop", stop) + event(
         "message_delta",
         {
             "type": "message_delta",

@@ -14,13 +14,14 @@ failure.
 
 from __future__ import annotations
 
+import json
 import mimetypes
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._failure import Category
-from .._values import Request, Usage
+from .._values import Request, ToolCall, Usage
 from ._errors import MalformedStream, UpstreamErrorBody
 from ._format import WireFormat
 from ._json import (
@@ -34,9 +35,10 @@ from ._json import (
     stop_sequences,
     text_of,
 )
-from ._messages import content_parts, translate_turns
+from ._messages import call_parts, content_parts, translate_turns
 from ._reader import Reader
 from ._sse import ServerSentEvent
+from ._tools import chosen_function, function_tools, made_id
 
 NAME = "gemini"
 API_VERSION = "v1beta"
@@ -110,6 +112,8 @@ _GENERATION_PARAMS = {
 
 # Gemini's finish reasons in the OpenAI vocabulary the rest of relayrace speaks, and back.
 _FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
+# tool_choice → functionCallingConfig.mode
+_CALLING_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
 _NATIVE_FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 
 
@@ -159,11 +163,39 @@ def payload(
     stops = stop_sequences(params.get("stop"))
     if stops:
         config["stopSequences"] = stops
-    if get(dict(params), "response_format", "type") in ("json_object", "json_schema"):
+    response_format = get(dict(params), "response_format", "type")
+    if response_format in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
+    if response_format == "json_schema":
+        schema = get(dict(params), "response_format", "json_schema", "schema")
+        if isinstance(schema, Mapping):
+            config["responseSchema"] = schema
+    _add_tools(body, params)
     if config:
         body["generationConfig"] = config
     return body
+
+
+def _add_tools(body: dict[str, Any], params: Mapping[str, Any]) -> None:
+    functions = function_tools(params)
+    if not functions:
+        return
+    body["tools"] = [
+        {
+            "functionDeclarations": [
+                {key: function[key] for key in ("name", "description", "parameters") if key in function}
+                for function in functions
+            ]
+        }
+    ]
+    named = chosen_function(params)
+    choice = params.get("tool_choice")
+    if named is not None:
+        body["toolConfig"] = {
+            "functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [named]}
+        }
+    elif isinstance(choice, str) and choice in _CALLING_MODES:
+        body["toolConfig"] = {"functionCallingConfig": {"mode": _CALLING_MODES[choice]}}
 
 
 def translate_contents(
@@ -171,14 +203,17 @@ def translate_contents(
 ) -> tuple[str, list[dict[str, Any]]]:
     """OpenAI-style messages as Gemini's system instruction and ``contents``.
 
-    System and developer messages (wherever they are) join the system instruction; tool results
-    become user text; messages without parts are dropped; consecutive messages of one role merge;
+    System and developer messages (wherever they are) join the system instruction; tool calls
+    become ``functionCall`` parts and tool results ``functionResponse`` parts of a user turn
+    (named by the call they answer; a result that is no JSON object is wrapped as
+    ``{"result": …}``); messages without parts are dropped; consecutive messages of one role merge;
     the prefill extends the last ``model`` turn or becomes one.
     """
     system, contents = translate_turns(
         messages,
         parts=_parts,
-        tool_text=lambda message: text_of(message.get("content")),
+        tool_call=_function_call,
+        tool_result=_function_response,
         assistant="model",
         key="parts",
     )
@@ -188,6 +223,22 @@ def translate_contents(
         else:
             contents.append({"role": "model", "parts": [{"text": prefill}]})
     return system, contents
+
+
+def _function_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    _, name, arguments = call_parts(call)
+    return {"functionCall": {"name": name, "args": arguments}}
+
+
+def _function_response(message: Mapping[str, Any], name: str) -> dict[str, Any]:
+    text = text_of(message.get("content"))
+    try:
+        result: Any = json.loads(text)
+    except ValueError:
+        result = text
+    if not isinstance(result, dict):
+        result = {"result": result}
+    return {"functionResponse": {"name": name, "response": result}}
 
 
 def _image_part(url: str) -> dict[str, Any]:
@@ -232,30 +283,49 @@ class GeminiReader(Reader):
         self.answered_by(data.get("modelVersion"))
         usage = data.get("usageMetadata")
         if isinstance(usage, dict):
+            thoughts = as_int(usage.get("thoughtsTokenCount"))
             self.usage = Usage(
                 prompt_tokens=as_int(usage.get("promptTokenCount")),
                 # Thinking is output the model was paid for, as in OpenAI's completion tokens.
-                completion_tokens=as_int(usage.get("candidatesTokenCount"))
-                + as_int(usage.get("thoughtsTokenCount")),
+                completion_tokens=as_int(usage.get("candidatesTokenCount")) + thoughts,
+                cached_tokens=as_int(usage.get("cachedContentTokenCount")),
+                reasoning_tokens=thoughts,
             )
         candidate = get(data, "candidates", 0)
         if not isinstance(candidate, dict):
             return ""
         parts = get(candidate, "content", "parts")
-        text = "".join(
-            part["text"]
-            for part in (parts if isinstance(parts, list) else [])
-            if isinstance(part, dict)
-            and isinstance(part.get("text"), str)
-            and not part.get("thought")
-        )
+        texts: list[str] = []
+        for part in parts if isinstance(parts, list) else []:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str) and not part.get("thought"):
+                texts.append(part["text"])
+            elif "functionCall" in part:
+                self._call(part["functionCall"])
         reason = candidate.get("finishReason")
         if isinstance(reason, str) and reason and reason != "FINISH_REASON_UNSPECIFIED":
             if reason in BLOCKED_FINISH:
                 raise UpstreamErrorBody(data)  # classify reads the finish reason: content_policy
+            self.tools.check()
             self.finish_reason = _FINISH_REASONS.get(reason, reason.lower())
+            if reason == "STOP" and self.tools.count:
+                self.finish_reason = "tool_calls"
             self.finished = True
-        return text
+        return "".join(texts)
+
+    def _call(self, call: Any) -> None:
+        # Gemini sends whole calls, without ids (or with its own, newer models).
+        if not isinstance(call, dict):
+            raise MalformedStream("malformed_tool_call", "a functionCall that is not an object")
+        arguments = call.get("args", {})
+        if not isinstance(arguments, dict):
+            raise MalformedStream("malformed_tool_call", "functionCall args that are no object")
+        text = dumps(arguments)
+        name = call.get("name")
+        index = self.tools.count
+        call_id = call.get("id") or made_id(index, name if isinstance(name, str) else "", text)
+        self.tools.add(self.tools.start(index, call_id, name), text)
 
 
 # --- writing the format ---------------------------------------------------------------------
@@ -263,16 +333,23 @@ class GeminiReader(Reader):
 
 def finish_reason_of(finish_reason: str) -> str:
     """An OpenAI-vocabulary finish reason as Gemini's ``finishReason``."""
+    if finish_reason == "tool_calls":
+        return "STOP"
     return _NATIVE_FINISH.get(finish_reason, finish_reason.upper())
 
 
 def usage_of(usage: Usage) -> dict[str, int]:
-    """A ``usageMetadata`` object."""
-    return {
+    """A ``usageMetadata`` object (``candidatesTokenCount`` excludes the thinking)."""
+    out = {
         "promptTokenCount": usage.prompt_tokens,
-        "candidatesTokenCount": usage.completion_tokens,
+        "candidatesTokenCount": usage.completion_tokens - usage.reasoning_tokens,
         "totalTokenCount": usage.prompt_tokens + usage.completion_tokens,
     }
+    if usage.reasoning_tokens:
+        out["thoughtsTokenCount"] = usage.reasoning_tokens
+    if usage.cached_tokens:
+        out["cachedContentTokenCount"] = usage.cached_tokens
+    return out
 
 
 def response(
@@ -282,10 +359,17 @@ def response(
     text: str,
     finish_reason: str | None = None,
     usage: Usage | None = None,
+    tool_calls: Sequence[ToolCall] = (),
 ) -> dict[str, Any]:
     """One ``GenerateContentResponse``: a stream event, or (with a finish reason) the last one
-    or a whole answer."""
-    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+    or a whole answer. Tool calls are written as ``functionCall`` parts (without ids: Gemini
+    sends none), and a finish reason ``tool_calls`` as ``STOP``."""
+    parts: list[dict[str, Any]] = [{"text": text}] if text or not tool_calls else []
+    parts.extend(
+        {"functionCall": {"name": call.name, "args": json.loads(call.arguments)}}
+        for call in tool_calls
+    )
+    candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}}
     if finish_reason is not None:
         candidate["finishReason"] = finish_reason_of(finish_reason)
     candidate["index"] = 0

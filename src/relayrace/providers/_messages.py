@@ -8,26 +8,32 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._json import get, text_of
+from ._tools import arguments_object
 
 
 def translate_turns(
     messages: Any,
     *,
     parts: Callable[[Any], list[dict[str, Any]]],
-    tool_text: Callable[[Any], str],
+    tool_call: Callable[[Mapping[str, Any]], dict[str, Any]],
+    tool_result: Callable[[Mapping[str, Any], str], dict[str, Any]],
     assistant: str,
     key: str,
 ) -> tuple[str, list[dict[str, Any]]]:
     """OpenAI-style messages as a system prompt and a list of turns.
 
     System and developer messages (wherever they are) join the system prompt (paragraphs);
-    tool results become user text (``tool_text``); messages whose content gives no parts are
-    dropped; consecutive messages of one role merge into one turn.
+    an assistant message's tool calls follow its content as the format's parts
+    (``tool_call``); a tool message becomes a tool-result part of a user turn
+    (``tool_result``, given the name of the function its ``tool_call_id`` called); messages
+    whose content gives no parts are dropped; consecutive messages of one role merge into
+    one turn.
 
     Args:
         messages: the request's messages.
         parts: a message content as the format's parts (blocks).
-        tool_text: the text a tool-result message becomes.
+        tool_call: an assistant message's tool call as the format's part.
+        tool_result: a tool message (and its function's name) as the format's part.
         assistant: the format's name for the assistant role (``assistant``, ``model``).
         key: the field of a turn that holds its parts (``content``, ``parts``).
 
@@ -36,6 +42,7 @@ def translate_turns(
     """
     system: list[str] = []
     turns: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
     for message in messages:
         role = message.get("role")
         content = message.get("content")
@@ -45,8 +52,20 @@ def translate_turns(
                 system.append(text)
             continue
         if role == "tool":
-            content = tool_text(message)
-        blocks = parts(content)
+            call_id = message.get("tool_call_id")
+            blocks = [
+                tool_result(message, names.get(call_id, "") if isinstance(call_id, str) else "")
+            ]
+        else:
+            blocks = parts(content)
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, Mapping):
+                    name = get(dict(call), "function", "name")
+                    if isinstance(call.get("id"), str) and isinstance(name, str):
+                        names[call["id"]] = name
+                    blocks.append(tool_call(call))
         if not blocks:
             continue
         role = assistant if role == "assistant" else "user"
@@ -55,6 +74,20 @@ def translate_turns(
         else:
             turns.append({"role": role, key: blocks})
     return "\n\n".join(system), turns
+
+
+def call_parts(call: Mapping[str, Any]) -> tuple[str, str, Any]:
+    """An assistant message's tool call as ``(id, name, arguments as a value)``."""
+    function = call.get("function")
+    function = function if isinstance(function, Mapping) else {}
+    name = function.get("name")
+    arguments = function.get("arguments")
+    call_id = call.get("id")
+    return (
+        call_id if isinstance(call_id, str) else "",
+        name if isinstance(name, str) else "",
+        arguments_object(arguments) if isinstance(arguments, str) else {},
+    )
 
 
 def content_parts(

@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._failure import Category
-from .._values import Request, Usage
-from ._errors import MalformedStream, UpstreamErrorBody
+from .._values import Choice, Request, ToolCall, ToolCallDelta, Usage, tool_calls_of
+from ._errors import MalformedStream, UpstreamErrorBody, check_text
 from ._format import PREFILL_REFUSED, WireFormat
 from ._json import as_int, dumps, dumps_str, expect_object, get, load_event
 from ._reader import Reader
@@ -82,6 +82,9 @@ ERRORS: dict[str, tuple[int, str, str | None, str]] = {
     "bad_request": (400, "invalid_request_error", None, "{model}"),
 }
 
+# OpenAI's own limit on n; a choice index past it is ignored (never a reader per index).
+_MAX_N = 128
+
 #: the stream's terminator.
 DONE = b"data: [DONE]\n\n"
 
@@ -136,8 +139,19 @@ def payload(
 class OpenAIReader(Reader):
     """Reads chat completion chunks (streamed) or a chat completion (whole).
 
-    Only the first choice (``index`` 0) is the answer; ``n > 1`` is not merged.
+    The first choice (``index`` 0) is the answer; the others (``n > 1``) are read apart, by a
+    reader each, and given whole by ``other_choices``. A streamed
+    tool call is a new call when its fragment carries an id the current call at its upstream
+    index does not have, so that an upstream reusing index 0 (Ollama) never merges two calls.
     """
+
+    def __init__(self, model: str):
+        super().__init__(model)
+        # upstream index → (its call's id, our index)
+        self._calls: dict[Any, tuple[Any, int]] = {}
+        # the other choices (n > 1), each read by a reader of its own, and their text
+        self._others: dict[int, OpenAIReader] = {}
+        self._texts: list[str] = []
 
     def event(self, event: ServerSentEvent) -> str | None:
         if event.data.strip() == "[DONE]":
@@ -149,12 +163,13 @@ class OpenAIReader(Reader):
         if chunk.get("error"):
             raise UpstreamErrorBody(chunk)
         self._common(chunk)
-        choice = _first_choice(chunk)
-        if choice is None:
-            return None
-        delta = choice.get("delta")
-        text = _text(delta) if isinstance(delta, dict) else ""
-        self._finish(choice, chunk)
+        text = ""
+        for index, choice in _choices(chunk):
+            if index == 0:
+                text = self._choice(choice, chunk, "delta")
+            else:
+                other = self._other(index)
+                other._texts.append(other._choice(choice, chunk, "delta"))
         return text
 
     def whole(self, body: Any) -> str:
@@ -162,14 +177,89 @@ class OpenAIReader(Reader):
         if body.get("error"):
             raise UpstreamErrorBody(body)
         self._common(body)
-        choice = _first_choice(body)
-        if choice is None:
+        text: str | None = None
+        for index, choice in _choices(body):
+            if index == 0:
+                text = self._choice(choice, body, "message")
+                self.tools.check()
+            else:
+                other = self._other(index)
+                other._texts.append(other._choice(choice, body, "message"))
+                other.tools.check()
+        if text is None:
             raise MalformedStream("malformed_response", "the response has no choices")
-        message = choice.get("message")
-        text = _text(message) if isinstance(message, dict) else ""
-        self._finish(choice, body)
         self.finished = True
         return text
+
+    def other_choices(self) -> list[Choice]:
+        out = []
+        for index, other in sorted(self._others.items()):
+            other.tools.check()
+            out.append(
+                Choice(
+                    index=index,
+                    text="".join(other._texts),
+                    tool_calls=tool_calls_of(other.tools.pending),
+                    finish_reason=other.finish_reason,
+                    refusal=other.refusal,
+                    logprobs=None if other.logprobs is None else {"content": other.logprobs},
+                )
+            )
+        return out
+
+    def _other(self, index: int) -> OpenAIReader:
+        other = self._others.get(index)
+        if other is None:
+            other = self._others[index] = OpenAIReader(self.model)
+        return other
+
+    def _choice(self, choice: dict[str, Any], chunk: dict[str, Any], key: str) -> str:
+        """Read one choice (its ``delta`` streamed, its ``message`` whole); return its text."""
+        message = choice.get(key)
+        text = ""
+        if isinstance(message, dict):
+            text = _content(message)
+            self._refusal(message)
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                for number, call in enumerate(calls):
+                    if key == "delta":
+                        self._fragment(call)
+                    else:
+                        self._whole_call(number, call)
+        self.add_logprobs(choice.get("logprobs"))
+        self._finish(choice, chunk)
+        return text
+
+    def _whole_call(self, number: int, call: Any) -> None:
+        if not isinstance(call, dict):
+            raise MalformedStream("malformed_tool_call", "a tool call that is not an object")
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        index = self.tools.start(number, _id(call.get("id")), function.get("name"))
+        self.tools.add(index, function.get("arguments"))
+
+    def _fragment(self, call: Any) -> None:
+        if not isinstance(call, dict):
+            raise MalformedStream("malformed_tool_call", "a tool-call fragment that is not an object")
+        upstream = call.get("index", 0)
+        call_id = _id(call.get("id"))
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        current = self._calls.get(upstream)
+        if current is None or (call_id is not None and call_id != current[0]):
+            index = self.tools.start((upstream, self.tools.count), call_id, function.get("name"))
+            self._calls[upstream] = (call_id, index)
+        else:
+            index = current[1]
+        arguments = function.get("arguments")
+        if arguments is not None:
+            self.tools.add(index, arguments)
+
+    def _refusal(self, message: dict[str, Any]) -> None:
+        refusal = message.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            self.refusal = check_text((self.refusal or "") + refusal, "a refusal")
 
     def _common(self, chunk: dict[str, Any]) -> None:
         self.answered_by(chunk.get("model"))
@@ -178,6 +268,10 @@ class OpenAIReader(Reader):
             self.usage = Usage(
                 prompt_tokens=as_int(usage.get("prompt_tokens")),
                 completion_tokens=as_int(usage.get("completion_tokens")),
+                cached_tokens=as_int(get(usage, "prompt_tokens_details", "cached_tokens")),
+                reasoning_tokens=as_int(
+                    get(usage, "completion_tokens_details", "reasoning_tokens")
+                ),
             )
 
     def _finish(self, choice: dict[str, Any], chunk: dict[str, Any]) -> None:
@@ -190,39 +284,40 @@ class OpenAIReader(Reader):
             # OpenRouter ends a choice this way when the upstream failed mid-answer.
             message = get(choice, "error", "message") or "the provider ended the answer in error"
             raise UpstreamErrorBody({"error": {"type": "stream_error", "message": message}})
+        self.tools.check()
         self.finish_reason = reason
         self.finished = True
 
 
-def _first_choice(chunk: dict[str, Any]) -> dict[str, Any] | None:
+def _id(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _choices(chunk: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """A chunk's choices with their indexes (only the first is the answer unless ``n > 1``)."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
-        return None
+        return []
+    out = []
     for choice in choices:
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            return choice
-    return None
+        if isinstance(choice, dict):
+            index = choice.get("index", 0)
+            if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < _MAX_N:
+                out.append((index, choice))
+    return out
 
 
-def _text(message: dict[str, Any]) -> str:
+def _content(message: dict[str, Any]) -> str:
     content = message.get("content")
-    if isinstance(content, str):
-        return content
-    # A refusal (structured outputs) is what the model said instead of an answer.
-    refusal = message.get("refusal")
-    return refusal if isinstance(refusal, str) else ""
+    return content if isinstance(content, str) else ""
 
 
 # --- writing the format ---------------------------------------------------------------------
 
 
-def usage_of(usage: Usage) -> dict[str, int]:
-    """A ``usage`` object."""
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    }
+def usage_of(usage: Usage) -> dict[str, Any]:
+    """A ``usage`` object (with its details where a count is reported)."""
+    return usage.to_dict()
 
 
 def completion(
@@ -233,23 +328,42 @@ def completion(
     text: str,
     finish_reason: str = "stop",
     usage: Usage | None = None,
+    tool_calls: Sequence[ToolCall] = (),
+    refusal: str | None = None,
+    logprobs: Sequence[Any] | None = None,
+    choices: Sequence[Choice] = (),
 ) -> dict[str, Any]:
-    """A whole ``chat.completion``."""
+    """A whole ``chat.completion`` (``choices``: those past the first, for ``n > 1``)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": refusal}
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = [call.to_dict() for call in tool_calls]
+    first = {
+        "index": 0,
+        "message": message,
+        "logprobs": None if logprobs is None else {"content": list(logprobs)},
+        "finish_reason": finish_reason,
+    }
     return {
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": [first, *(_choice_of(choice) for choice in choices)],
         "usage": None if usage is None else usage_of(usage),
         "system_fingerprint": None,
+    }
+
+
+def _choice_of(choice: Choice) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+    if choice.tool_calls:
+        message["tool_calls"] = [call.to_dict() for call in choice.tool_calls]
+    return {
+        "index": choice.index,
+        "message": message,
+        "logprobs": choice.logprobs,
+        "finish_reason": choice.finish_reason or "stop",
     }
 
 
@@ -335,6 +449,39 @@ class StreamEncoder:
             f'{self._prefix}{role}"content":{dumps_str(text)}}},'
             f'"logprobs":null,"finish_reason":null}}]{self._end}'
         ).encode()
+
+    def tool_calls(
+        self,
+        model: str,
+        fragments: Sequence[ToolCallDelta],
+        *,
+        upstream_index: Callable[[int], int] | None = None,
+    ) -> bytes:
+        """The event of tool-call fragments (``upstream_index``: the index to write for each of
+        ours; the mock uses it to reuse index 0 the way some upstreams do)."""
+        items = []
+        for fragment in fragments:
+            item = fragment.to_dict()
+            if upstream_index is not None:
+                item["index"] = upstream_index(fragment.index)
+            items.append(item)
+        return event(self.chunk(model, {"tool_calls": items}, None))
+
+    def logprobs(self, model: str, text: str, content: Sequence[Any]) -> bytes:
+        """The event of a content delta with its log probabilities."""
+        body = self.chunk(model, {"content": text}, None)
+        body["choices"][0]["logprobs"] = {"content": list(content)}
+        return event(body)
+
+    def other_choice(self, model: str, index: int, text: str, finish: str | None) -> bytes:
+        """The event of a content delta of choice ``index`` (``n > 1``)."""
+        body = self.chunk(model, {"content": text}, finish)
+        body["choices"][0]["index"] = index
+        return event(body)
+
+    def refusal(self, model: str, text: str) -> bytes:
+        """The event of a refusal delta."""
+        return event(self.chunk(model, {"refusal": text}, None))
 
     def usage_chunk(self, model: str, usage: Usage | None) -> dict[str, Any]:
         """The last chunk of a stream that asked for the usage: no choices, the usage."""

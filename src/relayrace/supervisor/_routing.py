@@ -1,5 +1,6 @@
 """Ordering a route's actors for one request: priority (with demotion), the route's strategy
-over the healthy ones, benched ones skipped with a recorded decision, the terminus last."""
+over the healthy ones, benched ones skipped with a recorded decision, the terminus last; and
+the actors that lack a capability the request needs (``capability_skips``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import random
 from collections.abc import Sequence
 
 from .._config import Route
-from .._decide import skip_unavailable, when_all_benched
+from .._decide import (
+    estimated_tokens,
+    missing_capability,
+    needed_capabilities,
+    skip_for_capability,
+    skip_unavailable,
+    when_all_benched,
+)
+from .._errors import BadRequest
 from .._failure import Failure
 from .._policy import HealthPolicy
-from .._values import Decision
+from .._values import Decision, Request
 from ..actors import ProviderActor, State
 
 
@@ -111,3 +120,43 @@ def _apply_strategy(
         first = rng.choices(range(len(healthy)), weights=[a.weight for a in healthy])[0]
         return [healthy[first], *healthy[:first], *healthy[first + 1 :]]
     raise AssertionError(f"unknown strategy {strategy}")
+
+
+def capability_skips(
+    request: Request, route: str, chain: list[ProviderActor]
+) -> dict[str, Decision]:
+    """The skip decision of each actor of ``chain`` that cannot serve ``request``.
+
+    Raises:
+        BadRequest: no actor of the route can serve it (naming the first capability missing).
+    """
+    limited = [a for a in chain if not a.capabilities.everything]
+    if not limited:
+        return {}  # the common case: nothing to work out
+    needs = needed_capabilities(request)
+    tokens = (
+        estimated_tokens(request)
+        if any(a.capabilities.max_context_tokens is not None for a in limited)
+        else None
+    )
+    skips: dict[str, Decision] = {}
+    for actor in limited:
+        missing = missing_capability(actor.capabilities, needs, tokens)
+        if missing is not None:
+            skips[actor.name] = skip_for_capability(actor.name, actor.capabilities, missing)
+    if chain and len(skips) == len(chain):
+        first = skips[chain[0].name].rule
+        field = "messages" if first.rule in ("vision", "max_context_tokens") else "params"
+        if first.rule == "tools" and not request.params.get("tools"):
+            field = "messages"
+        elif field == "params":
+            field = {"json_schema": "params.response_format"}.get(
+                first.rule, f"params.{first.rule}"
+            )
+        raise BadRequest(
+            field,
+            f"no provider of route {route!r} can serve it ("
+            + ", ".join(f"{name}: {skip.rule}" for name, skip in skips.items())
+            + ")",
+        )
+    return skips

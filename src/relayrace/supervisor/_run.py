@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from .._client import Completion
 from .._config import Route
 from .._decide import (
     Situation,
@@ -32,11 +33,23 @@ from .._decide import (
 from .._errors import RequestFailed
 from .._events import EventKind, Subscribers
 from .._failure import Category, Failure
-from .._values import Action, Attempt, Decision, Delta, Outcome, Reply, Request
+from .._values import (
+    Action,
+    Attempt,
+    Choice,
+    Decision,
+    Delta,
+    Outcome,
+    Reply,
+    Request,
+    ToolCall,
+    ToolCallDelta,
+    tool_calls_of,
+)
 from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
 from ._ledger import Ledger
 from ._observer import RequestInfo
-from ._routing import plan_route
+from ._routing import capability_skips, plan_route
 
 
 def supervisor_closed(*, refused: bool = False) -> Failure:
@@ -73,6 +86,13 @@ class Run:
         "deadline",
         "surface",
         "observed",
+        "tools",
+        "_job",
+        "_diverged",
+        "_again",
+        "_lacking",
+        "_held",
+        "_tools_actor",
     )
 
     def __init__(
@@ -90,6 +110,8 @@ class Run:
         self.request = request
         self.route, self.chain = route
         self.streaming = streaming
+        #: the actors that lack a capability the request needs, and which (skipped)
+        self._lacking = capability_skips(request, self.route.model, self.chain)
         # Set by RequestStream for streams.
         self.emit: Callable[[Delta], Awaitable[None]] | None = None
         self.emit_nowait: Callable[[Delta], bool] | None = None
@@ -106,6 +128,16 @@ class Run:
         self.seq = 0
         self.surface = surface  # where the request came from, for the observers
         self.observed: RequestInfo | None = None  # set while observers watch the request
+        #: the tool-call fragments the caller will get (complete) or holds (streams).
+        self.tools: list[ToolCallDelta] = []
+        self._job: Job | None = None
+        #: a restarted attempt's own answer for each held tool call: [name, arguments]
+        self._again: dict[int, list[str]] = {}
+        #: the tool calls the caller held when this attempt (a restart) started
+        self._held: tuple[ToolCall, ...] = ()
+        self._tools_actor = ""
+        #: a restarted attempt's answer differed from what the caller holds.
+        self._diverged = False
 
     async def execute(self) -> Reply:
         ledger = self.ledger
@@ -159,8 +191,13 @@ class Run:
             supervisor_closed(), self.attempts, self.decisions, request_id=self.request_id
         )
 
+    @property
+    def holds_output(self) -> bool:
+        """The caller holds part of the answer (a stream past its first delta)."""
+        return bool(self.released) or (self.streaming and bool(self.tools))
+
     def _failed(self, failure: Failure) -> RequestFailed:
-        if self.released and failure.category is not Category.STREAM_ERROR:
+        if self.holds_output and failure.category is not Category.STREAM_ERROR:
             failure = Failure(
                 category=Category.STREAM_ERROR,
                 code="interrupted",
@@ -195,7 +232,11 @@ class Run:
         midstream_failure: Failure | None = None
         tried = 0
         max_providers = policies.failover.max_providers
+        lacking = self._lacking
         for actor in plan.actors:
+            if lacking and actor.name in lacking:
+                self.decisions.append(lacking[actor.name])
+                continue
             released = self.released
             # (Guarded: a call less per actor on the hot path, where nothing was released.)
             continuation = bool(released) and continues_partial(released, policies.stream)
@@ -225,7 +266,7 @@ class Run:
                     return supervisor_closed()
                 failure = outcome
                 last_failure = failure
-                if self.released and midstream_failure is None:
+                if self.holds_output and midstream_failure is None:
                     # The first failure after the caller got part of the answer is the one that
                     # broke its stream; later ones (a refused continuation...) must not hide it.
                     midstream_failure = failure
@@ -235,9 +276,10 @@ class Run:
                     tries_on_actor=tries,
                     actors_tried=tried,
                     remaining=self.deadline - now,
-                    released=bool(self.released),
+                    released=self.holds_output,
                     text_kept=self.parts is not None,
                     continuation=continuation,
+                    tool_calls=self.streaming and bool(self.tools),
                     retry_allowed=True,
                 )
                 decision = decide(failure, situation, policies, ledger.rng)
@@ -259,6 +301,8 @@ class Run:
                     await trio.sleep(decision.wait)
                     continue
                 if decision.action is Action.STOP:
+                    if failure.code == "restart_diverged":
+                        return failure  # the restart's own error, not the break before it
                     return midstream_failure or failure
                 ledger.failovers += 1
                 break
@@ -283,8 +327,18 @@ class Run:
         """Run one attempt on ``actor`` and record it."""
         parts = self.parts
         parts_before = 0 if parts is None else len(parts)
+        tools_before = len(self.tools)
         prefill = "".join(parts) if continuation and parts is not None else None
-        emit, emit_nowait = self._emitter(actor.name, skip=0 if continuation else released)
+        skip = 0 if continuation else released
+        emit, emit_nowait = self._emitter(actor.name, skip=skip)
+        # A restart (the caller holds output, no continuation) must give back what it holds.
+        held = (
+            tool_calls_of(self.tools) if self.tools and self.streaming and not continuation else ()
+        )
+        self._held = held
+        self._tools_actor = actor.name
+        if held:
+            self._again = {}
         call = ClientCall(
             request=self.request,
             model=actor.model,
@@ -298,7 +352,10 @@ class Run:
             emit_nowait=emit_nowait,
             request_id=self.request_id,
             forced=forced,
+            emit_tools=self._take_tools,
         )
+        self._job = job
+        self._diverged = False
         started = trio.current_time()
         self.events.publish(EventKind.ATTEMPT_STARTED, request_id=self.request_id, actor=actor.name)
         try:
@@ -307,14 +364,22 @@ class Run:
             # The caller went away, the request's budget ran out or the supervisor shuts down:
             # the attempt was stopped where it stood.
             self.attempts.append(
-                self._record(actor, number, job, started, Outcome.CANCELLED, continuation)
+                job.record(actor.name, number, started, Outcome.CANCELLED, continuation=continuation)
             )
             self.ledger.attempt_ended(self, self.attempts[-1])
             raise
+        finally:
+            # The run and its job refer to each other only while the job runs: a cycle left
+            # behind would be freed by the cyclic collector, not at once (~4 µs a request).
+            self._job = None
         outcome = job.outcome
         assert outcome is not None
-        self.attempts.append(self._record(actor, number, job, started, outcome, continuation))
+        self.attempts.append(job.record(actor.name, number, started, outcome, continuation=continuation))
         self.ledger.attempt_ended(self, self.attempts[-1])
+        if outcome is Outcome.OK and held and not self._caught_up(held):
+            # The restarted answer ended without a tool call the caller already holds.
+            self._diverged = True
+            outcome = Outcome.FAILED
         if outcome is Outcome.OK:
             completion = job.completion
             assert completion is not None
@@ -330,11 +395,27 @@ class Run:
                 finish_reason=completion.finish_reason,
                 request_id=self.request_id,
                 text_kept=parts is not None,
+                tool_calls=tool_calls_of(self.tools) if self.tools else (),
+                refusal=completion.refusal,
+                logprobs=completion.logprobs,
+                choices=self._choices(completion),
             )
-        if not self.streaming and parts is not None:
-            del parts[parts_before:]  # nothing reached the caller: forget the partial answer
+        if not self.streaming:
+            # Nothing reached the caller: forget the partial answer.
+            if parts is not None:
+                del parts[parts_before:]
+            del self.tools[tools_before:]
+        if self._diverged:
+            failure: Failure | None = Failure(
+                category=Category.STREAM_ERROR,
+                code="restart_diverged",
+                message="the restarted answer differs from what the caller holds",
+                provider=actor.name,
+            )
+        else:
+            failure = job.failure
         # No failure: the attempt was cancelled by the actor's own shutdown.
-        failure = job.failure or Failure(
+        failure = failure or Failure(
             category=Category.CANCELLED,
             code="cancelled",
             message="the attempt was cancelled",
@@ -397,12 +478,20 @@ class Run:
 
             return forward_all, forward_all_nowait
         to_skip = [skip]
+        # What the caller holds, to check the restarted answer against (when it was kept).
+        holds = "".join(self.parts) if self.parts is not None else None
 
         def trim(text: str) -> tuple[str, int]:
             # Restarting after a broken stream: release output only past what the caller has.
             left = to_skip[0]
             if not left:
                 return text, 0
+            if holds is not None:
+                at = skip - left
+                overlap = min(len(text), left)
+                if text[:overlap] != holds[at : at + overlap]:
+                    self._diverge()
+                    return "", left
             if len(text) <= left:
                 return "", left - len(text)
             return text[left:], 0
@@ -424,27 +513,71 @@ class Run:
 
         return forward, forward_nowait
 
-    def _record(
-        self,
-        actor: ProviderActor,
-        number: int,
-        job: Job,
-        started: float,
-        outcome: Outcome,
-        continuation: bool,
-    ) -> Attempt:
-        return Attempt(
-            actor=actor.name,
-            number=number,
-            outcome=outcome,
-            failure=job.failure,
-            started_at=job.started_at if job.started_at is not None else started,
-            ended_at=job.ended_at if job.ended_at is not None else trio.current_time(),
-            first_delta_at=job.first_delta_at,
-            deltas=job.deltas,
-            probe=job.probe,
-            continuation=continuation,
+    async def _take_tools(self, fragments: tuple[ToolCallDelta, ...]) -> None:
+        """What the actor's sink calls with tool-call fragments: collected for ``complete``;
+        sent as deltas for a stream, past what the caller holds (``_held``) after a restart,
+        which must give those calls back unchanged (else it diverged, and the attempt ends)."""
+        if not self.streaming:
+            self.tools.extend(fragments)
+            return
+        held = self._held
+        out: list[ToolCallDelta] = []
+        for fragment in fragments:
+            index = fragment.index
+            if index >= len(held):
+                out.append(fragment)
+                continue
+            have = held[index]
+            mine = self._again.setdefault(index, ["", ""])
+            if fragment.name is not None:
+                mine[0] = fragment.name
+            before = len(mine[1])
+            mine[1] += fragment.arguments
+            args = mine[1]
+            if (mine[0] and mine[0] != have.name) or not (
+                have.arguments.startswith(args) or args.startswith(have.arguments)
+            ):
+                self._diverge()
+                await trio.lowlevel.checkpoint()
+                return
+            if len(args) > len(have.arguments):
+                start = max(before, len(have.arguments))
+                out.append(ToolCallDelta(index, arguments=args[start:]))
+        if out:
+            send = self.emit
+            assert send is not None
+            await send(Delta(self.seq, "", self._tools_actor, tuple(out)))
+            self.seq += 1
+            self.tools.extend(out)
+
+    def _choices(self, completion: Completion) -> tuple[Choice, ...]:
+        """Every choice of an answer with several; ``()`` for one choice."""
+        if not completion.choices:
+            return ()
+        first = Choice(
+            index=0,
+            text="".join(self.parts or ()),
+            tool_calls=tool_calls_of(self.tools),
+            finish_reason=completion.finish_reason,
+            refusal=completion.refusal,
+            logprobs=completion.logprobs,
         )
+        return (first, *completion.choices)
+
+    def _caught_up(self, held: tuple[ToolCall, ...]) -> bool:
+        """Whether a restarted answer gave back every held call whole (it may add more)."""
+        again = self._again
+        return all(
+            call.index in again
+            and again[call.index][0] == call.name
+            and again[call.index][1].startswith(call.arguments)
+            for call in held
+        )
+
+    def _diverge(self) -> None:
+        self._diverged = True
+        if self._job is not None:
+            self._job.interrupt("restart_diverged")
 
 
 _EVENT_OF_ACTION = {Action.RETRY: EventKind.RETRYING, Action.FAILOVER: EventKind.FAILOVER}

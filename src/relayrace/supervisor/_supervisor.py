@@ -61,6 +61,7 @@ class Supervisor:
                 exempt=p.exempt,
                 terminus=p.terminus,
                 continues=p.continues,
+                capabilities=p.effective_capabilities,
                 priority=p.priority,
                 weight=p.weight,
                 publish=self._actor_event,

@@ -4,10 +4,13 @@ deliberately broken bytes of its faults. The formats themselves are
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
-from .._values import Usage
+import attrs
+
+from .._values import Choice, ToolCall, ToolCallDelta, Usage
 from ..providers import anthropic, dumps, gemini, openai
 from ._scenarios import MockScenario
 
@@ -23,6 +26,13 @@ class Reply:
         "usage",
         "include_usage",
         "sse",
+        "tool_calls",
+        "reuse_index",
+        "logprobs",
+        "refusal",
+        "n",
+        "pieces_left",
+        "tools_sent",
         "_openai",
         "_framer",
     )
@@ -35,8 +45,51 @@ class Reply:
         self.usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
         self.include_usage = False  # OpenAI: stream_options.include_usage
         self.sse = True  # Gemini: alt=sse (else a streamed JSON array)
+        self.tool_calls: tuple[ToolCall, ...] = ()
+        self.reuse_index = False  # OpenAI: every call under upstream index 0
+        self.logprobs = False
+        self.refusal: str | None = None
+        self.n = 1  # OpenAI: the choices asked for
+        self.pieces_left = 0  # text pieces still to stream: the tool calls follow the last
+        self.tools_sent = False
         self._openai: openai.StreamEncoder | None = None
         self._framer: gemini.Framer | None = None
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
+
+    def dress(self, fmt: Format, sc: MockScenario, payload: dict[str, Any], pieces: int) -> None:
+        """Add what the scenario's agent options ask for (``tools``, ``cached``…); a stream
+        of ``pieces`` text pieces sends its tool calls with the last one (so that a ``cut``
+        with ``after`` = ``chunks`` breaks the stream after its tool calls)."""
+        self.pieces_left = pieces
+        if sc.cached:
+            self.usage = attrs.evolve(
+                self.usage,
+                prompt_tokens=self.usage.prompt_tokens + sc.cached,
+                cached_tokens=sc.cached,
+            )
+        if fmt is OPENAI:
+            self.reuse_index = sc.reuse_index
+            self.logprobs = sc.logprobs
+            n = payload.get("n")
+            if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 8:
+                self.n = n
+            if sc.refusal:
+                self.refusal, self.text = "I can't help with that.", ""
+        if sc.tools and not ends_with_tool_result(fmt, payload):
+            names = declared_tools(fmt, payload) or ["mock_tool"]
+            bad = sc.bad_args and fmt is not GEMINI
+            self.tool_calls = tuple(
+                ToolCall(
+                    k,
+                    f"{'toolu' if fmt is ANTHROPIC else 'call'}_{self.id}_{k}",
+                    names[k % len(names)],
+                    f'{{"n": {k}, "q": "mo' if bad else json.dumps({"n": k, "q": "mock"}),
+                )
+                for k in range(sc.tools)
+            )
 
     @property
     def openai(self) -> openai.StreamEncoder:
@@ -90,6 +143,25 @@ class Format:
     def malformed(self, r: Reply) -> bytes:
         raise NotImplementedError
 
+    def stream_tools(self, r: Reply) -> bytes:
+        """The events of the answer's tool calls."""
+        return b""
+
+    def piece(self, r: Reply, out: bytes) -> bytes:
+        """``out`` (a text piece's events), followed by the tool calls after the last one."""
+        r.pieces_left -= 1
+        if r.pieces_left <= 0 and not r.tools_sent:
+            r.tools_sent = True
+            out += self.stream_tools(r)
+        return out
+
+    def tools_left(self, r: Reply) -> bytes:
+        """The tool calls' events, unless a text piece carried them already."""
+        if r.tools_sent:
+            return b""
+        r.tools_sent = True
+        return self.stream_tools(r)
+
     def stream_end(self, r: Reply) -> bytes:
         """Bytes that end the body whatever happened (Gemini's JSON array needs its ``]``)."""
         return b""
@@ -106,17 +178,44 @@ class OpenAI(Format):
 
     def answer(self, r: Reply) -> Any:
         return openai.completion(
-            id=f"chatcmpl-{r.id}", created=r.created, model=r.model, text=r.text, usage=r.usage
+            id=f"chatcmpl-{r.id}",
+            created=r.created,
+            model=r.model,
+            text=r.text,
+            usage=r.usage,
+            finish_reason=r.finish_reason,
+            tool_calls=r.tool_calls,
+            refusal=r.refusal,
+            logprobs=[_logprob(r.text)] if r.logprobs else None,
+            choices=[Choice(index=i, text=r.text, finish_reason="stop") for i in range(1, r.n)],
         )
 
     def stream_open(self, r: Reply) -> bytes:
-        return r.openai.opening(r.model)
+        out = r.openai.opening(r.model)
+        if r.refusal:
+            out += r.openai.refusal(r.model, r.refusal)
+        return out
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
-        return r.openai.content(r.model, piece)
+        if r.refusal:
+            return self.piece(r, b"")
+        if r.logprobs:
+            return self.piece(r, r.openai.logprobs(r.model, piece, [_logprob(piece)]))
+        return self.piece(r, r.openai.content(r.model, piece))
+
+    def stream_tools(self, r: Reply) -> bytes:
+        out = b""
+        upstream = (lambda _: 0) if r.reuse_index else None
+        for call in r.tool_calls:
+            for fragment in _fragments(call):
+                out += r.openai.tool_calls(r.model, [fragment], upstream_index=upstream)
+        return out
 
     def stream_close(self, r: Reply, terminator: bool) -> bytes:
-        return r.openai.closing(r.model, "stop", r.usage, terminator=terminator)
+        out = self.tools_left(r)
+        for i in range(1, r.n):
+            out += r.openai.other_choice(r.model, i, r.text, "stop")
+        return out + r.openai.closing(r.model, r.finish_reason, r.usage, terminator=terminator)
 
     def stream_error(self, r: Reply, kind: str) -> bytes:
         return r.openai.error(kind, r.model)
@@ -137,7 +236,14 @@ class Anthropic(Format):
         return anthropic.error_body(kind, model)
 
     def answer(self, r: Reply) -> Any:
-        return anthropic.message(id=f"msg_{r.id}", model=r.model, text=r.text, usage=r.usage)
+        return anthropic.message(
+            id=f"msg_{r.id}",
+            model=r.model,
+            text=r.text,
+            usage=r.usage,
+            finish_reason=r.finish_reason,
+            tool_calls=_valid(r.tool_calls),
+        )
 
     def stream_open(self, r: Reply) -> bytes:
         return anthropic.opening(
@@ -145,10 +251,24 @@ class Anthropic(Format):
         )
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
-        return anthropic.text_delta(piece)
+        return self.piece(r, anthropic.text_delta(piece))
+
+    def stream_tools(self, r: Reply) -> bytes:
+        out = b""
+        for call in r.tool_calls:
+            block = call.index + 1  # block 0 is the text
+            out += anthropic.tool_use_start(block, call.id, call.name)
+            for fragment in _fragments(call):
+                out += anthropic.input_json_delta(block, fragment.arguments)
+        return out
 
     def stream_close(self, r: Reply, terminator: bool) -> bytes:
-        return anthropic.closing("stop", r.usage.completion_tokens, terminator=terminator)
+        return self.tools_left(r) + anthropic.closing(
+            r.finish_reason,
+            r.usage.completion_tokens,
+            terminator=terminator,
+            last_block=len(r.tool_calls),
+        )
 
     def stream_error(self, r: Reply, kind: str) -> bytes:
         return anthropic.error_event(kind, r.model)
@@ -179,15 +299,29 @@ class Gemini(Format):
 
     def answer(self, r: Reply) -> Any:
         return gemini.response(
-            id=r.id, model=r.model, text=r.text, finish_reason="stop", usage=r.usage
+            id=r.id,
+            model=r.model,
+            text=r.text,
+            finish_reason=r.finish_reason,
+            usage=r.usage,
+            tool_calls=r.tool_calls,
         )
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
-        return r.framer.write(gemini.response(id=r.id, model=r.model, text=piece))
+        return self.piece(r, r.framer.write(gemini.response(id=r.id, model=r.model, text=piece)))
+
+    def stream_tools(self, r: Reply) -> bytes:
+        if not r.tool_calls:
+            return b""
+        calls = gemini.response(id=r.id, model=r.model, text="", tool_calls=r.tool_calls)
+        return r.framer.write(calls)
 
     def stream_close(self, r: Reply, terminator: bool) -> bytes:
-        return r.framer.write(
-            gemini.response(id=r.id, model=r.model, text="", finish_reason="stop", usage=r.usage)
+        out = self.tools_left(r)
+        return out + r.framer.write(
+            gemini.response(
+                id=r.id, model=r.model, text="", finish_reason=r.finish_reason, usage=r.usage
+            )
         )
 
     def stream_error(self, r: Reply, kind: str) -> bytes:
@@ -203,6 +337,57 @@ class Gemini(Format):
 OPENAI = OpenAI()
 ANTHROPIC = Anthropic()
 GEMINI = Gemini()
+
+
+def _fragments(call: ToolCall, size: int = 4) -> list[ToolCallDelta]:
+    """A call as the mock streams it: id and name first, the arguments ``size`` characters at
+    a time."""
+    pieces = [call.arguments[i : i + size] for i in range(0, len(call.arguments), size)]
+    first = ToolCallDelta(call.index, call.id, call.name, pieces[0] if pieces else "")
+    return [first, *(ToolCallDelta(call.index, arguments=piece) for piece in pieces[1:])]
+
+
+def _valid(calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
+    """Calls whose arguments a format that writes them as objects can write."""
+    out = []
+    for call in calls:
+        try:
+            json.loads(call.arguments)
+        except ValueError:
+            call = attrs.evolve(call, arguments="{}")
+        out.append(call)
+    return tuple(out)
+
+
+def _logprob(text: str) -> dict[str, Any]:
+    return {"token": text, "logprob": -0.25, "bytes": list(text.encode()), "top_logprobs": []}
+
+
+def declared_tools(fmt: Format, payload: dict[str, Any]) -> list[str]:
+    """The function names a request declares, in order."""
+    tools = payload.get("tools")
+    if not isinstance(tools, list):
+        return []
+    if fmt is GEMINI:
+        tools = [d for t in tools if isinstance(t, dict) for d in t.get("functionDeclarations", [])]
+    elif fmt is OPENAI:
+        tools = [t.get("function") for t in tools if isinstance(t, dict)]
+    return [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+
+
+def ends_with_tool_result(fmt: Format, payload: dict[str, Any]) -> bool:
+    """Whether the request's last turn gives tool results (the model then answers in text)."""
+    turns = payload.get("contents" if fmt is GEMINI else "messages")
+    last = turns[-1] if isinstance(turns, list) and turns else None
+    if not isinstance(last, dict):
+        return False
+    if fmt is OPENAI:
+        return last.get("role") == "tool"
+    blocks = last.get("parts" if fmt is GEMINI else "content")
+    kind = "functionResponse" if fmt is GEMINI else "tool_result"
+    return isinstance(blocks, list) and any(
+        isinstance(b, dict) and (kind in b or b.get("type") == kind) for b in blocks
+    )
 
 
 def stream_type(fmt: Format, reply: Reply) -> bytes:

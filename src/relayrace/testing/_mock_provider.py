@@ -79,6 +79,19 @@ Parameters (any scenario takes any of them; those that do not apply are ignored)
   context_length content_policy``): the stream faults.
 - ``down`` (5), ``up``: ``flapping``.
 - ``tag``: ignored; gives a scenario its own name, hence its own ``times`` counter.
+- ``tools`` (0): the answer ends with that many tool calls (finish reason ``tool_calls``) of the
+  request's declared tools in turn (``mock_tool`` if it declares none), arguments
+  ``{"n": K, "q": "mock"}``, streamed in fragments of 4 characters (Anthropic
+  ``input_json_delta``; Gemini sends whole calls); but when the conversation ends with a tool
+  result the model answers text: a three-turn agent loop works on one model name.
+  ``reuse_index=1``: OpenAI streams every call under upstream index 0 (as Ollama does), told
+  apart only by its id. ``bad_args=1``: the arguments are not JSON (OpenAI, and Anthropic
+  streamed; ignored elsewhere).
+- ``cached`` (0): that many of the prompt tokens are reported cached (OpenAI
+  ``cached_tokens``, Anthropic ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``).
+- ``logprobs`` (0): OpenAI answers carry log probabilities (one item per text piece).
+- ``refusal`` (0): OpenAI answers with a ``refusal`` and no content.
+- A request's ``n`` (OpenAI, up to 8): that many choices, each the same answer.
 
 The log
 -------
@@ -218,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="relayrace mock-provider",
         description="A fault-injecting mock LLM provider (OpenAI, Anthropic and Gemini wire "
         "formats). The model name picks the scenario, e.g. 'ok,chunks=20,delay=0.01' or "
-        "'rate-limit,retry_after=2'. Scenarios: " + ", ".join(SCENARIOS) + ".",
+        "'rate-limit,retry_after=2'. Scenarios: " + ", ".join(SCENARIOS) + ". Agent options "
+        "on any scenario: tools=N (N tool calls of the declared tools; text once the "
+        "conversation ends with a tool result), reuse_index=1, bad_args=1, cached=N, "
+        "logprobs=1, refusal=1; an OpenAI request's n gives n choices.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8900, help="port (0: any free port)")

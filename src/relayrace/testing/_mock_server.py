@@ -363,6 +363,7 @@ class Connection:
             max(1, prompt_words(fmt, payload)),
             plan.words,
         )
+        reply.dress(fmt, sc, payload, len(plan.pieces))
         if fmt is OPENAI:
             options = payload.get("stream_options")
             reply.include_usage = isinstance(options, dict) and options.get("include_usage") is True

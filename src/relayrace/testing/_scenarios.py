@@ -106,6 +106,12 @@ _PARAMS: dict[str, Callable[[str], Any]] = {
     "down": _seconds,
     "up": _seconds,
     "tag": str,
+    "tools": _count,
+    "reuse_index": _flag,
+    "bad_args": _flag,
+    "cached": _count,
+    "logprobs": _flag,
+    "refusal": _flag,
 }
 
 
@@ -132,6 +138,12 @@ class MockScenario:
     down: float = 5.0
     up: float | None = None
     tag: str | None = None
+    tools: int = 0
+    reuse_index: bool = False
+    bad_args: bool = False
+    cached: int = 0
+    logprobs: bool = False
+    refusal: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> MockScenario:

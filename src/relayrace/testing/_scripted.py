@@ -1,8 +1,8 @@
 """``ScriptedClient``: a provider client driven by a script of outcomes, recording every call.
 
 Each call takes the next step of the script; once the script is spent the last step repeats.
-Steps: ``Answer`` (the text in N chunks with delays), ``Fail`` (a classified failure, optionally
-after some chunks), ``Hang`` (never answer, optionally after some chunks), ``Crash`` (raise a
+Steps: ``Answer`` (the text in N chunks with delays, then its tool calls, each streamed in two
+fragments), ``Fail`` (a classified failure, optionally after some chunks and tool calls), ``Hang`` (never answer, optionally after some chunks), ``Crash`` (raise a
 bug, which crashes the actor).
 """
 
@@ -17,7 +17,7 @@ import trio
 from .._client import ClientCall, Completion, Sink
 from .._errors import ProviderError
 from .._failure import Category, Failure
-from .._values import Usage
+from .._values import ToolCall, ToolCallDelta, Usage
 
 if TYPE_CHECKING:
     from .._table import Table
@@ -51,6 +51,7 @@ class Answer:
     model: str | None = None
     usage: Usage | None = Usage(prompt_tokens=10, completion_tokens=9)
     finish_reason: str = "stop"
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -67,6 +68,8 @@ class Fail:
     delay: float = 0.0
     text: str = SCRIPTED_ANSWER
     chunks: int = 10
+    #: tool calls sent (streamed) after the chunks, before the failure.
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def failure(self) -> Failure:
         return Failure(
@@ -204,15 +207,24 @@ class ScriptedClient:
                 if not call.stream:
                     await trio.sleep(step.first_delay + step.delay * (len(pieces) - 1))
                     sink.progress()
-                    await sink.delta(text)
+                    if text:
+                        await sink.delta(text)
+                    if step.tool_calls:
+                        await sink.tool_calls(
+                            [
+                                ToolCallDelta(c.index, c.id, c.name, c.arguments)
+                                for c in step.tool_calls
+                            ]
+                        )
                     sent = 1
                 else:
-                    for i, piece in enumerate(pieces):
+                    for i, piece in enumerate(pieces if text else []):
                         await trio.sleep(step.first_delay if i == 0 else step.delay)
                         if step.stall_after is not None and i == step.stall_after:
                             await trio.sleep(step.stall)
                         await sink.delta(piece)
                         sent += 1
+                    sent += await _stream_tools(sink, step.tool_calls)
                 outcome = "ok"
                 return Completion(
                     model=step.model or call.upstream_model,
@@ -224,6 +236,8 @@ class ScriptedClient:
                 for piece in pieces[: step.after_chunks]:
                     await sink.delta(piece)
                     sent += 1
+                if isinstance(step, Fail):
+                    sent += await _stream_tools(sink, step.tool_calls)
             if isinstance(step, Hang):
                 await trio.sleep_forever()
             assert isinstance(step, Fail)
@@ -248,6 +262,18 @@ class ScriptedClient:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+async def _stream_tools(sink: Sink, calls: Sequence[ToolCall]) -> int:
+    """Send each call in two fragments (id and name with the first half of the arguments,
+    then the rest); return the fragments sent."""
+    sent = 0
+    for c in calls:
+        half = len(c.arguments) // 2
+        await sink.tool_calls([ToolCallDelta(c.index, c.id, c.name, c.arguments[:half])])
+        await sink.tool_calls([ToolCallDelta(c.index, arguments=c.arguments[half:])])
+        sent += 2
+    return sent
 
 
 def _continue(text: str, prefill: str | None) -> str:
