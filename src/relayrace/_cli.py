@@ -45,10 +45,9 @@ _EXAMPLES = {
   relayrace serve --config relayrace.toml
   relayrace serve -c examples/relayrace.toml --log-level DEBUG
   relayrace serve -c relayrace.toml --log-format text     access log lines as text
-  kill -HUP <pid>                      reload the file (as POST /admin/reload does)
 """,
     "top": """examples:
-  RELAYRACE_ADMIN_TOKEN=... relayrace top --url http://127.0.0.1:8000
+  relayrace top --url http://127.0.0.1:8000      the admin token in RELAYRACE_ADMIN_TOKEN
   relayrace top --once --token-env MY_ADMIN_TOKEN        one frame, then exit
 """,
     "check": """examples:
@@ -121,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser(
         "serve",
         help="run the gateway from a TOML config file",
+        description=textwrap.fill(
+            "Run the websocket and HTTP endpoints (and the metrics listener, with [server]"
+            " metrics_port) until SIGINT or SIGTERM; SIGHUP reloads the file, as"
+            " POST /admin/reload does.",
+            width=78,
+        ),
         epilog=_EXAMPLES["serve"],
         formatter_class=_EXAMPLE_FORMAT,
     )
