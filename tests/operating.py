@@ -78,14 +78,18 @@ class Gateway:
 
 
 @asynccontextmanager
-async def gateway(path: Path, text: str) -> AsyncIterator[Gateway]:
+async def gateway(
+    path: Path, text: str, overrides: dict[str, Any] | None = None
+) -> AsyncIterator[Gateway]:
     """``run_gateway`` on ``text`` written to ``path`` (its ``config_path``, for reloads).
     The environment must hold ``ENV`` (monkeypatch it)."""
     await trio.Path(path).write_text(text)
     config = read_gateway(path)
     async with trio.open_nursery() as nursery:
         running: Running = await nursery.start(
-            lambda task_status: run_gateway(config, config_path=str(path), task_status=task_status)
+            lambda task_status: run_gateway(
+                config, config_path=str(path), overrides=overrides, task_status=task_status
+            )
         )
         url = running.server.http_url
         assert url is not None

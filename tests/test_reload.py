@@ -189,6 +189,24 @@ async def test_a_broken_reload_changes_nothing_and_names_the_key(tmp_path) -> No
             assert 'relayrace_admin_actions_total{action="reload"} 1.0' in scrape.text
 
 
+async def test_a_command_line_override_is_not_reported_as_a_change(tmp_path) -> None:
+    async with serve_mock() as mock:
+        text = gateway_file(mock.base_url, {"a": "ok"})
+        async with gateway(tmp_path / "gw.toml", text, {"log_format": "text"}) as gw:
+            answer = await gw.admin.post("/admin/reload")
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {
+                "added": [],
+                "removed": [],
+                "replaced": [],
+                "kept": ["a"],
+                "restart_needed": [],
+            }
+            await trio.Path(gw.path).write_text(text + '\n[policies.stream]\nkeep_text = 10\n')
+            answer = await gw.admin.post("/admin/reload")
+            assert answer.json()["kept"] == ["a"]  # a stream policy keeps the actors
+
+
 async def test_sighup_reloads_the_file(tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO)
     async with serve_mock() as mock:

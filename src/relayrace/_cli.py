@@ -8,9 +8,9 @@ import logging
 import signal
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -20,7 +20,7 @@ from ._starter import STARTER_KINDS
 
 if TYPE_CHECKING:
     from ._loader import GatewayConfig
-    from .server import Server, ServerSettings
+    from .server import Operations, Server, ServerSettings
     from .supervisor import Supervisor
 
 
@@ -233,12 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"relayrace: --log-level: {exc}", file=sys.stderr)
         return 2
-    # The access log's lines are whole records (JSON or text, with their own time): no prefix.
-    access = logging.getLogger("relayrace.access")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.propagate = False
     return _serve(args.config, log_format=args.log_format)
 
 
@@ -292,20 +286,27 @@ def _serve(path: str, *, log_format: str | None = None) -> int:
 
     try:
         gateway = read_gateway(path)
-        if log_format is not None:
-            server = attrs.evolve(gateway.server, log_format=log_format)
-            gateway = attrs.evolve(gateway, server=server)
     except ConfigError as exc:
         _report(path, exc)
         return 2
     failed: list[str] = []
+    # The access log's lines are whole records (JSON or text, with their own time): no prefix.
+    access = logging.getLogger("relayrace.access")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
     try:
-        trio.run(partial(run_gateway, gateway, config_path=path))
+        overrides = {} if log_format is None else {"log_format": log_format}
+        trio.run(partial(run_gateway, gateway, config_path=path, overrides=overrides))
     except* OSError as group:  # a port in use, a host that does not resolve (in nursery groups)
         failed += _messages(group)
     except* Exception as group:  # a bug: one line here, the traceback only at DEBUG
         logging.getLogger("relayrace").debug("serve failed", exc_info=group)
         failed += [f"{type(e).__name__}: {e}" for e in _leaves(group)]
+    finally:
+        access.removeHandler(handler)
+        access.propagate = True
     if failed:
         server = gateway.server
         where = ", ".join(
@@ -354,6 +355,7 @@ async def run_gateway(
     gateway: GatewayConfig,
     *,
     config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
@@ -362,13 +364,15 @@ async def run_gateway(
 
     The supervisor is watched by ``Metrics`` (served on ``[server] metrics_port``, if set), an
     ``AccessLog`` in ``[server] log_format`` and the admin API's ``RecentFailures``. SIGHUP
-    reloads ``config_path`` as ``POST /admin/reload`` does.
+    reloads ``config_path`` as ``POST /admin/reload`` does. ``overrides`` are ``[server]``
+    settings the command line sets over the file's (``log_format``).
     """
     from .observe import AccessLog, Metrics, serve_metrics
     from .server import Operations, RecentFailures, serve
     from .supervisor import open_supervisor
 
-    settings = gateway.server
+    overrides = dict(overrides or {})
+    settings = attrs.evolve(gateway.server, **overrides)
     metrics, recent = Metrics(), RecentFailures()
     observers = [metrics, AccessLog(settings.log_format), recent]
     signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -382,7 +386,7 @@ async def run_gateway(
                 host = settings.metrics_host
                 port = await nursery.start(serve_metrics, metrics, host, settings.metrics_port)
                 metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
-            operations = Operations(config_path=config_path, recent=recent)
+            operations = Operations(config_path=config_path, recent=recent, overrides=overrides)
 
             async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
                 await serve(sup, settings, operations=operations, task_status=task_status)
@@ -400,7 +404,7 @@ async def run_gateway(
             task_status.started(Running(server, sup, metrics_url))
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await _reload_on_signal(sup, config_path, settings)
+                    await _reload_on_signal(sup, operations, settings)
                     continue
                 logging.getLogger("relayrace").info(
                     "%s: shutting down gracefully", signal.Signals(signum).name
@@ -409,16 +413,19 @@ async def run_gateway(
                 break
 
 
-async def _reload_on_signal(sup: Supervisor, path: str | None, settings: ServerSettings) -> None:
+async def _reload_on_signal(
+    sup: Supervisor, operations: Operations, settings: ServerSettings
+) -> None:
     from .server import reload_gateway
 
     log = logging.getLogger("relayrace.admin")
+    path = operations.config_path
     if path is None:
         log.warning("SIGHUP: no config file to reload")
         return
     log.info("SIGHUP: reloading %s", path)
     try:
-        await reload_gateway(sup, path, settings)
+        await reload_gateway(sup, path, settings, operations.overrides)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused, nothing changed: %s: %s", path, problem)

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -69,11 +70,14 @@ class RecentFailures(Observer):
 
 
 async def reload_gateway(
-    sup: Supervisor, path: str, settings: ServerSettings
+    sup: Supervisor,
+    path: str,
+    settings: ServerSettings,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read ``path`` as ``relayrace check`` does and swap its providers, routes and policies
-    into ``sup``; ``[server]`` settings are kept, and those that differ are named under
-    ``restart_needed``.
+    into ``sup``; ``[server]`` settings are kept, and those that differ from ``settings`` (the
+    file's, with the command line's ``overrides``) are named under ``restart_needed``.
 
     Raises:
         ConfigError: the file has mistakes (``problems`` lists each); nothing changed.
@@ -85,7 +89,8 @@ async def reload_gateway(
         raise
     reloaded = await sup.reload(gateway.config)
     sup.record_admin("reload")
-    answer = {**reloaded.to_dict(), "restart_needed": settings.restart_needed(gateway.server)}
+    new = attrs.evolve(gateway.server, **(overrides or {}))
+    answer = {**reloaded.to_dict(), "restart_needed": settings.restart_needed(new)}
     log.info(
         "reloaded %s: added %s, removed %s, replaced %s, kept %s%s",
         path,
@@ -107,10 +112,13 @@ class Operations:
     Attributes:
         config_path: the file ``POST /admin/reload`` reads (``None``: reload is refused).
         recent: the observer of recent failures (``None``: none are shown).
+        overrides: ``[server]`` settings the command line set over the file's
+            (``--log-format``): a reload does not report them as changed.
     """
 
     config_path: str | None = None
     recent: RecentFailures | None = None
+    overrides: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 def iso_utc(wall_time: float) -> str:
@@ -198,7 +206,8 @@ class AdminAPI:
             if path is None:
                 raise _AdminError(409, "no_config_file", "this server was not started from a file")
             try:
-                return 200, await reload_gateway(self.sup, path, self.settings)
+                ops = self.operations
+                return 200, await reload_gateway(self.sup, path, self.settings, ops.overrides)
             except ConfigError as exc:
                 log.error("admin: reload of %s refused: %d problems", path, len(exc.problems))
                 problems = [str(p) for p in exc.problems]
