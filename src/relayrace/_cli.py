@@ -1,4 +1,4 @@
-"""The ``relayrace`` command: ``demo``, ``init``, ``serve``, ``check``, ``explain``,
+"""The ``relayrace`` command: ``demo``, ``init``, ``serve``, ``check``, ``explain``, ``top``,
 ``mock-provider``, ``bench``."""
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ import logging
 import signal
 import sys
 import textwrap
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from ._errors import ConfigError
@@ -18,7 +20,8 @@ from ._starter import STARTER_KINDS
 
 if TYPE_CHECKING:
     from ._loader import GatewayConfig
-    from .server import Server
+    from .server import Operations, Server, ServerSettings
+    from .supervisor import Supervisor
 
 
 # Shown at the end of each command's --help: real commands a newcomer can paste.
@@ -41,6 +44,11 @@ _EXAMPLES = {
     "serve": """examples:
   relayrace serve --config relayrace.toml
   relayrace serve -c examples/relayrace.toml --log-level DEBUG
+  relayrace serve -c relayrace.toml --log-format text     access log lines as text
+""",
+    "top": """examples:
+  relayrace top --url http://127.0.0.1:8000      the admin token in RELAYRACE_ADMIN_TOKEN
+  relayrace top --once --token-env MY_ADMIN_TOKEN        one frame, then exit
 """,
     "check": """examples:
   relayrace check relayrace.toml
@@ -63,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=_EXAMPLES["relayrace"],
         formatter_class=_EXAMPLE_FORMAT,
     )
+    parser.add_argument("--version", action="version", version=f"relayrace {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -111,11 +120,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser(
         "serve",
         help="run the gateway from a TOML config file",
+        description=textwrap.fill(
+            "Run the websocket and HTTP endpoints (and the metrics listener, with [server]"
+            " metrics_port) until SIGINT or SIGTERM; SIGHUP reloads the file, as"
+            " POST /admin/reload does.",
+            width=78,
+        ),
         epilog=_EXAMPLES["serve"],
         formatter_class=_EXAMPLE_FORMAT,
     )
     serve.add_argument("--config", "-c", required=True, help="the TOML config file")
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    serve.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default=None,
+        help="the access log's lines (default: [server] log_format, else json)",
+    )
     check = commands.add_parser(
         "check",
         help="check a TOML config file, report every mistake in it, and exit",
@@ -146,6 +167,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument(
         "--width", type=int, default=None, help="columns to draw in (default: the terminal's)"
     )
+    top = commands.add_parser(
+        "top",
+        help="a live view of every provider's health, load, failures and benches",
+        description=textwrap.fill(
+            "Read GET /admin/providers of a running gateway every --interval seconds and show"
+            " each provider's state, bench deadline, attempts in flight, inbox depth and recent"
+            " failure categories.",
+            width=78,
+        ),
+        epilog=_EXAMPLES["top"],
+        formatter_class=_EXAMPLE_FORMAT,
+    )
+    top.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the gateway's HTTP endpoint"
+    )
+    top.add_argument(
+        "--token-env",
+        default="RELAYRACE_ADMIN_TOKEN",
+        help="the environment variable holding an admin token (default RELAYRACE_ADMIN_TOKEN)",
+    )
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
 
@@ -179,10 +222,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._explain import main as explain_main
 
         return explain_main(args.input, html_out=args.html, width=args.width)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return _serve(args.config)
+    if args.command == "top":
+        from ._top import main as top_main
+
+        return top_main(args.url, args.token_env, interval=args.interval, once=args.once)
+    try:
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    except ValueError as exc:
+        print(f"relayrace: --log-level: {exc}", file=sys.stderr)
+        return 2
+    return _serve(args.config, log_format=args.log_format)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("relayrace")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _report(source: str, error: ConfigError) -> None:
@@ -219,7 +279,9 @@ def _check(path: str, *, env: bool = True) -> int:
     return 0
 
 
-def _serve(path: str) -> int:
+def _serve(path: str, *, log_format: str | None = None) -> int:
+    """``relayrace serve``: every failure to start is one line on stderr and a non-zero exit
+    (2: the config; 1: anything else), never a traceback."""
     from ._loader import read_gateway
 
     try:
@@ -228,10 +290,23 @@ def _serve(path: str) -> int:
         _report(path, exc)
         return 2
     failed: list[str] = []
+    # The access log's lines are whole records (JSON or text, with their own time): no prefix.
+    access = logging.getLogger("relayrace.access")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
     try:
-        trio.run(run_gateway, gateway)
+        overrides = {} if log_format is None else {"log_format": log_format}
+        trio.run(partial(run_gateway, gateway, config_path=path, overrides=overrides))
     except* OSError as group:  # a port in use, a host that does not resolve (in nursery groups)
         failed += _messages(group)
+    except* Exception as group:  # a bug: one line here, the traceback only at DEBUG
+        logging.getLogger("relayrace").debug("serve failed", exc_info=group)
+        failed += [f"{type(e).__name__}: {e}" for e in _leaves(group)]
+    finally:
+        access.removeHandler(handler)
+        access.propagate = True
     if failed:
         server = gateway.server
         where = ", ".join(
@@ -239,6 +314,7 @@ def _serve(path: str) -> int:
             for name, host, port in (
                 ("websocket", server.ws_host, server.ws_port),
                 ("http", server.http_host, server.http_port),
+                ("metrics", server.metrics_host, server.metrics_port),
             )
             if port is not None
         )
@@ -250,39 +326,111 @@ def _serve(path: str) -> int:
 
 def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
     """The message of every exception in a (nested) group."""
-    messages: list[str] = []
+    return [str(exc) for exc in _leaves(group)]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
     for exc in group.exceptions:
-        messages += _messages(exc) if isinstance(exc, BaseExceptionGroup) else [str(exc)]
-    return messages
+        leaves += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves
+
+
+@attrs.frozen
+class Running:
+    """A running ``run_gateway``: the server, its supervisor, and where metrics are served.
+
+    Attributes:
+        server: the websocket and HTTP endpoints (``Server.shutdown()`` stops the gateway).
+        sup: the supervisor serving them.
+        metrics_url: ``http://host:port/metrics`` (``None``: no metrics listener).
+    """
+
+    server: Server
+    sup: Supervisor
+    metrics_url: str | None
 
 
 async def run_gateway(
-    gateway: GatewayConfig, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    gateway: GatewayConfig,
+    *,
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
     gracefully: stop accepting, let requests in flight finish within the grace period, cancel
-    the rest (each client gets its terminal frame)."""
-    from .server import serve
+    the rest (each client gets its terminal frame).
+
+    The supervisor is watched by ``Metrics`` (served on ``[server] metrics_port``, if set), an
+    ``AccessLog`` in ``[server] log_format`` and the admin API's ``RecentFailures``. SIGHUP
+    reloads ``config_path`` as ``POST /admin/reload`` does. ``overrides`` are ``[server]``
+    settings the command line sets over the file's (``log_format``).
+    """
+    from .observe import AccessLog, Metrics, serve_metrics
+    from .server import Operations, RecentFailures, serve
     from .supervisor import open_supervisor
 
-    log = logging.getLogger("relayrace")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_supervisor(gateway.config) as sup, trio.open_nursery() as nursery:
+    overrides = dict(overrides or {})
+    settings = attrs.evolve(gateway.server, **overrides)
+    metrics, recent = Metrics(), RecentFailures()
+    observers = [metrics, AccessLog(settings.log_format), recent]
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    with trio.open_signal_receiver(*signums) as signals:
+        async with (
+            open_supervisor(gateway.config, observers=observers) as sup,
+            trio.open_nursery() as nursery,
+        ):
+            metrics_url = None
+            if settings.metrics_port is not None:
+                host = settings.metrics_host
+                port = await nursery.start(serve_metrics, metrics, host, settings.metrics_port)
+                metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+            operations = Operations(config_path=config_path, recent=recent, overrides=overrides)
 
             async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
-                await serve(sup, gateway.server, task_status=task_status)
+                await serve(sup, settings, operations=operations, task_status=task_status)
                 nursery.cancel_scope.cancel()  # shut down: stop waiting for signals
 
             server: Server = await nursery.start(serving)
-            for name, url in (("websocket", server.ws_url), ("http", server.http_url)):
+            # ``serve`` logs where it listens; this is for the person who started it.
+            for name, url in (
+                ("websocket", server.ws_url),
+                ("http", server.http_url),
+                ("metrics", metrics_url),
+            ):
                 if url is not None:
-                    log.info("%s endpoint listening on %s", name, url)
                     print(f"relayrace: {name} on {url}", flush=True)
-            task_status.started(server)
+            task_status.started(Running(server, sup, metrics_url))
             async for signum in signals:
-                log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    await _reload_on_signal(sup, operations, settings)
+                    continue
+                logging.getLogger("relayrace").info(
+                    "%s: shutting down gracefully", signal.Signals(signum).name
+                )
                 server.shutdown()
                 break
+
+
+async def _reload_on_signal(
+    sup: Supervisor, operations: Operations, settings: ServerSettings
+) -> None:
+    from .server import reload_gateway
+
+    log = logging.getLogger("relayrace.admin")
+    path = operations.config_path
+    if path is None:
+        log.warning("SIGHUP: no config file to reload")
+        return
+    log.info("SIGHUP: reloading %s", path)
+    try:
+        await reload_gateway(sup, path, settings, operations.overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, nothing changed: %s: %s", path, problem)
+    except RuntimeError as exc:
+        log.error("reload refused: %s", exc)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ class EventKind(enum.Enum):
     ACTOR_RECOVERED = "actor_recovered"
     ACTOR_RESTARTED = "actor_restarted"
     ACTOR_GAVE_UP = "actor_gave_up"
+    #: an operator acted through the admin API or a signal: ``detail`` says what (``bench``,
+    #: ``unbench``, ``drain``, ``reload``, ``reload_refused``), ``actor`` on whom.
+    ADMIN_ACTION = "admin_action"
 
 
 @attrs.frozen(kw_only=True)

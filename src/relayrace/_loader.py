@@ -20,6 +20,10 @@ The ``[server]`` table::
     send_queue_frames = 32
     max_body_bytes = 1048576
     shutdown_grace = 10.0
+    metrics_host = "127.0.0.1"  # the Prometheus /metrics listener (unauthenticated)
+    metrics_port = 9464         # default: no metrics listener
+    admin_tokens_env = ["RELAYRACE_ADMIN_TOKEN"]   # the /admin/ API's tokens; none: no admin API
+    log_format = "json"         # the access log: json or text
 """
 
 from __future__ import annotations
@@ -521,7 +525,7 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
         ConfigError: naming ``server.<key>`` and what was expected.
     """
     # Imported here: the server package (hypercorn, trio-websocket) loads only with a gateway.
-    from .server._settings import ServerSettings
+    from .server._settings import LOG_FORMATS, ServerSettings
 
     table = Table(data, "server", problems)
     defaults = ServerSettings()
@@ -530,6 +534,11 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
         value = table.lookup_env(f"{table.at('tokens_env')}[{i}]", name)
         if value is not None:
             tokens.append(value)
+    admin_tokens = []
+    for i, name in enumerate(table.strings("admin_tokens_env")):
+        value = table.lookup_env(f"{table.at('admin_tokens_env')}[{i}]", name)
+        if value is not None:
+            admin_tokens.append(value)
 
     def port(key: str, default: int | None) -> int | None:
         enabled = table.flag(key.replace("port", "enabled"), True)
@@ -551,9 +560,12 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
         send_queue_frames=table.integer("send_queue_frames", defaults.send_queue_frames, minimum=1),
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, minimum=1),
         shutdown_grace=table.number("shutdown_grace", defaults.shutdown_grace),
+        metrics_host=table.text("metrics_host", defaults.metrics_host),
+        metrics_port=port("metrics_port", defaults.metrics_port),
+        log_format=table.choice("log_format", LOG_FORMATS, defaults.log_format),
     )
     table.done()
     try:
-        return ServerSettings(tokens=tokens, **values)
+        return ServerSettings(tokens=tokens, admin_tokens=admin_tokens, **values)
     except ConfigError as exc:
         raise ConfigError(f"server.{exc.path}", exc.expected, show_got=False) from None

@@ -135,15 +135,9 @@ class ProviderActor:
             if not await self._wait_for_slot(job):
                 return
         else:
-            job.finish(
-                Outcome.FAILED,
-                failure=refusal(
-                    self.name,
-                    Category.LOCAL_CAPACITY,
-                    "inbox_full",
-                    f"{self.name}'s inbox is full",
-                ),
-            )
+            message = f"{self.name}'s inbox is full"
+            failure = refusal(self.name, Category.LOCAL_CAPACITY, "inbox_full", message)
+            job.finish(Outcome.FAILED, failure=failure)
             return
         try:
             await self._attempt(job)
@@ -152,6 +146,11 @@ class ProviderActor:
 
     def available(self, now: float) -> bool:
         return self.alive and not self.restarting and self.health.available(now)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting in the inbox for a free slot (the inbox's depth)."""
+        return len(self._inbox)
 
     def snapshot(self, now: float) -> HealthSnapshot:
         snapshot = self.health.snapshot(now, self.name, self.in_flight)

@@ -80,6 +80,8 @@ class AccessLog(Observer):
         log.info("%s", line)
 
     def health_changed(self, event: Event) -> None:
+        if event.kind is EventKind.ADMIN_ACTION:
+            return  # the admin API logs its own lines (``relayrace.admin``)
         level = _HEALTH_LEVELS.get(event.kind, logging.INFO)
         if self._health.isEnabledFor(level):
             self._health.log(level, "%s", health_line(event))

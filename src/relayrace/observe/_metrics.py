@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .._errors import RequestFailed
-from .._events import Event
+from .._events import Event, EventKind
 from .._failure import Category
 from .._record import Outcome
 from .._values import Reply
@@ -94,6 +94,8 @@ OVERHEAD_BUCKETS = (
 #: The health state gauge's values.
 HEALTH_VALUES = {State.OK: 0, State.PROBING: 1, State.BENCHED: 2, State.GAVE_UP: 3}
 
+#: The operator's actions counted by ``relayrace_admin_actions_total`` (``Supervisor.record_admin``).
+ADMIN_ACTIONS = frozenset({"bench", "unbench", "drain", "reload", "reload_refused"})
 _CATEGORIES = frozenset(c.value for c in Category)
 _OK = Outcome.OK
 
@@ -182,6 +184,7 @@ class Metrics(Observer):
         self._decisions: dict[tuple[str, str, str, str], int] = {}
         self._rules: set[str] = set()
         self._health_events: dict[tuple[str, str], int] = {}
+        self._admin_actions: dict[str, int] = {}
         self.registry.register(_Collector(self))
 
     def render(self) -> bytes:
@@ -194,8 +197,10 @@ class Metrics(Observer):
         if self._supervisor is not None and self._supervisor is not supervisor:
             raise RuntimeError("a Metrics watches one supervisor; make one per supervisor")
         self._supervisor = supervisor
-        self._routes = frozenset(supervisor.routes)
-        self._providers = frozenset(supervisor.health())
+        # Called again after each reload: names once configured stay labels (their series
+        # exist), so the label sets only grow by what the operator configures.
+        self._routes |= frozenset(supervisor.routes)
+        self._providers |= frozenset(supervisor.health())
 
     def request_ended(
         self, outcome: Reply | RequestFailed, info: RequestInfo, timing: RequestTiming
@@ -245,6 +250,10 @@ class Metrics(Observer):
             self._count_decisions(outcome)
 
     def health_changed(self, event: Event) -> None:
+        if event.kind is EventKind.ADMIN_ACTION:
+            action = event.detail if event.detail in ADMIN_ACTIONS else OTHER
+            self._admin_actions[action] = self._admin_actions.get(action, 0) + 1
+            return
         key = (self._provider(event.actor or ""), event.kind.value)
         self._health_events[key] = self._health_events.get(key, 0) + 1
 
@@ -336,6 +345,15 @@ class _Collector(Collector):
         for hkey, n in sorted(m._health_events.items()):
             events.add_metric(list(hkey), n)
         yield events
+        admin = CounterMetricFamily(
+            "relayrace_admin_actions",
+            "Operator actions through the admin API or a signal, by action (bench, unbench, "
+            "drain, reload, reload_refused).",
+            labels=("action",),
+        )
+        for action, n in sorted(m._admin_actions.items()):
+            admin.add_metric([action], n)
+        yield admin
         if m._supervisor is not None:
             yield from self._live(m._supervisor)
 

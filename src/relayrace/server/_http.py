@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP endpoint, as an ASGI application (served by hypercorn on trio).
 
 Routes: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models`` (the
-supervisor's routes) and ``GET /healthz`` (actor health). Every route needs a bearer token when
-tokens are configured. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
+supervisor's routes) and ``GET /healthz`` (actor health) need a bearer token when tokens are
+configured; ``/livez``, ``/readyz`` (``_probes``) need none, ``/admin/`` (``_admin``) its own. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``, plus a ``relayrace`` object saying why. See ``docs/servers.md``.
 
 A streamed answer holds back its response headers until the first delta: before it, the
@@ -22,8 +22,10 @@ from typing import Any
 import trio
 
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor
+from ._admin import AdminAPI, Operations
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str, reply_trace
+from ._probes import Probes
 from ._settings import ServerSettings
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
@@ -94,8 +96,11 @@ class OpenAIApp:
         gate: Gate,
         *,
         encode_json: Callable[[Any], str] = dumps,
+        operations: Operations | None = None,
     ):
         self.sup = sup
+        self._probes = Probes(sup, gate)
+        self._admin = AdminAPI(sup, settings, gate, operations or Operations())
         self.settings = settings
         self.gate = gate
         self.encode_json = encode_json
@@ -182,11 +187,18 @@ class OpenAIApp:
             "/v1/chat/completions": ("POST", self._chat_completions),
             "/v1/models": ("GET", self._models_list),
             "/healthz": ("GET", self._healthz),
+            "/livez": ("GET", self._probes.livez),
+            "/readyz": ("GET", self._probes.readyz),
         }
-        found = routes.get(path.rstrip("/") or "/")
+        key = path.rstrip("/") or "/"
+        if key.startswith("/admin/"):  # its own tokens, methods and errors
+            await self._admin(scope, receive, send)
+            return
+        found = routes.get(key)
         if found is None:
             raise _error(404, f"unknown path {path[:200]!r}", code="unknown_url")
-        if not authorized(self.settings.tokens, scope["headers"]):
+        probe = key in ("/livez", "/readyz")  # a load balancer's: no token
+        if not probe and not authorized(self.settings.tokens, scope["headers"]):
             raise _error(
                 401,
                 "missing or invalid bearer token",
@@ -352,7 +364,7 @@ class OpenAIApp:
         reply: Reply | None = None
         with ticket.scope:
             try:
-                reply = await self.sup.complete(request)
+                reply = await self.sup.complete(request, surface="http")
             except BadRequest as exc:
                 raise self._no_route(exc) from None
             except RequestFailed as exc:
@@ -390,7 +402,7 @@ class OpenAIApp:
         nursery: trio.Nursery,
     ) -> None:
         try:
-            stream = self.sup.stream(request)
+            stream = self.sup.stream(request, surface="http")
         except BadRequest as exc:
             raise self._no_route(exc) from None
         chunk_id = _completion_id()

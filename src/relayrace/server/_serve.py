@@ -15,6 +15,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
 from .. import Supervisor
+from ._admin import Operations
 from ._common import Gate, Stop, dumps
 from ._http import OpenAIApp
 from ._settings import ServerSettings
@@ -73,6 +74,7 @@ async def serve(
     settings: ServerSettings | None = None,
     *,
     encode_json: Callable[[Any], str] = dumps,
+    operations: Operations | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``sup`` over the websocket endpoint and the OpenAI-compatible HTTP endpoint::
@@ -95,6 +97,7 @@ async def serve(
             ``delta`` frames and the SSE content chunks (default: compact ``json.dumps``).
             If it raises, that one request is answered with an ``internal_error`` and the
             server goes on.
+        operations: what the ``/admin/`` API reloads from and the recent failures it shows.
         task_status: ``nursery.start`` receives the ``Server`` once both endpoints listen
             (with the ports actually bound, when a port of ``0`` was asked for).
     """
@@ -111,7 +114,7 @@ async def serve(
             )
             ws_port = await nursery.start(websocket.run)
         if settings.http_port is not None:
-            app = OpenAIApp(sup, settings, gate, encode_json=encode_json)
+            app = OpenAIApp(sup, settings, gate, encode_json=encode_json, operations=operations)
             binds = await nursery.start(
                 partial(
                     hypercorn.trio.serve,

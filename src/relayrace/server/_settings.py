@@ -38,6 +38,16 @@ def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: An
         _positive(instance, attribute, value)
 
 
+#: The access log's formats (``relayrace.observe.FORMATS``; repeated here so that the settings
+#: load without the observe package).
+LOG_FORMATS = ("json", "text")
+
+
+def _log_format(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in LOG_FORMATS:
+        raise ConfigError(attribute.name, f"one of {', '.join(LOG_FORMATS)}", value)
+
+
 def _tokens(value: Iterable[str] | str) -> frozenset[str]:
     if isinstance(value, str):
         # A lone string would become a set of its characters: every 1-letter token would pass.
@@ -81,6 +91,12 @@ class ServerSettings:
         max_body_bytes: the largest HTTP request body; a larger one gets HTTP 413.
         shutdown_grace: seconds requests in flight may take to finish once a graceful
             shutdown begins; what is still running then is cancelled (and told so).
+        metrics_host: the interface the Prometheus ``/metrics`` listener binds (of
+            ``relayrace serve``; unauthenticated: keep it on loopback or a scrapers' network).
+        metrics_port: its port; ``None`` (the default): no metrics listener; ``0``: a free port.
+        admin_tokens: the bearer tokens of the ``/admin/`` API on the HTTP endpoint; empty (the
+            default): the admin API is refused entirely (404). Never shown nor logged.
+        log_format: the access log's lines, ``json`` (default) or ``text``.
     """
 
     ws_host: str = "127.0.0.1"
@@ -96,3 +112,16 @@ class ServerSettings:
     send_queue_frames: int = attrs.field(default=32, validator=_positive)
     max_body_bytes: int = attrs.field(default=1 << 20, validator=_positive)
     shutdown_grace: float = attrs.field(default=10.0, validator=_seconds)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = attrs.field(default=None, validator=_port)
+    admin_tokens: frozenset[str] = attrs.field(default=frozenset(), converter=_tokens, repr=False)
+    log_format: str = attrs.field(default="json", validator=_log_format)
+
+    def restart_needed(self, new: ServerSettings) -> list[str]:
+        """The names of the settings that differ in ``new``: a reload keeps the running
+        server's settings (listeners, tokens, limits), so each takes effect at a restart."""
+        return [
+            field.name
+            for field in attrs.fields(ServerSettings)
+            if getattr(self, field.name) != getattr(new, field.name)
+        ]

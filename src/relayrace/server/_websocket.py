@@ -425,7 +425,7 @@ class _Connection:
                 params=frame.get("params"),
                 metadata=frame.get("metadata"),
             )
-            stream = self.sup.stream(request)
+            stream = self.sup.stream(request, surface="websocket")
         except BadRequest as exc:
             raise _bad(
                 "invalid_request", str(exc), request_id=request_id, field=exc.field

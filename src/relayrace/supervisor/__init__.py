@@ -10,6 +10,7 @@ from ._stream import STREAM_BUFFER as STREAM_BUFFER
 from ._stream import RequestStream as RequestStream
 from ._supervisor import MAX_RESTARTS as MAX_RESTARTS
 from ._supervisor import RESTART_WINDOW as RESTART_WINDOW
+from ._supervisor import Reloaded as Reloaded
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import open_supervisor as open_supervisor
 
@@ -21,6 +22,7 @@ __all__ = [
     "Observer",
     "RequestInfo",
     "RequestStream",
+    "Reloaded",
     "RequestTiming",
     "Supervisor",
     "SupervisorStatistics",

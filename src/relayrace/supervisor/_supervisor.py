@@ -14,9 +14,10 @@ import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
-from .._config import Config, Route
+from .._config import Config, ProviderConfig, Route
 from .._decide import may_bench
 from .._errors import BadRequest
 from .._events import Event, EventKind, Subscribers
@@ -37,6 +38,30 @@ RESTART_WINDOW = 60.0
 RESTART_BACKOFF_BASE = 0.1
 RESTART_BACKOFF_CAP = 5.0
 _EVENT_BUFFER = 1024
+#: How often an actor removed by a reload is looked at until its last attempt has ended.
+_DRAIN_POLL = 0.1
+
+
+@attrs.frozen(kw_only=True)
+class Reloaded:
+    """What ``Supervisor.reload`` changed, by provider name.
+
+    Attributes:
+        added: providers that are new; their actors started.
+        removed: providers that are gone; their actors drain (attempts in flight finish),
+            then stop and their clients close.
+        replaced: providers whose settings changed: a new actor (fresh health) took over and
+            the old one drains as a removed one does.
+        kept: unchanged providers; their actors keep their health and connections.
+    """
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in attrs.asdict(self).items()}
 
 
 class Supervisor:
@@ -48,31 +73,13 @@ class Supervisor:
         self._policies = config.policies
         self._events = Subscribers()
         self._hooks = Hooks(observers)
-        self._actors: dict[str, ProviderActor] = {}
-        for p in config.providers:
-            self._actors[p.name] = ProviderActor(
-                name=p.name,
-                client=p.client,
-                model=p.model,
-                policies=config.policies,
-                budgets=p.budgets,
-                max_concurrency=p.max_concurrency,
-                inbox_size=p.inbox_size,
-                exempt=p.exempt,
-                terminus=p.terminus,
-                continues=p.continues,
-                capabilities=p.effective_capabilities,
-                priority=p.priority,
-                weight=p.weight,
-                publish=self._actor_event,
-                may_bench=self._may_bench,
-            )
-        self._routes: dict[str, tuple[Route, list[ProviderActor]]] = {}
-        for route in config.routes:
-            self._routes[route.model] = (route, [self._actors[n] for n in route.chain])
-        if not config.routes:
-            everyone = Route(model="*", chain=tuple(self._actors.keys()))
-            self._routes["*"] = (everyone, list(self._actors.values()))
+        self._actors = {p.name: self._make_actor(p, config) for p in config.providers}
+        self._routes = _routes(config, self._actors)
+        #: the cancel scope of each actor's task (a reload stops removed actors by it).
+        self._scopes: dict[ProviderActor, trio.CancelScope] = {}
+        #: actors a reload removed that are still finishing their attempts.
+        self._retiring: set[ProviderActor] = set()
+        self._reload_lock = trio.Lock()
         self._ledger = Ledger(
             config.policies, random.Random(config.seed), list(self._routes), self._hooks
         )
@@ -174,7 +181,133 @@ class Supervisor:
         """Refuse new requests and wait until every request in flight has ended."""
         await self._ledger.drain()
 
+    def inbox_depths(self) -> dict[str, int]:
+        """Jobs waiting in each actor's inbox for a free slot, by name."""
+        return {name: actor.queued for name, actor in self._actors.items()}
+
+    def record_admin(self, action: str, *, actor: str | None = None) -> None:
+        """Publish that an operator acted (``bench``, ``unbench``, ``drain``, ``reload``,
+        ``reload_refused``): an ``admin_action`` event with ``detail=action``, which the
+        subscribers and the observers' ``health_changed`` receive."""
+        self._announce(EventKind.ADMIN_ACTION, actor=actor, detail=action)
+
+    async def reload(self, config: Config) -> Reloaded:
+        """Swap in ``config``'s providers, routes and policies, atomically between requests.
+
+        Requests in flight finish on the routes and policies they started with; the next
+        request sees the new ones. A provider whose settings (and client's public settings,
+        and the health and demotion policies) did not change keeps its actor: its health,
+        counters and connections. New providers' actors start before the swap; removed ones
+        (and replaced ones) drain — their attempts in flight finish — then stop, and their
+        clients close. ``config`` is validated as any ``Config`` is when it was made.
+
+        Raises:
+            RuntimeError: the supervisor is closed or draining.
+        """
+        async with self._reload_lock:
+            if self._ledger.closed:
+                raise RuntimeError("the supervisor is closed or draining")
+            old = self.config
+            same_policies = (
+                old.policies.health == config.policies.health
+                and old.policies.demote == config.policies.demote
+            )
+            previous = {p.name: p for p in old.providers}
+            providers: list[ProviderConfig] = []
+            actors: dict[str, ProviderActor] = {}
+            started: list[ProviderActor] = []
+            unused = []
+            for p in config.providers:
+                before = previous.get(p.name)
+                if before is not None and same_policies and _same_provider(before, p):
+                    providers.append(before)  # the running client, not the new unopened one
+                    actors[p.name] = self._actors[p.name]
+                    unused.append(p.client)
+                    continue
+                providers.append(p)
+                actors[p.name] = self._make_actor(p, config)
+                started.append(actors[p.name])
+            for actor in started:
+                open_client = getattr(actor.client, "open", None)
+                if open_client is not None:
+                    open_client()
+                await self._nursery.start(self._run_actor, actor)
+            # The swap: no checkpoint from here to the end of the block.
+            gone = [a for name, a in self._actors.items() if actors.get(name) is not a]
+            self.config = attrs.evolve(config, providers=providers)
+            self._policies = config.policies
+            self._actors = actors
+            self._routes = _routes(config, actors)
+            ledger = self._ledger
+            ledger.policies = config.policies
+            if old.policies.retry_budget != config.policies.retry_budget:
+                ledger.budget = type(ledger.budget)(config.policies.retry_budget)
+            for model in self._routes:
+                ledger.turns.setdefault(model, 0)
+            for actor in gone:
+                self._retiring.add(actor)
+                self._nursery.start_soon(self._retire, actor)
+            for hook in self._hooks.supervisor_started:
+                hook(self)
+        for client in unused:
+            aclose = getattr(client, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        names = {a.name for a in started}
+        return Reloaded(
+            added=tuple(n for n in names if n not in previous),
+            removed=tuple(n for n in previous if n not in actors),
+            replaced=tuple(n for n in names if n in previous),
+            kept=tuple(n for n in actors if n not in names),
+        )
+
     # --- internals --------------------------------------------------------------------------
+
+    def _make_actor(self, p: ProviderConfig, config: Config) -> ProviderActor:
+        return ProviderActor(
+            name=p.name,
+            client=p.client,
+            model=p.model,
+            policies=config.policies,
+            budgets=p.budgets,
+            max_concurrency=p.max_concurrency,
+            inbox_size=p.inbox_size,
+            exempt=p.exempt,
+            terminus=p.terminus,
+            continues=p.continues,
+            capabilities=p.effective_capabilities,
+            priority=p.priority,
+            weight=p.weight,
+            publish=self._actor_event,
+            may_bench=self._may_bench,
+        )
+
+    async def _run_actor(
+        self, actor: ProviderActor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes[actor] = scope
+            try:
+                await self._supervise(actor, task_status=task_status)
+            finally:
+                del self._scopes[actor]
+
+    async def _retire(self, actor: ProviderActor) -> None:
+        """A reload removed ``actor``: let its attempts finish, then stop it and close its
+        client."""
+        # Polled: an idle event in the actor would cost its hot path a check per release.
+        while actor.in_flight or actor.queued:  # noqa: ASYNC110
+            await trio.sleep(_DRAIN_POLL)
+        actor.close("actor_removed")
+        scope = self._scopes.get(actor)
+        if scope is not None:
+            scope.cancel()
+        aclose = getattr(actor.client, "aclose", None)
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._retiring.discard(actor)
 
     def _route_for(self, request: Request) -> tuple[Route, list[ProviderActor]]:
         if not isinstance(request, Request):
@@ -196,7 +329,12 @@ class Supervisor:
             hook(event)
 
     def _announce(
-        self, kind: EventKind, *, actor: str, until: float | None = None, detail: str | None = None
+        self,
+        kind: EventKind,
+        *,
+        actor: str | None,
+        until: float | None = None,
+        detail: str | None = None,
     ) -> None:
         """Publish an actor event of the supervisor's own (restarts, give-ups)."""
         if self._hooks.health_changed or self._events.listening:
@@ -271,6 +409,46 @@ class Supervisor:
                     actor.restarting = False
 
 
+def _routes(
+    config: Config, actors: Mapping[str, ProviderActor]
+) -> dict[str, tuple[Route, list[ProviderActor]]]:
+    routes = {route.model: (route, [actors[n] for n in route.chain]) for route in config.routes}
+    if not config.routes:
+        routes["*"] = (Route(model="*", chain=tuple(actors)), list(actors.values()))
+    return routes
+
+
+def _same_provider(old: ProviderConfig, new: ProviderConfig) -> bool:
+    """Whether a reload may keep ``old``'s actor for ``new``: every setting equal, and the
+    clients the same, or HTTP clients of one type with equal public settings
+    (``_CLIENT_SETTINGS``: where they point, their options).
+
+    A client's secrets and headers are private and are not compared: a changed API key value
+    alone (under the same variable name) takes effect at a restart.
+    """
+    if attrs.evolve(old, client=None) != attrs.evolve(new, client=None):  # type: ignore[arg-type]
+        return False
+    a, b = old.client, new.client
+    if a is b:
+        return True
+    if type(a) is not type(b) or not hasattr(a, "base_url"):
+        return False
+    return all(getattr(a, k, None) == getattr(b, k, None) for k in _CLIENT_SETTINGS)
+
+
+#: The public settings of an HTTP provider client a reload compares.
+_CLIENT_SETTINGS = (
+    "base_url",
+    "query",
+    "extra_body",
+    "accepts_continuation",
+    "probe_mode",
+    "max_body_bytes",
+    "max_sse_line_bytes",
+    "max_event_bytes",
+)
+
+
 def _surface(surface: str) -> str:
     if surface not in SURFACES:
         raise ValueError(f"surface must be one of {', '.join(SURFACES)}, not {surface!r}")
@@ -309,7 +487,7 @@ async def open_supervisor(
                     if open_client is not None:
                         open_client()
                 for actor in sup._actors.values():
-                    await nursery.start(sup._supervise, actor)
+                    await nursery.start(sup._run_actor, actor)
                 for started in sup._hooks.supervisor_started:
                     started(sup)
                 yield sup
@@ -322,13 +500,16 @@ async def open_supervisor(
             # a job left in the inbox of an actor that is gone (queued behind the concurrency
             # limit, or submitted by a failover during the shutdown) would keep its caller
             # waiting until the request's whole budget ran out. End them now, refuse new ones.
-            for actor in sup._actors.values():
+            for actor in [*sup._actors.values(), *sup._retiring]:
                 actor.close("supervisor_closed")
         # In a `finally`: when the block (or an actor) raises, the nursery re-raises and the
         # clients must still be closed, or their pooled connections leak.
         with trio.CancelScope(shield=True):
             with trio.move_on_after(5):
-                for provider in config.providers:
-                    aclose = getattr(provider.client, "aclose", None)
+                # The clients running now: a reload may have replaced the config's.
+                live = sup.config.providers if sup is not None else config.providers
+                retiring = [a.client for a in sup._retiring] if sup is not None else []
+                for client in [*(p.client for p in live), *retiring]:
+                    aclose = getattr(client, "aclose", None)
                     if aclose is not None:
                         await aclose()
