@@ -216,6 +216,16 @@ async def test_logprobs_come_back(mock: MockProvider, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_refusal_comes_back_as_one(mock: MockProvider, stream: bool) -> None:
+    cfg = config(mock, ("no", "openai", mock_model("ok", refusal=True)))
+    async with sdk(cfg) as ai:
+        completion, _ = await turn(ai, ASK, stream)
+    message = completion.choices[0].message
+    assert message.refusal == "I can't help with that."
+    assert not message.content
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_n_choices(mock: MockProvider, stream: bool) -> None:
     cfg = config(mock, ("claude", "anthropic", mock_model("ok")), ("gpt", "openai", mock_model("ok")))
     async with sdk(cfg) as ai:

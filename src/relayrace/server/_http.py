@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP endpoint, as an ASGI application (served by hypercorn on trio).
 
-Routes: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models`` (the
-supervisor's routes) and ``GET /healthz`` (actor health). Every route needs a bearer token when
+Routes: ``POST /v1/chat/completions`` (with and without ``stream``; tool calls, refusals,
+logprobs, ``n`` choices and full usage, written by ``relayrace.providers.openai``),
+``GET /v1/models`` and ``GET /v1/models/{id}`` (the supervisor's routes) and ``GET /healthz``
+(actor health). Every route needs a bearer token when
 tokens are configured. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``, plus a ``relayrace`` object saying why. See ``docs/servers.md``.
 
