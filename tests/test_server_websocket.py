@@ -751,3 +751,22 @@ async def test_tool_calls_ride_on_delta_and_done_frames(autojump_clock):
         "completion_tokens_details": {"reasoning_tokens": 2},
     }
     assert done["attempts"][0]["usage"] == done["usage"]
+
+
+@pytest.mark.parametrize(
+    ("params", "messages", "field"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, MESSAGES, "params.tools[0].function.parameters"),
+        ({"tool_choice": "sometimes"}, MESSAGES, "params.tool_choice"),
+        ({}, [*MESSAGES, {"role": "tool", "tool_call_id": "call_x", "content": "{}"}], "messages[1].tool_call_id"),
+    ],
+    ids=["schema", "choice", "tool_call_id"],
+)
+async def test_bad_agent_input_is_refused_naming_the_field(autojump_clock, params, messages, field):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, server), connect(server) as ws:
+        await send(ws, request_frame("b", params=params, messages=messages))
+        frame = await receive(ws)
+    assert (frame["type"], frame["id"], frame["code"]) == ("error", "b", "invalid_request")
+    assert frame["field"] == field
+    assert client(cfg, "a").calls == []
