@@ -289,7 +289,6 @@ async def test_failures_map_to_openai_errors(autojump_clock, step, status, kind,
             None,
             "stream_options",
         ),
-        (json.dumps(body(n=2)).encode(), 400, None, "n"),
         (json.dumps(body(model="nope")).encode(), 404, "model_not_found", "model"),
     ],
 )
@@ -303,6 +302,20 @@ async def test_invalid_requests_get_openai_errors(autojump_clock, payload, statu
     assert error["code"] == code
     assert error["param"] == param
     assert error["message"]
+    assert client(cfg, "a").calls == []
+
+
+async def test_n_refused_by_every_provider_is_a_400_naming_them(autojump_clock):
+    from relayrace import Capabilities
+
+    cfg = config(scripted_provider("a", capabilities=Capabilities(n=False)))
+    async with running(cfg) as (_, _, http):
+        for stream in (False, True):
+            response = await http.post("/v1/chat/completions", json=body(n=2, stream=stream))
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert error["param"] == "n"
+            assert "(a: default:capabilities.n=false)" in error["message"]
     assert client(cfg, "a").calls == []
 
 

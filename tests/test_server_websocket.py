@@ -714,3 +714,59 @@ async def test_max_sockets_and_handshake_timeout_are_checked():
         ServerSettings(handshake_timeout=-1)
     assert ServerSettings().handshake_timeout == 10.0
     assert ServerSettings().max_sockets is None
+
+
+async def test_tool_calls_ride_on_delta_and_done_frames(autojump_clock):
+    from relayrace import ToolCall, Usage
+
+    calls = (
+        ToolCall(0, "call_a", "get_weather", '{"city": "Oslo"}'),
+        ToolCall(1, "call_b", "get_time", "{}"),
+    )
+    usage = Usage(prompt_tokens=12, completion_tokens=5, cached_tokens=8, reasoning_tokens=2)
+    answer = Answer(text="", tool_calls=calls, finish_reason="tool_calls", usage=usage)
+    cfg = config(scripted_provider("a", answer))
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        for name in ("get_weather", "get_time")
+    ]
+    async with running(cfg) as (_, server), connect(server) as ws:
+        await send(ws, request_frame("t", params={"tools": tools}))
+        *deltas, done = (await until_terminal(ws, "t"))["t"]
+    fragments = [f for d in deltas for f in d.get("tool_calls", [])]
+    assert [d["type"] for d in deltas] == ["delta"] * len(deltas) and fragments
+    opened = [(f["index"], f["id"], f["function"]["name"]) for f in fragments if "id" in f]
+    assert opened == [(0, "call_a", "get_weather"), (1, "call_b", "get_time")]
+    arguments = ["".join(f["function"]["arguments"] for f in fragments if f["index"] == i) for i in (0, 1)]
+    assert arguments == ['{"city": "Oslo"}', "{}"]
+    assert done["type"] == "done"
+    assert done["tool_calls"] == [c.to_dict() for c in calls]
+    assert done["finish_reason"] == "tool_calls"
+    assert done["refusal"] is None
+    assert done["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 5,
+        "total_tokens": 17,
+        "prompt_tokens_details": {"cached_tokens": 8},
+        "completion_tokens_details": {"reasoning_tokens": 2},
+    }
+    assert done["attempts"][0]["usage"] == done["usage"]
+
+
+@pytest.mark.parametrize(
+    ("params", "messages", "field"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, MESSAGES, "params.tools[0].function.parameters"),
+        ({"tool_choice": "sometimes"}, MESSAGES, "params.tool_choice"),
+        ({}, [*MESSAGES, {"role": "tool", "tool_call_id": "call_x", "content": "{}"}], "messages[1].tool_call_id"),
+    ],
+    ids=["schema", "choice", "tool_call_id"],
+)
+async def test_bad_agent_input_is_refused_naming_the_field(autojump_clock, params, messages, field):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, server), connect(server) as ws:
+        await send(ws, request_frame("b", params=params, messages=messages))
+        frame = await receive(ws)
+    assert (frame["type"], frame["id"], frame["code"]) == ("error", "b", "invalid_request")
+    assert frame["field"] == field
+    assert client(cfg, "a").calls == []

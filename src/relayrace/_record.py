@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 
 from ._failure import Failure
+from ._usage import Usage
 
 
 class Outcome(enum.Enum):
@@ -26,6 +27,8 @@ class Attempt:
 
     ``number`` counts the tries on this actor within the request (1 = first try).
     Times are ``trio.current_time()`` values; ``first_delta_at`` is ``None`` if nothing arrived.
+    ``usage`` is what the provider reported for this try (a failed or cancelled one included,
+    where it reported any before it ended), so that spend is never under-counted.
     """
 
     actor: str
@@ -38,6 +41,7 @@ class Attempt:
     deltas: int = 0
     probe: bool = False
     continuation: bool = False
+    usage: Usage | None = None
 
     @property
     def duration(self) -> float:
@@ -55,6 +59,7 @@ class Attempt:
             "deltas": self.deltas,
             "probe": self.probe,
             "continuation": self.continuation,
+            "usage": None if self.usage is None else self.usage.to_dict(),
         }
 
 

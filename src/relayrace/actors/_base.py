@@ -52,6 +52,7 @@ from ._body import (
     read_whole,
 )
 from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
+from ._job import JobSink
 from ._probe import DISCARD, completion_probe, get_ok
 from ._transport import TRANSPORTS, make_http_client, tls_context
 
@@ -323,6 +324,14 @@ class HTTPProviderClient:
                 before anything is sent.
         """
         reader = self.reader(call)
+        try:
+            return await self._attempt(call, sink, reader)
+        except BaseException:  # a failed or cancelled attempt may be billed: say what it cost
+            if reader.usage is not None and isinstance(sink, JobSink):
+                sink.usage(reader.usage)
+            raise
+
+    async def _attempt(self, call: ClientCall, sink: Sink, reader: Reader) -> Completion:
         try:
             content = json.dumps(
                 self.payload(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False

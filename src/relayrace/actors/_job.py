@@ -11,7 +11,7 @@ import trio
 
 from .._client import ClientCall, Completion
 from .._failure import Category, Failure
-from .._values import Attempt, Outcome, ToolCallDelta
+from .._values import Attempt, Outcome, ToolCallDelta, Usage
 
 Emit = Callable[[str], Awaitable[None]]
 #: Send a piece of the answer if that needs no waiting: True if it was taken (or swallowed),
@@ -50,6 +50,9 @@ class Job:
     first_delta_at: float | None = None
     ended_at: float | None = None
     deltas: int = 0
+    #: the usage the provider reported before the attempt failed or was cancelled (a
+    #: completion's own usage is ``completion.usage``).
+    usage: Usage | None = None
     #: the provider started answering (its response headers arrived, or a delta).
     progressed: bool = False
     cancel_requested: bool = False
@@ -109,6 +112,7 @@ class Job:
             deltas=self.deltas,
             probe=self.probe,
             continuation=continuation,
+            usage=self.completion.usage if self.completion is not None else self.usage,
         )
 
     def finish_interrupted(self, actor: str, reason: str) -> None:
@@ -192,6 +196,10 @@ class JobSink:
             job.first_delta_at = now
         job.deltas += 1
         self._deadline = self._scope.deadline = min(self._end, now + self._idle)
+
+    def usage(self, usage: Usage) -> None:
+        """What the provider reported before the attempt failed or was cancelled."""
+        self._job.usage = usage
 
     def progress(self) -> None:
         self._job.progressed = True

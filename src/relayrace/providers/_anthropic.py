@@ -443,8 +443,16 @@ def event(name: str, data: Any) -> bytes:
     return encode_event(dumps(data), name)
 
 
-def opening(*, id: str, model: str, prompt_tokens: int) -> bytes:
-    """The events that open a stream: ``message_start``, ``content_block_start``, ``ping``."""
+def opening(
+    *, id: str, model: str, prompt_tokens: int, cached_tokens: int = 0, cache_creation_tokens: int = 0
+) -> bytes:
+    """The events that open a stream: ``message_start`` (its usage as ``usage_of`` counts the
+    prompt: cached parts apart), ``content_block_start``, ``ping``."""
+    prompt = Usage(
+        prompt_tokens=prompt_tokens,
+        cached_tokens=cached_tokens,
+        cache_creation_tokens=cache_creation_tokens,
+    )
     start: dict[str, Any] = {
         "id": id,
         "type": "message",
@@ -453,7 +461,7 @@ def opening(*, id: str, model: str, prompt_tokens: int) -> bytes:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": prompt_tokens, "output_tokens": 1},
+        "usage": {**usage_of(prompt), "output_tokens": 1},
     }
     block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
     return (

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP endpoint, as an ASGI application (served by hypercorn on trio).
 
-Routes: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models`` (the
-supervisor's routes) and ``GET /healthz`` (actor health) need a bearer token when tokens are
-configured; ``/livez``, ``/readyz`` (``_probes``) need none, ``/admin/`` (``_admin``) its own. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
+Routes: ``POST /v1/chat/completions`` (with and without ``stream``; tool calls, refusals,
+logprobs, ``n`` choices and full usage, written by ``relayrace.providers.openai``),
+``GET /v1/models`` and ``GET /v1/models/{id}`` (the supervisor's routes) and ``GET /healthz``
+(actor health) need a bearer token when tokens are configured; ``/livez``, ``/readyz``
+(``_probes``) need none, ``/admin/`` (``_admin``) its own. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``, plus a ``relayrace`` object saying why. See ``docs/servers.md``.
 
 A streamed answer holds back its response headers until the first delta: before it, the
@@ -21,10 +23,12 @@ from typing import Any
 
 import trio
 
-from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor
+from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor, ToolCallDelta
+from ..providers import openai
 from ._admin import AdminAPI, Operations
 from ._batch import Batcher
-from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str, reply_trace
+from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, reply_trace
+from ._models import MODEL_PATH, model_object, model_objects
 from ._probes import Probes
 from ._settings import ServerSettings
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
@@ -195,6 +199,8 @@ class OpenAIApp:
             await self._admin(scope, receive, send)
             return
         found = routes.get(key)
+        if found is None and path.startswith(MODEL_PATH) and len(path) > len(MODEL_PATH):
+            found = ("GET", self._models_retrieve)
         if found is None:
             raise _error(404, f"unknown path {path[:200]!r}", code="unknown_url")
         probe = key in ("/livez", "/readyz")  # a load balancer's: no token
@@ -219,18 +225,19 @@ class OpenAIApp:
     # --- GET /v1/models and /healthz ----------------------------------------------------------
 
     async def _models_list(self, scope: Scope, receive: Receive, send: Send) -> None:
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "relayrace",
-                "chain": list(route.chain),
-                "strategy": route.strategy,
-            }
-            for name, route in self.sup.routes.items()
-        ]
-        await self._send_json(send, 200, {"object": "list", "data": data})
+        await self._send_json(send, 200, {"object": "list", "data": model_objects(self.sup)})
+
+    async def _models_retrieve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        model_id = scope["path"].removeprefix(MODEL_PATH)
+        found = model_object(self.sup, model_id)
+        if found is None:
+            raise _error(
+                404,
+                f"The model {model_id[:200]!r} does not exist",
+                param="model",
+                code="model_not_found",
+            )
+        await self._send_json(send, 200, found)
 
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         health = self.sup.health()
@@ -267,8 +274,6 @@ class OpenAIApp:
                 param="stream_options",
             )
         include_usage = bool(options and options.get("include_usage"))
-        if body.get("n", 1) not in (1, None):
-            raise _error(400, "only n=1 is supported", param="n")
         try:
             request = Request(
                 body.get("model"),  # type: ignore[arg-type]  # Request checks it
@@ -353,7 +358,12 @@ class OpenAIApp:
         return body
 
     def _no_route(self, exc: BadRequest) -> _HTTPError:
-        return _error(404, str(exc), param=exc.field, code="model_not_found")
+        """An unknown route (404), or a request no provider of its route can serve (400,
+        naming the field and each provider's reason)."""
+        if exc.field == "model":
+            return _error(404, str(exc), param=exc.field, code="model_not_found")
+        field = exc.field.removeprefix("params.")
+        return _error(400, f"{field}: {exc.problem}", param=field, code="invalid_request")
 
     def _shutdown_error(self) -> _HTTPError:
         return _error(
@@ -373,24 +383,20 @@ class OpenAIApp:
             if ticket.stop is Stop.SHUTDOWN:
                 raise self._shutdown_error()
             return  # the client is gone: nobody to answer
-        completion_id = _completion_id()
-        body = {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": reply.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": reply.finish_reason or "stop",
-                }
-            ],
-            "usage": None if reply.usage is None else reply.usage.to_dict(),
-            "system_fingerprint": None,
-            "relayrace": reply_trace(reply),
-        }
+        logprobs = reply.logprobs
+        body = openai.completion(
+            id=_completion_id(),
+            created=int(time.time()),
+            model=reply.model,
+            text=reply.text,
+            finish_reason=reply.finish_reason or "stop",
+            usage=reply.usage,
+            tool_calls=reply.tool_calls,
+            refusal=reply.refusal,
+            logprobs=None if logprobs is None else logprobs.get("content", []),
+            choices=reply.choices[1:],
+        )
+        body["relayrace"] = reply_trace(reply)
         await self._send_json(send, 200, body, [(b"x-relayrace-provider", reply.provider.encode())])
 
     async def _stream(
@@ -405,25 +411,7 @@ class OpenAIApp:
             stream = self.sup.stream(request, surface="http")
         except BadRequest as exc:
             raise self._no_route(exc) from None
-        chunk_id = _completion_id()
-        created = int(time.time())
         started = False
-
-        def chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "id": chunk_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-            if include_usage:
-                body["usage"] = None
-            return body
-
         async def start(provider: str) -> None:
             nonlocal started
             started = True
@@ -441,7 +429,7 @@ class OpenAIApp:
 
         reply: Reply | None = None
         failure: RequestFailed | None = None
-        encoder = _ChunkEncoder(chunk_id, created, include_usage)
+        encoder = openai.StreamEncoder(_completion_id(), int(time.time()), include_usage)
         models = self._models
         body = _Body(send)
         with ticket.scope:
@@ -449,12 +437,19 @@ class OpenAIApp:
                 async with stream:
                     async for delta in stream:
                         model = models.get(delta.provider) or request.model
-                        if started:
-                            await body.put(encoder.content(model, delta.text))
-                        else:
+                        first = not started
+                        if first:
                             await start(delta.provider)
                             body.start(nursery)
-                            await body.put(encoder.content(model, delta.text, first=True))
+                        if delta.text or not delta.tool_calls:
+                            await body.put(encoder.content(model, delta.text, first=first))
+                            first = False
+                        if delta.tool_calls:
+                            fragments = [f.to_dict() for f in delta.tool_calls]
+                            tools = encoder.chunk(model, {"tool_calls": fragments}, None)
+                            if first:
+                                tools["choices"][0]["delta"]["role"] = "assistant"
+                            await body.put(f"data: {self._event(tools)}\n\n".encode())
                 reply = stream.reply
             except RequestFailed as exc:
                 failure = exc
@@ -479,19 +474,11 @@ class OpenAIApp:
         assert reply is not None
         # The end of the stream goes out in one body message: the last chunk, the usage chunk
         # and `[DONE]` (the same bytes as one message each, for a fraction of the cost).
-        events: list[dict[str, Any]] = []
         if not started:
             await start(reply.provider)
-            events.append(chunk(reply.model, {"role": "assistant", "content": ""}, None))
-        last = chunk(reply.model, {}, reply.finish_reason or "stop")
-        last["relayrace"] = reply_trace(reply)
-        events.append(last)
-        if include_usage:
-            usage = chunk(reply.model, {}, None)
-            usage["choices"] = []
-            usage["usage"] = None if reply.usage is None else reply.usage.to_dict()
-            events.append(usage)
-        tail = "".join([f"data: {self._event(event)}\n\n" for event in events]) + "data: [DONE]\n\n"
+        events = _ending(encoder, reply, started)
+        tail = "".join([f"data: {self._event(event)}\n\n" for event in events])
+        tail += "data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
 
 
@@ -540,34 +527,36 @@ class _Body:
 _QUEUE = 16
 
 
-class _ChunkEncoder:
-    """The SSE event of one content delta, byte for byte what ``dumps`` writes for the
-    ``chat.completion.chunk`` dict of ``OpenAIApp._stream``, formatted around the encoded text
-    instead of building and encoding a dict per delta."""
-
-    __slots__ = ("_head", "_end", "_model", "_prefix")
-
-    def __init__(self, chunk_id: str, created: int, include_usage: bool):
-        self._head = (
-            f'data: {{"id":{dumps(chunk_id)},"object":"chat.completion.chunk",'
-            f'"created":{dumps(created)},"model":'
-        )
-        self._end = ',"usage":null}\n\n' if include_usage else "}\n\n"
-        self._model: str | None = None
-        self._prefix = ""
-
-    def content(self, model: str, text: str, *, first: bool = False) -> bytes:
-        if model != self._model:
-            self._model = model
-            self._prefix = (
-                f'{self._head}{dumps(model)},"system_fingerprint":null,'
-                '"choices":[{"index":0,"delta":{'
-            )
-        role = '"role":"assistant",' if first else ""
-        return (
-            f'{self._prefix}{role}"content":{dumps_str(text)}}},'
-            f'"logprobs":null,"finish_reason":null}}]{self._end}'
-        ).encode()
+def _ending(
+    encoder: openai.StreamEncoder, reply: Reply, started: bool
+) -> list[dict[str, Any]]:
+    """The chunks that end a stream: what the deltas did not carry (the opening if none was
+    sent, the refusal, the other choices of ``n > 1`` whole), the finish reason with the
+    answer's log probabilities and the ``relayrace`` object, and the usage if asked for."""
+    model = reply.model
+    events: list[dict[str, Any]] = []
+    if not started:
+        events.append(encoder.chunk(model, {"role": "assistant", "content": ""}, None))
+    if reply.refusal:
+        events.append(encoder.chunk(model, {"refusal": reply.refusal}, None))
+    for choice in reply.choices[1:]:
+        delta: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        if choice.tool_calls:
+            delta["tool_calls"] = [
+                ToolCallDelta(c.index, c.id, c.name, c.arguments).to_dict()
+                for c in choice.tool_calls
+            ]
+        event = encoder.chunk(model, delta, choice.finish_reason or "stop")
+        event["choices"][0].update(index=choice.index, logprobs=choice.logprobs)
+        events.append(event)
+    last = encoder.chunk(model, {}, reply.finish_reason or "stop")
+    # The deltas carry no log probabilities: the answer's, merged, come with its end.
+    last["choices"][0]["logprobs"] = reply.logprobs
+    last["relayrace"] = reply_trace(reply)
+    events.append(last)
+    if encoder.include_usage:
+        events.append(encoder.usage_chunk(model, reply.usage))
+    return events
 
 
 def _completion_id() -> str:

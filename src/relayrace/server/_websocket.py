@@ -488,21 +488,38 @@ class _Connection:
                     text = delta.text
                     if not text.isascii() and not encodable(text):
                         raise ValueError(f"delta {delta.seq} from {delta.provider} is not UTF-8")
-                    await put(f'{head}{delta.seq},"text":{dumps_str(text)}}}')
+                    if delta.tool_calls:
+                        # Rare: built as a dict (the fragments in OpenAI's shape).
+                        fragments = [f.to_dict() for f in delta.tool_calls]
+                        await self._put(
+                            {
+                                "type": "delta",
+                                "id": request_id,
+                                "seq": delta.seq,
+                                "text": text,
+                                "tool_calls": fragments,
+                            }
+                        )
+                    else:
+                        await put(f'{head}{delta.seq},"text":{dumps_str(text)}}}')
                     sent = True
             reply = stream.reply
         except RequestFailed as exc:
             return WireError.from_failure(exc).frame(request_id)
-        done = {
+        done: dict[str, Any] = {
             "type": "done",
             "id": request_id,
             "provider": reply.provider,
             "model": reply.model,
             "usage": None if reply.usage is None else reply.usage.to_dict(),
             "finish_reason": reply.finish_reason,
+            "tool_calls": [c.to_dict() for c in reply.tool_calls],
+            "refusal": reply.refusal,
             "attempts": [a.to_dict() for a in reply.attempts],
             "decisions": [d.to_dict() for d in reply.decisions],
         }
+        if reply.logprobs is not None:
+            done["logprobs"] = reply.logprobs
         # The deltas carried the text already: repeating it would hold every answer twice.
         if with_text or not sent:
             done["text"] = reply.text

@@ -247,7 +247,11 @@ class Anthropic(Format):
 
     def stream_open(self, r: Reply) -> bytes:
         return anthropic.opening(
-            id=f"msg_{r.id}", model=r.model, prompt_tokens=r.usage.prompt_tokens
+            id=f"msg_{r.id}",
+            model=r.model,
+            prompt_tokens=r.usage.prompt_tokens,
+            cached_tokens=r.usage.cached_tokens,
+            cache_creation_tokens=r.usage.cache_creation_tokens,
         )
 
     def stream_text(self, r: Reply, piece: str) -> bytes:
