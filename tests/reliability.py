@@ -372,6 +372,8 @@ def hold_idle_connections() -> None:
     ``held N`` once its connects are done or abandoned, holds them until stdin closes."""
     port, count, settle = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     raise_open_file_limit()
+    # An attacker runs on its own machine: here it shares the cores, so it yields them first.
+    os.nice(10)
     held: list[socket.socket] = []
 
     async def connect_one() -> None:
@@ -442,6 +444,7 @@ def serve_hostile_upstream() -> None:
     from .hostile_upstream import HostileUpstream
 
     server = HostileUpstream(alarm=int(sys.argv[1]))
+    os.nice(10)  # as ``hold_idle_connections``: the attacker yields the shared cores first
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

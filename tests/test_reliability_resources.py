@@ -208,6 +208,7 @@ async def test_idle_connection_flood_leaves_normal_traffic_and_the_actors_alone(
     per_port = 20_000 if chaos_size else 500
     requests = 150 if chaos_size else 40
     hold = 3.0 if chaos_size else 1.0
+    settle = 10.0 if chaos_size else 5.0  # connects still pending then are abandoned
     async with serve_mock_provider() as mock:
         path = write_config(tmp_path, HEALTHY.format(mock=mock.base_url))
         async with run_gateway_process(path) as gateway:
@@ -220,15 +221,16 @@ async def test_idle_connection_flood_leaves_normal_traffic_and_the_actors_alone(
             # The callers' connections are open before the flood: while unfinished handshakes
             # fill ``max_connections``, a new websocket connection is refused (503).
             async with normal_traffic(gateway, stop, 0, go) as loaded:
-                async with idle_connections(ws_port, per_port) as ws_held, idle_connections(
-                    http_port, per_port
-                ) as http_held:
+                async with idle_connections(
+                    ws_port, per_port, settle=settle
+                ) as ws_held, idle_connections(http_port, per_port, settle=settle) as http_held:
                     # Measured once every connection is open (or waits in an accept queue): the
                     # children's start-up is the test's cost, not the gateway's.
                     peak_fds = process_fds(gateway.pid)
                     go.set()
-                    await trio.sleep(hold)
-                    peak_fds = max(peak_fds, process_fds(gateway.pid))
+                    for _ in range(int(hold / 0.1)):
+                        await trio.sleep(0.1)
+                        peak_fds = max(peak_fds, process_fds(gateway.pid))
                     during = await health(gateway)
                     stop.set()
             after = await wait_for_fds(gateway.pid, baseline + 8, 60)
@@ -244,7 +246,9 @@ async def test_idle_connection_flood_leaves_normal_traffic_and_the_actors_alone(
         f"{after} after; RSS peak {hwm / MiB:.0f} MiB, now {rss / MiB:.0f} MiB"
     )
     assert len(loaded) >= 4, "no normal traffic ran during the flood"
-    assert sum(ws_held) + sum(http_held) >= per_port, "the flood did not take"
+    # Past the listener's socket cap and accept queue, connects wait (SYN dropped): a port
+    # holds ~max_sockets + somaxconn at most.
+    assert min(sum(ws_held), sum(http_held)) >= min(per_port, 2000), "the flood did not take"
     assert after <= baseline + 8
     assert hwm <= RSS_BOUND
     no_actor_gave_up(during)
