@@ -7,9 +7,17 @@ from __future__ import annotations
 import collections
 import os
 import random
-from collections.abc import Iterable, Mapping
+import resource
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
+import attrs
 import trio
 
 from relayrace import (
@@ -226,3 +234,223 @@ def open_sockets() -> int:
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+# --- a gateway process and the resources it holds --------------------------------------------
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout's root
+
+
+@attrs.frozen
+class GatewayProcess:
+    """``relayrace serve`` as a user runs it: a child process, its endpoints' URLs."""
+
+    process: trio.Process
+    ws_url: str
+    http_url: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@asynccontextmanager
+async def run_gateway_process(config_path: str) -> AsyncIterator[GatewayProcess]:
+    """Start ``relayrace serve --config config_path`` (a TOML file), wait for both endpoints'
+    URLs on its stdout, and stop it with SIGINT (then wait for it) when the block ends."""
+    code = "from relayrace._cli import main; import sys; sys.exit(main(sys.argv[1:]))"
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", code, "serve", "--config", config_path],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        assert process.stdout is not None
+        urls: dict[str, str] = {}
+        buffer = b""
+        with trio.fail_after(60):
+            while len(urls) < 2:
+                data = await process.stdout.receive_some()
+                assert data, "the gateway exited before it listened"
+                buffer += data
+                for line in buffer.decode().splitlines():
+                    for name in ("websocket", "http"):
+                        if line.startswith(f"relayrace: {name} on "):
+                            urls[name] = line.removeprefix(f"relayrace: {name} on ")
+        try:
+            yield GatewayProcess(process, urls["websocket"], urls["http"])
+        finally:
+            process.send_signal(signal.SIGINT)
+            with trio.move_on_after(30):
+                await process.wait()
+            nursery.cancel_scope.cancel()
+
+
+def process_fds(pid: int) -> int:
+    """Descriptors the process ``pid`` holds open (``/proc/PID/fd``)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def process_memory(pid: int) -> tuple[int, int]:
+    """The process's resident set now and its peak (``VmRSS``, ``VmHWM``), in bytes."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit; the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+@asynccontextmanager
+async def idle_connections(
+    port: int, count: int, *, settle: float = 5.0
+) -> AsyncIterator[list[int]]:
+    """Open ``count`` TCP connections to ``127.0.0.1:port`` that never send a byte, from child
+    processes (each with its own open-file limit, raised to its hard limit: the connections do
+    not take this process's descriptors), and hold them for the body of the block; then close
+    them all (the children exit).
+
+    Connects still pending ``settle`` seconds after they began (the listener's accept queue
+    full) are abandoned. Yields how many each child got established.
+    """
+    per_child = max(1, raise_open_file_limit() - 256)
+    code = "from tests.reliability import hold_idle_connections; hold_idle_connections()"
+    counts: list[int] = []
+    async with trio.open_nursery() as nursery:
+        children: list[trio.Process] = []
+        left = count
+        while left > 0:
+            n = min(left, per_child)
+            left -= n
+            child: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-c", code, str(port), str(n), str(settle)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    check=False,
+                    cwd=_ROOT,
+                )
+            )
+            children.append(child)
+        for child in children:
+            assert child.stdout is not None
+            line = b""
+            with trio.fail_after(settle + 60):
+                while not line.endswith(b"\n"):
+                    data = await child.stdout.receive_some()
+                    assert data, "an idle-connection child exited early"
+                    line += data
+            counts.append(int(line.split()[1]))
+        try:
+            yield counts
+        finally:
+            for child in children:
+                assert child.stdin is not None
+                await child.stdin.aclose()
+            with trio.move_on_after(30):
+                for child in children:
+                    await child.wait()
+
+
+def hold_idle_connections() -> None:
+    """The child of ``idle_connections``: ``argv`` = port, count, settle seconds. Prints
+    ``held N`` once its connects are done or abandoned, holds them until stdin closes."""
+    port, count, settle = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    raise_open_file_limit()
+    # An attacker runs on its own machine: here it shares the cores, so it yields them first.
+    os.nice(10)
+    held: list[socket.socket] = []
+
+    async def connect_one() -> None:
+        sock = trio.socket.socket()
+        try:
+            await sock.connect(("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        held.append(socket.socket(fileno=sock.detach()))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = trio.current_time() + settle
+            for _ in range(count):
+                nursery.start_soon(_ignore_os_errors, connect_one)
+                await trio.lowlevel.checkpoint()
+
+    trio.run(main)
+    print(f"held {len(held)}", flush=True)
+    sys.stdin.read()
+    for sock in held:
+        sock.close()
+
+
+async def _ignore_os_errors(fn: Any) -> None:
+    try:
+        await fn()
+    except OSError:
+        pass  # refused or reset: not held
+
+
+@asynccontextmanager
+async def hostile_upstream_process(*, alarm: int) -> AsyncIterator[str]:
+    """The hostile upstream (``tests/hostile_upstream.py``) in a child process, so that its work
+    (gigabytes produced) does not slow this process's callers; yields its OpenAI base URL."""
+    code = "from tests.reliability import serve_hostile_upstream; serve_hostile_upstream()"
+    async with trio.open_nursery() as nursery:
+        child: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", code, str(alarm)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                check=False,
+                cwd=_ROOT,
+            )
+        )
+        assert child.stdout is not None and child.stdin is not None
+        line = b""
+        with trio.fail_after(60):
+            while not line.endswith(b"\n"):
+                data = await child.stdout.receive_some()
+                assert data, "the hostile upstream exited early"
+                line += data
+        try:
+            yield line.decode().strip()
+        finally:
+            await child.stdin.aclose()
+            with trio.move_on_after(30):
+                await child.wait()
+            nursery.cancel_scope.cancel()
+
+
+def serve_hostile_upstream() -> None:
+    """The child of ``hostile_upstream_process``: ``argv`` = alarm. Prints its base URL, serves
+    until stdin closes."""
+    from .hostile_upstream import HostileUpstream
+
+    server = HostileUpstream(alarm=int(sys.argv[1]))
+    os.nice(10)  # as ``hold_idle_connections``: the attacker yields the shared cores first
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            print(server.base_url, flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -7,7 +7,10 @@ encoded), counted, and refused past their limit; nothing is ever read whole with
 The clients ask for ``accept-encoding: identity`` (``_transport``), so a provider that follows
 HTTP sends its body as it is. One that compresses anyway (``gzip``, ``deflate``) is inflated
 here, at most ``PIECE`` bytes at a time, and the *inflated* bytes count against the limit;
-any other encoding is refused (``unsupported_encoding``).
+past its first ``RATIO_FLOOR`` bytes it may inflate to at most ``MAX_RATIO`` times what it took
+(a bomb is refused after ~1 MiB, not after the whole limit: inflating 16 MiB of a bomb costs
+~50-65 ms of CPU, which back-to-back bombs took from every other request). Any other encoding
+is refused (``unsupported_encoding``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ MAX_BODY_BYTES = 16 << 20
 #: At most this many inflated bytes are produced from compressed input at a time.
 PIECE = 256 << 10
 
+#: Past ``RATIO_FLOOR`` inflated bytes, a compressed body may inflate to at most this many times
+#: the compressed bytes it took (JSON and SSE compress 3-50×; deflate's most is ~1030×).
+MAX_RATIO = 200
+RATIO_FLOOR = 1 << 20
+
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -33,16 +41,19 @@ class Inflater:
     """Inflates a ``gzip`` / ``deflate`` body in pieces of at most ``PIECE`` bytes, so that a
     small compressed chunk never becomes a large buffer."""
 
-    __slots__ = ("_inflate",)
+    __slots__ = ("_inflate", "_taken", "_given")
 
     def __init__(self, encoding: str):
         self._inflate = zlib.decompressobj(_WBITS[encoding])
+        self._taken = 0  # compressed bytes inflated so far
+        self._given = 0  # inflated bytes produced so far
 
     def pieces(self, data: bytes) -> Iterator[bytes]:
         """The inflated bytes of ``data``, piece by piece.
 
         Raises:
-            MalformedStream: ``decoding_error``, the data is not what its encoding says.
+            MalformedStream: ``decoding_error``, the data is not what its encoding says;
+                ``response_too_large``, it inflates past ``MAX_RATIO`` (after ``RATIO_FLOOR``).
         """
         inflate = self._inflate
         while data and not inflate.eof:
@@ -52,7 +63,14 @@ class Inflater:
                 raise MalformedStream(
                     "decoding_error", f"cannot inflate the body ({exc})"
                 ) from None
+            self._taken += len(data) - len(inflate.unconsumed_tail)
             data = inflate.unconsumed_tail
+            self._given += len(out)
+            if self._given > RATIO_FLOOR and self._given > MAX_RATIO * self._taken:
+                raise MalformedStream(
+                    "response_too_large",
+                    f"a compressed body inflating to more than {MAX_RATIO}× its size",
+                )
             if out:
                 yield out
 
@@ -111,6 +129,10 @@ async def read_whole(response: httpx.Response, limit: int) -> bytes:
                 if size > limit:
                     raise too_large(limit)
                 parts.append(piece)
+                if inflater is not None:
+                    # Inflating is CPU work without an await: a small chunk of a bomb is up
+                    # to ``limit`` bytes of it. Other tasks run between its pieces.
+                    await trio.lowlevel.checkpoint()
     finally:
         await abandon(chunks)
     return b"".join(parts)
