@@ -374,3 +374,24 @@ def test_the_gateway_reader_checks_the_server_table_with_the_rest(tmp_path) -> N
     gateway = relayrace.read_gateway(path)
     assert gateway.server.http_port == 8080
     assert [p.name for p in gateway.config.providers] == ["a", "b"]
+
+
+def test_the_server_tables_connection_limits_are_read() -> None:
+    gateway = relayrace.load_gateway(
+        {
+            "providers": [{"name": "a", "kind": "scripted"}],
+            "server": {"handshake_timeout": 2.5, "max_sockets": 300},
+        }
+    )
+    assert (gateway.server.handshake_timeout, gateway.server.max_sockets) == (2.5, 300)
+    with pytest.raises(ConfigErrors) as info:
+        relayrace.load_gateway(
+            {
+                "providers": [{"name": "a", "kind": "scripted"}],
+                "server": {"handshake_timeout": 0, "max_sockets": 0},
+            }
+        )
+    assert [p.path for p in info.value.problems] == [
+        "server.handshake_timeout",
+        "server.max_sockets",
+    ]

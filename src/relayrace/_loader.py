@@ -560,6 +560,10 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
         send_queue_frames=table.integer("send_queue_frames", defaults.send_queue_frames, minimum=1),
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, minimum=1),
         shutdown_grace=table.number("shutdown_grace", defaults.shutdown_grace),
+        handshake_timeout=table.number(
+            "handshake_timeout", defaults.handshake_timeout, positive=True
+        ),
+        max_sockets=table.integer("max_sockets", defaults.max_sockets, minimum=1),
         metrics_host=table.text("metrics_host", defaults.metrics_host),
         metrics_port=port("metrics_port", defaults.metrics_port),
         log_format=table.choice("log_format", LOG_FORMATS, defaults.log_format),
