@@ -40,6 +40,7 @@ from ..providers import (
     ServerSentEvent,
     SSEDecoder,
     check_text,
+    embeddings,
 )
 from ._body import (
     MAX_BODY_BYTES,
@@ -253,6 +254,16 @@ class HTTPProviderClient:
         """A fresh reader of this attempt's response (a ``relayrace.providers`` reader)."""
         raise NotImplementedError
 
+    def embed_request(self, call: ClientCall) -> tuple[str, dict[str, Any]] | None:
+        """Where to POST an embeddings call and its JSON body, or ``None`` for a provider
+        without an embeddings API."""
+        return None
+
+    def embed_reply(self, body: Any, call: ClientCall) -> embeddings.Answer:
+        """Read the JSON reply of an embeddings call (a ``relayrace.providers.embeddings``
+        reader)."""
+        raise NotImplementedError
+
     def probe_url(self, model: str | None) -> str | None:
         """The URL a ``models`` probe GETs (the configured ``query`` is added), or ``None``
         when the provider has none."""
@@ -304,45 +315,17 @@ class HTTPProviderClient:
                 cannot be sent as JSON fails as ``bad_request`` (code ``unserializable_request``)
                 before anything is sent.
         """
+        if call.embed is not None:
+            return await self.embed(call, sink)
         reader = self.reader(call)
-        try:
-            content = json.dumps(
-                self.payload(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            ).encode()
-        except (TypeError, ValueError, RecursionError) as exc:
-            # UnicodeEncodeError is a ValueError: the caller's text, never the provider's fault.
-            what = describe("the request cannot be sent as JSON", exc)
-            raise ProviderError(
-                attempt_failure(
-                    Category.BAD_REQUEST,
-                    "unserializable_request",
-                    what,
-                    self.label,
-                    call.actor,
-                    self._secrets,
-                )
-            ) from None
+        content = self._encoded(self.payload(call), call)
         state = AttemptState(stream=call.stream)
         # The answer text is masked as it streams (the key echoed, whole or encoded).
         mask = SecretFilter(self._secrets) if self._secrets else None
         with map_provider_errors(
             state, label=self.label, provider=call.actor, secrets=self._secrets
         ):
-            http = self._client()
-            url = httpx.URL(self.endpoint(call))
-            if self.query:
-                # Merged, not passed as `params`, which would replace the endpoint's own query.
-                url = url.copy_merge_params(self.query)
-            request = http.build_request(
-                "POST",
-                url,
-                content=content,
-                headers={
-                    "content-type": "application/json",
-                    "accept": "text/event-stream" if call.stream else "application/json",
-                },
-            )
-            response = await http.send(request, stream=True)
+            response = await self._post(self.endpoint(call), content, stream=call.stream)
             try:
                 state.response_started = True
                 if not 200 <= response.status_code < 300:
@@ -378,6 +361,96 @@ class HTTPProviderClient:
             logprobs=None if reader.logprobs is None else {"content": reader.logprobs},
             choices=tuple(reader.other_choices()),
         )
+
+    async def embed(self, call: ClientCall, sink: Sink) -> Completion:
+        """Run one embeddings attempt (``call.embed``; ``call`` dispatches here): the same
+        error boundary and body limit as a whole chat answer; the vectors are in
+        ``Completion.embeddings``.
+
+        Raises:
+            ProviderError: the provider failed; ``.failure`` says how. A client kind without an
+                embeddings API fails as ``bad_request`` (code ``no_embeddings``) before
+                anything is sent.
+        """
+        request = self.embed_request(call)
+        if request is None:
+            raise ProviderError(
+                attempt_failure(
+                    Category.BAD_REQUEST,
+                    "no_embeddings",
+                    f"{self.label} has no embeddings API",
+                    self.label,
+                    call.actor,
+                    self._secrets,
+                )
+            )
+        target, payload = request
+        content = self._encoded(payload, call)
+        state = AttemptState(stream=False)
+        with map_provider_errors(
+            state, label=self.label, provider=call.actor, secrets=self._secrets
+        ):
+            response = await self._post(target, content, stream=False)
+            try:
+                state.response_started = True
+                if not 200 <= response.status_code < 300:
+                    content_bytes = await read_at_most(response, _MAX_ERROR_BODY)
+                    raise UpstreamStatus(response.status_code, content_bytes, response.headers)
+                sink.progress()
+                body = json.loads(await read_whole(response, self.max_body_bytes))
+                vectors, model, usage = self.embed_reply(body, call)
+                state.finished = True
+            finally:
+                await response.aclose()
+        return Completion(
+            model=redact(model or call.upstream_model, self._secrets),
+            usage=usage,
+            embeddings=vectors,
+        )
+
+    def _encoded(self, payload: dict[str, Any], call: ClientCall) -> bytes:
+        """The JSON body to send.
+
+        Raises:
+            ProviderError: ``bad_request`` / ``unserializable_request``: the caller's request
+                cannot be sent as JSON.
+        """
+        try:
+            return json.dumps(
+                payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            # UnicodeEncodeError is a ValueError: the caller's text, never the provider's fault.
+            what = describe("the request cannot be sent as JSON", exc)
+            raise ProviderError(
+                attempt_failure(
+                    Category.BAD_REQUEST,
+                    "unserializable_request",
+                    what,
+                    self.label,
+                    call.actor,
+                    self._secrets,
+                )
+            ) from None
+
+    async def _post(self, target: str, content: bytes, *, stream: bool) -> httpx.Response:
+        """Send a JSON body to ``target`` (with the configured ``query``); the response is
+        read by the caller, inside its error boundary."""
+        http = self._client()
+        url = httpx.URL(target)
+        if self.query:
+            # Merged, not passed as `params`, which would replace the endpoint's own query.
+            url = url.copy_merge_params(self.query)
+        request = http.build_request(
+            "POST",
+            url,
+            content=content,
+            headers={
+                "content-type": "application/json",
+                "accept": "text/event-stream" if stream else "application/json",
+            },
+        )
+        return await http.send(request, stream=True)
 
     async def _read_stream(
         self,

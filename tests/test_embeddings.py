@@ -1,0 +1,265 @@
+"""Embeddings with failover: the wire formats, and ``Supervisor.embed`` over real HTTP to the
+mock provider (OpenAI and Gemini formats)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from trio.testing import wait_all_tasks_blocked
+
+from relayrace import (
+    Action,
+    BadRequest,
+    Budgets,
+    Category,
+    Config,
+    EmbedRequest,
+    Policies,
+    ProviderConfig,
+    RequestFailed,
+    RetryPolicy,
+    Route,
+    open_supervisor,
+)
+from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
+from relayrace.providers import MalformedStream, UpstreamErrorBody, embeddings
+from relayrace.testing import (
+    MOCK_DIMENSIONS,
+    Answer,
+    MockProvider,
+    ScriptedClient,
+    mock_vector,
+    serve_mock_provider,
+)
+
+KEY = "sk-mock-0123456789abcdef"
+BUDGETS = Budgets(connect=1.0, first_token=3.0, idle=2.0, attempt=30.0)
+
+
+# --- the wire formats (pure) ----------------------------------------------------------------
+
+
+def test_openai_payload_and_reply() -> None:
+    assert embeddings.openai_payload(["a b", "c"], model="text-embedding-3-small", dimensions=2) == {
+        "model": "text-embedding-3-small",
+        "input": ["a b", "c"],
+        "encoding_format": "float",
+        "dimensions": 2,
+    }
+    packed = base64.b64encode(struct.pack("<2f", 0.5, -0.25)).decode()
+    body = {
+        "object": "list",
+        # Out of order, one of them base64: read by index, decoded.
+        "data": [
+            {"object": "embedding", "index": 1, "embedding": packed},
+            {"object": "embedding", "index": 0, "embedding": [1, 0.125]},
+        ],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
+    vectors, model, usage = embeddings.openai_reply(body, count=2, dimensions=2)
+    assert vectors == ((1.0, 0.125), (0.5, -0.25))
+    assert model == "text-embedding-3-small"
+    assert usage is not None and usage.prompt_tokens == 3
+    # Written back, as numbers and as base64, it reads the same.
+    for encoding in ("float", "base64"):
+        again = embeddings.openai_embeddings(vectors, model="x", usage=usage, encoding_format=encoding)
+        assert embeddings.openai_reply(again, count=2)[0] == vectors
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": [{"index": 0, "embedding": [1.0, 2.0]}]},  # one vector for two inputs
+        {"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]},
+        {"data": [{"index": 0, "embedding": [1.0, 2.0]}, {"index": 0, "embedding": [1.0, 2.0]}]},
+        {"data": [{"index": 0, "embedding": ["1", 2.0]}, {"index": 1, "embedding": [1.0, 2.0]}]},
+        {"data": "nope"},
+        [],
+    ],
+)
+def test_openai_replies_that_cannot_be_read(body: Any) -> None:
+    with pytest.raises(MalformedStream) as caught:
+        embeddings.openai_reply(body, count=2, dimensions=2)
+    assert caught.value.code == "malformed_response"
+
+
+def test_an_error_in_a_200_is_an_upstream_error() -> None:
+    body = {"error": {"message": "no", "type": "invalid_request_error"}}
+    with pytest.raises(UpstreamErrorBody):
+        embeddings.openai_reply(body, count=1)
+    with pytest.raises(UpstreamErrorBody):
+        embeddings.gemini_reply(body, count=1)
+
+
+def test_gemini_batch_payload_and_reply() -> None:
+    assert embeddings.gemini_path("gemini-embedding-001") == (
+        "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    )
+    assert embeddings.gemini_payload(["a", "b"], model="gemini-embedding-001", dimensions=3) == {
+        "requests": [
+            {
+                "model": "models/gemini-embedding-001",
+                "content": {"parts": [{"text": text}]},
+                "outputDimensionality": 3,
+            }
+            for text in ("a", "b")
+        ]
+    }
+    body = {"embeddings": [{"values": [0.0, 1.0, 2.0]}, {"values": [3, 4, 5]}]}
+    vectors, model, usage = embeddings.gemini_reply(body, count=2, dimensions=3)
+    assert vectors == ((0.0, 1.0, 2.0), (3.0, 4.0, 5.0))
+    assert (model, usage) == (None, None)
+    with pytest.raises(MalformedStream):
+        embeddings.gemini_reply({"embeddings": [{"values": [0.0, 1.0, 2.0]}]}, count=2)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "field"),
+    [
+        (("", "a"), {}, "model"),
+        (("r", []), {}, "input"),
+        (("r", 7), {}, "input"),
+        (("r", ["a", ""]), {}, "input[1]"),
+        (("r", ["a", [1, 2]]), {}, "input[1]"),
+        (("r", "a"), {"dimensions": 0}, "dimensions"),
+        (("r", "a"), {"dimensions": True}, "dimensions"),
+        (("r", "a"), {"encoding_format": "int8"}, "encoding_format"),
+    ],
+)
+def test_bad_requests_name_the_field(args: Any, kwargs: Any, field: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        EmbedRequest(*args, **kwargs)
+    assert caught.value.field == field
+
+
+# --- the supervisor over real HTTP to the mock provider ----------------------------------------
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockProvider]:
+    async with serve_mock_provider() as provider:
+        yield provider
+        await wait_all_tasks_blocked()
+        assert provider.open_connections == 0
+        assert provider.errors == []
+
+
+def client_for(mock: MockProvider, fmt: str) -> Any:
+    if fmt == "openai":
+        return OpenAIClient(base_url=f"{mock.base_url}/v1", api_key=KEY)
+    if fmt == "anthropic":
+        return AnthropicClient(base_url=mock.base_url, api_key=KEY)
+    if fmt == "gemini":
+        return GeminiClient(base_url=mock.base_url, api_key=KEY)
+    return ScriptedClient([Answer()] * 4)
+
+
+def config(mock: MockProvider, *providers: tuple[str, str, str]) -> Config:
+    """Providers ``(name, format, model)``, one route ``m`` over them in order."""
+    return Config(
+        providers=[
+            ProviderConfig(
+                name=name, client=client_for(mock, fmt), model=f"{model},tag={name}", budgets=BUDGETS
+            )
+            for name, fmt, model in providers
+        ],
+        routes=[Route(model="m", chain=[name for name, _, _ in providers])],
+        policies=Policies(retry=RetryPolicy(max_attempts=1)),
+        seed=7,
+    )
+
+
+@pytest.mark.parametrize("fmt", ["openai", "gemini"])
+async def test_vectors_come_back_in_input_order(mock: MockProvider, fmt: str) -> None:
+    async with open_supervisor(config(mock, ("p", fmt, "ok"))) as sup:
+        reply = await sup.embed(EmbedRequest("m", ["the quick fox", "a lazy dog"]))
+        sized = await sup.embed(EmbedRequest("m", "one", dimensions=3))
+    assert reply.provider == "p"
+    assert reply.vectors == (mock_vector("the quick fox"), mock_vector("a lazy dog"))
+    assert len(reply.vectors[0]) == MOCK_DIMENSIONS
+    assert reply.model == "ok,tag=p"
+    assert sized.vectors == (mock_vector("one", 3),)
+    if fmt == "openai":
+        assert reply.usage is not None and reply.usage.prompt_tokens == 6
+    else:
+        assert reply.usage is None  # Gemini reports none
+
+
+async def test_gemini_gets_its_batch_format(mock: MockProvider) -> None:
+    async with open_supervisor(config(mock, ("g", "gemini", "ok"))) as sup:
+        await sup.embed(EmbedRequest("m", ["a", "b"], dimensions=4))
+    [attempt] = mock.log
+    assert attempt.path == "/v1beta/models/ok%2Ctag%3Dg:batchEmbedContents"
+    assert attempt.request == {
+        "requests": [
+            {
+                "model": "models/ok,tag=g",
+                "content": {"parts": [{"text": text}]},
+                "outputDimensionality": 4,
+            }
+            for text in ("a", "b")
+        ]
+    }
+
+
+@pytest.mark.parametrize("fault", ["server-error", "malformed", "rate-limit"])
+async def test_failover_from_a_failing_provider(mock: MockProvider, fault: str) -> None:
+    cfg = config(mock, ("bad", "openai", fault), ("good", "gemini", "ok"))
+    async with open_supervisor(cfg) as sup:
+        reply = await sup.embed(EmbedRequest("m", ["x"]))
+    assert reply.provider == "good"
+    assert reply.vectors == (mock_vector("x"),)
+    assert [a.actor for a in reply.attempts] == ["bad", "good"]
+    assert reply.attempts[0].failure is not None
+    assert reply.decisions[-1].action is Action.FAILOVER
+
+
+async def test_a_provider_without_embeddings_is_skipped(mock: MockProvider) -> None:
+    cfg = config(mock, ("claude", "anthropic", "ok"), ("o", "openai", "ok"))
+    async with open_supervisor(cfg) as sup:
+        reply = await sup.embed(EmbedRequest("m", "x"))
+    assert reply.provider == "o"
+    skip = reply.decisions[0]
+    assert (skip.action, skip.actor) == (Action.SKIP, "claude")
+    assert "embeddings" in skip.reason
+    assert (skip.rule.rule, skip.rule.value) == ("embeddings", "false")
+    assert [a.path for a in mock.log] == ["/v1/embeddings"]  # no call to Anthropic
+
+
+async def test_a_route_that_cannot_embed_is_a_bad_request_before_any_call(
+    mock: MockProvider,
+) -> None:
+    async with open_supervisor(config(mock, ("claude", "anthropic", "ok"))) as sup:
+        with pytest.raises(BadRequest) as caught:
+            await sup.embed(EmbedRequest("m", "x"))
+        with pytest.raises(BadRequest):
+            await sup.embed(EmbedRequest("nope", "x"))
+    assert caught.value.field == "model"
+    assert "claude: default:capabilities.embeddings=false" in str(caught.value)
+    assert mock.log == []
+
+
+async def test_a_client_that_answers_like_chat_fails_over(mock: MockProvider) -> None:
+    # A scripted client declares every capability but gives no vectors.
+    cfg = config(mock, ("scripted", "scripted", "ok"), ("o", "openai", "ok"))
+    async with open_supervisor(cfg) as sup:
+        reply = await sup.embed(EmbedRequest("m", "x"))
+    assert reply.provider == "o"
+    assert reply.attempts[0].actor == "scripted"
+    decision = reply.decisions[0]
+    assert decision.action is Action.FAILOVER
+    assert "stream_error" in decision.reason
+
+
+async def test_every_provider_failing_is_a_request_failed(mock: MockProvider) -> None:
+    cfg = config(mock, ("a", "openai", "unavailable"), ("b", "gemini", "server-error"))
+    async with open_supervisor(cfg) as sup:
+        with pytest.raises(RequestFailed) as caught:
+            await sup.embed(EmbedRequest("m", "x"))
+    assert caught.value.failure.category is Category.PROVIDER_5XX
+    assert [a.actor for a in caught.value.attempts] == ["a", "b"]
