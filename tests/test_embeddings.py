@@ -1,14 +1,19 @@
-"""Embeddings with failover: the wire formats, and ``Supervisor.embed`` over real HTTP to the
-mock provider (OpenAI and Gemini formats)."""
+"""Embeddings with failover: the wire formats, ``Supervisor.embed`` over real HTTP to the mock
+provider (OpenAI and Gemini formats), and ``POST /v1/embeddings`` with the official ``openai``
+SDK."""
 
 from __future__ import annotations
 
 import base64
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
+import openai
 import pytest
+import trio
 from trio.testing import wait_all_tasks_blocked
 
 from relayrace import (
@@ -23,10 +28,12 @@ from relayrace import (
     RequestFailed,
     RetryPolicy,
     Route,
+    Supervisor,
     open_supervisor,
 )
 from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
 from relayrace.providers import MalformedStream, UpstreamErrorBody, embeddings
+from relayrace.server import ServerSettings, serve
 from relayrace.testing import (
     MOCK_DIMENSIONS,
     Answer,
@@ -37,6 +44,7 @@ from relayrace.testing import (
 )
 
 KEY = "sk-mock-0123456789abcdef"
+TOKEN = "embed-s3cret-token"
 BUDGETS = Budgets(connect=1.0, first_token=3.0, idle=2.0, attempt=30.0)
 
 
@@ -263,3 +271,118 @@ async def test_every_provider_failing_is_a_request_failed(mock: MockProvider) ->
             await sup.embed(EmbedRequest("m", "x"))
     assert caught.value.failure.category is Category.PROVIDER_5XX
     assert [a.actor for a in caught.value.attempts] == ["a", "b"]
+
+
+# --- POST /v1/embeddings ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def gateway(cfg: Config) -> AsyncIterator[tuple[Supervisor, str]]:
+    async with open_supervisor(cfg) as sup, trio.open_nursery() as nursery:
+        settings = ServerSettings(http_port=0, ws_port=None, tokens=[TOKEN])
+        server = await nursery.start(serve, sup, settings)
+        assert server.http_url is not None
+        yield sup, server.http_url
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def sdk(cfg: Config) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with gateway(cfg) as (_, url), httpx.AsyncClient(timeout=None) as http_client:
+        yield openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key=TOKEN, http_client=http_client, max_retries=0
+        )
+
+
+# These run on the real clock (the SDK looks up the platform in a worker thread).
+
+
+async def test_openai_sdk_embeddings_with_failover(mock: MockProvider) -> None:
+    cfg = config(mock, ("claude", "anthropic", "ok"), ("bad", "openai", "overloaded"), ("o", "openai", "ok"))
+    async with sdk(cfg) as ai:
+        raw = await ai.embeddings.with_raw_response.create(
+            model="m", input=["alpha beta", "gamma"]
+        )
+        many = raw.parse()
+        one = await ai.embeddings.create(model="m", input="alpha beta", encoding_format="float")
+        sized = await ai.embeddings.create(model="m", input=["delta"], dimensions=5)
+    assert raw.headers["x-relayrace-provider"] == "o"
+    # The SDK asks for base64 by default and decodes it: the same floats either way.
+    assert [d.embedding for d in many.data] == [
+        list(mock_vector("alpha beta")),
+        list(mock_vector("gamma")),
+    ]
+    assert [d.index for d in many.data] == [0, 1]
+    assert many.model == "ok,tag=o"
+    assert many.usage.prompt_tokens == 3
+    assert one.data[0].embedding == list(mock_vector("alpha beta"))
+    assert sized.data[0].embedding == list(mock_vector("delta", 5))
+    trace = (many.model_extra or {})["relayrace"]
+    assert trace["provider"] == "o"
+    assert [a["actor"] for a in trace["attempts"]] == ["bad", "o"]
+    assert [d["action"] for d in trace["decisions"]][0] == "skip"
+    # The one provider that failed sent an overloaded error per request that reached it.
+    assert [a.model for a in mock.log].count("overloaded,tag=bad") >= 1
+
+
+async def test_openai_sdk_sees_embedding_errors(mock: MockProvider) -> None:
+    cfg = config(mock, ("a", "openai", "rate-limit,retry_after=30"))
+    async with sdk(cfg) as ai:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await ai.embeddings.create(model="m", input="x")
+        with pytest.raises(openai.NotFoundError):
+            await ai.embeddings.create(model="nope", input="x")
+    assert caught.value.response.headers["retry-after"] == "30"
+    assert caught.value.body is not None
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        ({"model": "m", "input": []}, 400, "input"),
+        ({"model": "m", "input": ["a", 3]}, 400, "input[1]"),
+        ({"model": "m", "input": "a", "dimensions": -1}, 400, "dimensions"),
+        ({"model": "m", "input": "a", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"model": "m", "input": "a", "temperature": 1}, 400, "temperature"),
+        ({"input": "a"}, 400, "model"),
+        ({"model": "nope", "input": "a"}, 404, "model"),
+        ({"model": "claude-only", "input": "a"}, 400, "model"),
+    ],
+)
+async def test_bad_input_is_refused_before_any_provider_call(
+    autojump_clock: Any, mock: MockProvider, payload: dict[str, Any], status: int, param: str
+) -> None:
+    cfg = config(mock, ("claude", "anthropic", "ok"), ("o", "openai", "ok"))
+    cfg = Config(
+        providers=cfg.providers,
+        routes=[*cfg.routes, Route(model="claude-only", chain=["claude"])],
+        policies=cfg.policies,
+    )
+    async with gateway(cfg) as (_, url):
+        async with httpx.AsyncClient(timeout=None) as http:
+            response = await http.post(
+                f"{url}/v1/embeddings",
+                json=payload,
+                headers={"authorization": f"Bearer {TOKEN}"},
+            )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert mock.log == []
+
+
+async def test_a_failed_request_carries_its_trace(autojump_clock: Any, mock: MockProvider) -> None:
+    cfg = config(mock, ("a", "openai", "server-error"), ("b", "gemini", "unavailable"))
+    async with gateway(cfg) as (_, url):
+        async with httpx.AsyncClient(timeout=None) as http:
+            response = await http.post(
+                f"{url}/v1/embeddings",
+                json={"model": "m", "input": "x"},
+                headers={"authorization": f"Bearer {TOKEN}"},
+            )
+    assert response.status_code == 502
+    body = response.json()
+    assert body["error"]["type"] == "upstream_error"
+    assert [a["actor"] for a in body["relayrace"]["attempts"]] == ["a", "b"]
+    assert KEY not in response.text

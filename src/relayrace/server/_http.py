@@ -24,6 +24,7 @@ import trio
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str, reply_trace
+from ._embeddings import embeddings_route
 from ._settings import ServerSettings
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
@@ -180,6 +181,7 @@ class OpenAIApp:
         method: str = scope["method"]
         routes = {
             "/v1/chat/completions": ("POST", self._chat_completions),
+            "/v1/embeddings": ("POST", embeddings_route(self)),
             "/v1/models": ("GET", self._models_list),
             "/healthz": ("GET", self._healthz),
         }
