@@ -386,3 +386,27 @@ async def test_a_failed_request_carries_its_trace(autojump_clock: Any, mock: Moc
     assert body["error"]["type"] == "upstream_error"
     assert [a["actor"] for a in body["relayrace"]["attempts"]] == ["a", "b"]
     assert KEY not in response.text
+
+
+async def test_a_client_disconnecting_cancels_the_upstream_call(
+    autojump_clock: Any, mock: MockProvider
+) -> None:
+    cfg = config(mock, ("o", "openai", "hang"))
+    async with gateway(cfg) as (sup, url):
+        port = int(url.rsplit(":", 1)[1])
+        data = b'{"model": "m", "input": "x"}'
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                b"POST /v1/embeddings HTTP/1.1\r\nhost: relayrace\r\n"
+                b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (TOKEN.encode(), len(data), data)
+            )
+            await wait_all_tasks_blocked()
+            assert [a.outcome for a in mock.log] == ["pending"]  # the mock hangs
+        await wait_all_tasks_blocked()
+        assert [a.outcome for a in mock.log] == ["hang"]
+        # The upstream connection was closed at once, and it is nobody's failure.
+        assert mock.log[0].client_closed_at == 0
+        assert sup.health()["o"].consecutive_failures == 0
+        assert trio.current_time() == 0

@@ -57,10 +57,15 @@ def vector_of(values: Any) -> Vector | None:
         return None
     if not floats:
         return None
-    for x in floats:
-        if (type(x) is not float and type(x) is not int) or not math.isfinite(x):
-            return None
-    return tuple(float(x) for x in floats)
+    # The common case in one pass in C (every value a float), ints converted otherwise; a sum
+    # that is not finite means an inf or a NaN (or values near 1e308: no embedding's).
+    if all(type(x) is float for x in floats):
+        vector = tuple(floats)
+    elif all(type(x) is float or type(x) is int for x in floats):
+        vector = tuple(map(float, floats))
+    else:
+        return None
+    return vector if math.isfinite(sum(vector)) else None
 
 
 def _malformed(message: str) -> MalformedStream:
