@@ -341,7 +341,7 @@ async def test_the_request_body_is_limited(autojump_clock):
 async def test_unknown_paths_and_methods(autojump_clock):
     cfg = config(scripted_provider("a"))
     async with running(cfg) as (_, _, http):
-        missing = await http.get("/v1/embeddings")
+        missing = await http.get("/v1/audio/speech")
         wrong = await http.get("/v1/chat/completions")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "unknown_url"

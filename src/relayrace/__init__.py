@@ -5,6 +5,9 @@ from ._config import Budgets as Budgets
 from ._config import Config as Config
 from ._config import ProviderConfig as ProviderConfig
 from ._config import Route as Route
+from ._embedding import Embedding as Embedding
+from ._embedding import EmbeddingsReply as EmbeddingsReply
+from ._embedding import EmbedRequest as EmbedRequest
 from ._errors import BadRequest as BadRequest
 from ._errors import ConfigError as ConfigError
 from ._errors import ConfigErrors as ConfigErrors
@@ -68,6 +71,9 @@ __all__ = [
     "ConfigErrors",
     "Decision",
     "Delta",
+    "EmbedRequest",
+    "Embedding",
+    "EmbeddingsReply",
     "Event",
     "EventKind",
     "FailoverAction",

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
+from ._embedding import EmbedRequest
 from ._values import Choice, Request, ToolCallDelta, Usage
 
 #: the yes/no capabilities, in the order a skip names the first one missing.
@@ -85,6 +86,10 @@ class ClientCall:
         stream: stream the answer (deltas as they come) rather than ask for it whole.
         prefill: text the answer must continue (an assistant prefill), or ``None``.
         actor: the name of the actor making the call (for error messages).
+        embed: the kind of call: set, an embeddings call of this request (``request`` is then
+            the run's stand-in, never sent); ``None``, a chat call of ``request``. A client that
+            answers an embeddings call returns its vectors in ``Completion.embeddings``; one
+            that answers it like a chat call fails the attempt (``malformed_response``).
     """
 
     request: Request
@@ -92,6 +97,7 @@ class ClientCall:
     stream: bool = False
     prefill: str | None = None
     actor: str = ""
+    embed: EmbedRequest | None = None
 
     @property
     def upstream_model(self) -> str:
@@ -106,6 +112,7 @@ class Completion:
         refusal: what the model said instead of an answer, if it did.
         logprobs: the answer's log probabilities (OpenAI's ``{"content": [...]}``), if given.
         choices: the choices past the first (``n > 1``), whole.
+        embeddings: the vectors of an embeddings call (``ClientCall.embed``), in input order.
     """
 
     model: str
@@ -114,6 +121,7 @@ class Completion:
     refusal: str | None = None
     logprobs: Mapping[str, Any] | None = None
     choices: tuple[Choice, ...] = ()
+    embeddings: tuple[tuple[float, ...], ...] | None = None
 
 
 class Sink(Protocol):

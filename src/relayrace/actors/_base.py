@@ -22,16 +22,15 @@ import logging
 import math
 import ssl
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar
 
 import httpx
 import trio
 
 from .._client import PROBE_MODES, Capabilities, ClientCall, Completion, ProbeMode, Sink
-from .._errors import ConfigError, ProviderError
+from .._errors import ProviderError
 from .._failure import Category
 from .._redact import SecretFilter, redact, secret_forms
-from .._table import Table
 from .._values import ToolCallDelta
 from ..providers import (
     MAX_EVENT_BYTES,
@@ -41,6 +40,7 @@ from ..providers import (
     ServerSentEvent,
     SSEDecoder,
     check_text,
+    embeddings,
 )
 from ._body import (
     MAX_BODY_BYTES,
@@ -53,6 +53,8 @@ from ._body import (
 )
 from ._boundary import AttemptState, UpstreamStatus, attempt_failure, describe, map_provider_errors
 from ._job import JobSink
+from ._options import ClientOptions as ClientOptions
+from ._options import options_from_table as options_from_table
 from ._probe import DISCARD, completion_probe, get_ok
 from ._transport import TRANSPORTS, make_http_client, tls_context
 
@@ -72,25 +74,6 @@ _MAX_ERROR_BODY = 64 * 1024
 
 # Header names whose configured values are secrets (masked in every message, like the key).
 _SECRET_HEADER_WORDS = ("key", "auth", "token", "secret", "cookie")
-
-
-class ClientOptions(TypedDict, total=False):
-    """The constructor options every HTTP provider client takes (see ``HTTPProviderClient``);
-    each client adds its own."""
-
-    base_url: str
-    api_key: str | None
-    headers: Mapping[str, str] | None
-    query: Mapping[str, str] | None
-    extra_body: Mapping[str, Any] | None
-    accepts_continuation: bool
-    max_connections: int
-    connect_timeout: float
-    transport: httpx.AsyncBaseTransport | str
-    max_body_bytes: int
-    max_sse_line_bytes: int
-    max_event_bytes: int
-    probe: ProbeMode
 
 
 class HTTPProviderClient:
@@ -272,6 +255,16 @@ class HTTPProviderClient:
         """A fresh reader of this attempt's response (a ``relayrace.providers`` reader)."""
         raise NotImplementedError
 
+    def embed_request(self, call: ClientCall) -> tuple[str, dict[str, Any]] | None:
+        """Where to POST an embeddings call and its JSON body, or ``None`` for a provider
+        without an embeddings API."""
+        return None
+
+    def embed_reply(self, body: Any, call: ClientCall) -> embeddings.Answer:
+        """Read the JSON reply of an embeddings call (a ``relayrace.providers.embeddings``
+        reader)."""
+        raise NotImplementedError
+
     def probe_url(self, model: str | None) -> str | None:
         """The URL a ``models`` probe GETs (the configured ``query`` is added), or ``None``
         when the provider has none."""
@@ -323,6 +316,8 @@ class HTTPProviderClient:
                 cannot be sent as JSON fails as ``bad_request`` (code ``unserializable_request``)
                 before anything is sent.
         """
+        if call.embed is not None:
+            return await self.embed(call, sink)
         reader = self.reader(call)
         try:
             return await self._attempt(call, sink, reader)
@@ -332,44 +327,14 @@ class HTTPProviderClient:
             raise
 
     async def _attempt(self, call: ClientCall, sink: Sink, reader: Reader) -> Completion:
-        try:
-            content = json.dumps(
-                self.payload(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            ).encode()
-        except (TypeError, ValueError, RecursionError) as exc:
-            # UnicodeEncodeError is a ValueError: the caller's text, never the provider's fault.
-            what = describe("the request cannot be sent as JSON", exc)
-            raise ProviderError(
-                attempt_failure(
-                    Category.BAD_REQUEST,
-                    "unserializable_request",
-                    what,
-                    self.label,
-                    call.actor,
-                    self._secrets,
-                )
-            ) from None
+        content = self._encoded(self.payload(call), call)
         state = AttemptState(stream=call.stream)
         # The answer text is masked as it streams (the key echoed, whole or encoded).
         mask = SecretFilter(self._secrets) if self._secrets else None
         with map_provider_errors(
             state, label=self.label, provider=call.actor, secrets=self._secrets
         ):
-            http = self._client()
-            url = httpx.URL(self.endpoint(call))
-            if self.query:
-                # Merged, not passed as `params`, which would replace the endpoint's own query.
-                url = url.copy_merge_params(self.query)
-            request = http.build_request(
-                "POST",
-                url,
-                content=content,
-                headers={
-                    "content-type": "application/json",
-                    "accept": "text/event-stream" if call.stream else "application/json",
-                },
-            )
-            response = await http.send(request, stream=True)
+            response = await self._post(self.endpoint(call), content, stream=call.stream)
             try:
                 state.response_started = True
                 if not 200 <= response.status_code < 300:
@@ -405,6 +370,96 @@ class HTTPProviderClient:
             logprobs=None if reader.logprobs is None else {"content": reader.logprobs},
             choices=tuple(reader.other_choices()),
         )
+
+    async def embed(self, call: ClientCall, sink: Sink) -> Completion:
+        """Run one embeddings attempt (``call.embed``; ``call`` dispatches here): the same
+        error boundary and body limit as a whole chat answer; the vectors are in
+        ``Completion.embeddings``.
+
+        Raises:
+            ProviderError: the provider failed; ``.failure`` says how. A client kind without an
+                embeddings API fails as ``bad_request`` (code ``no_embeddings``) before
+                anything is sent.
+        """
+        request = self.embed_request(call)
+        if request is None:
+            raise ProviderError(
+                attempt_failure(
+                    Category.BAD_REQUEST,
+                    "no_embeddings",
+                    f"{self.label} has no embeddings API",
+                    self.label,
+                    call.actor,
+                    self._secrets,
+                )
+            )
+        target, payload = request
+        content = self._encoded(payload, call)
+        state = AttemptState(stream=False)
+        with map_provider_errors(
+            state, label=self.label, provider=call.actor, secrets=self._secrets
+        ):
+            response = await self._post(target, content, stream=False)
+            try:
+                state.response_started = True
+                if not 200 <= response.status_code < 300:
+                    content_bytes = await read_at_most(response, _MAX_ERROR_BODY)
+                    raise UpstreamStatus(response.status_code, content_bytes, response.headers)
+                sink.progress()
+                body = json.loads(await read_whole(response, self.max_body_bytes))
+                vectors, model, usage = self.embed_reply(body, call)
+                state.finished = True
+            finally:
+                await response.aclose()
+        return Completion(
+            model=redact(model or call.upstream_model, self._secrets),
+            usage=usage,
+            embeddings=vectors,
+        )
+
+    def _encoded(self, payload: dict[str, Any], call: ClientCall) -> bytes:
+        """The JSON body to send.
+
+        Raises:
+            ProviderError: ``bad_request`` / ``unserializable_request``: the caller's request
+                cannot be sent as JSON.
+        """
+        try:
+            return json.dumps(
+                payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            # UnicodeEncodeError is a ValueError: the caller's text, never the provider's fault.
+            what = describe("the request cannot be sent as JSON", exc)
+            raise ProviderError(
+                attempt_failure(
+                    Category.BAD_REQUEST,
+                    "unserializable_request",
+                    what,
+                    self.label,
+                    call.actor,
+                    self._secrets,
+                )
+            ) from None
+
+    async def _post(self, target: str, content: bytes, *, stream: bool) -> httpx.Response:
+        """Send a JSON body to ``target`` (with the configured ``query``); the response is
+        read by the caller, inside its error boundary."""
+        http = self._client()
+        url = httpx.URL(target)
+        if self.query:
+            # Merged, not passed as `params`, which would replace the endpoint's own query.
+            url = url.copy_merge_params(self.query)
+        request = http.build_request(
+            "POST",
+            url,
+            content=content,
+            headers={
+                "content-type": "application/json",
+                "accept": "text/event-stream" if stream else "application/json",
+            },
+        )
+        return await http.send(request, stream=True)
 
     async def _read_stream(
         self,
@@ -538,63 +593,3 @@ def _secrets_of(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, .
             if token and scheme.isalpha():
                 secrets.append(token)
     return tuple(secrets)
-
-
-# --- reading a client's config table ---------------------------------------------------------------
-
-
-def options_from_table(
-    table: Table, *, base_url: str, max_connections: int, connect_timeout: float
-) -> ClientOptions:
-    """The constructor options every HTTP client reads from its provider's config table
-    (``ClientOptions``, to pass on with ``**``).
-
-    Reads ``base_url`` (defaults to the provider's public API), ``api_key_env`` (the NAME of
-    the environment variable that holds the key), ``headers`` and ``query`` (tables of strings)
-    and ``extra_body`` (a table merged into every request body, under what the request sets),
-    and the limits on what the provider may send: ``max_body_bytes``, ``max_sse_line_bytes``,
-    ``max_event_bytes`` (see ``HTTPProviderClient``), ``transport`` (``h11`` or ``httpx``)
-    and ``probe`` (``models``, ``completion`` or ``off``: what an active probe of a benched
-    provider sends). The pool size and connect timeout come from the provider's
-    ``max_concurrency`` and
-    ``budgets.connect``, read by the config before the client's own keys.
-
-    Raises:
-        ConfigError: a key has the wrong type, or the named environment variable is unset.
-    """
-    url = table.text("base_url", base_url)
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(_at(table, "base_url"), "an http:// or https:// URL", url)
-    extra_body = table.raw("extra_body", None)
-    if extra_body is not None and not isinstance(extra_body, Mapping):
-        raise ConfigError(_at(table, "extra_body"), "a table", extra_body)
-    return ClientOptions(
-        base_url=url,
-        api_key=table.env("api_key_env"),
-        headers=_string_table(table, "headers"),
-        query=_string_table(table, "query"),
-        extra_body=extra_body,
-        max_connections=max_connections,
-        connect_timeout=connect_timeout,
-        max_body_bytes=table.integer("max_body_bytes", MAX_BODY_BYTES, minimum=1),
-        max_sse_line_bytes=table.integer("max_sse_line_bytes", MAX_SSE_LINE_BYTES, minimum=1),
-        max_event_bytes=table.integer("max_event_bytes", MAX_EVENT_BYTES, minimum=1),
-        transport=table.choice("transport", TRANSPORTS, "h11"),
-        probe=table.choice("probe", PROBE_MODES, "models"),
-    )
-
-
-def _string_table(table: Table, key: str) -> dict[str, str] | None:
-    value = table.raw(key, None)
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise ConfigError(_at(table, key), "a table of strings", value)
-    for name, item in value.items():
-        if not isinstance(item, str):
-            raise ConfigError(f"{_at(table, key)}.{name}", "a string", item)
-    return dict(value)
-
-
-def _at(table: Table, key: str) -> str:
-    return f"{table.path}.{key}" if table.path else key

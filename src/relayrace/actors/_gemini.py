@@ -2,7 +2,8 @@
 
 ``POST {base_url}/{version}/models/{model}:generateContent`` (whole) or
 ``:streamGenerateContent?alt=sse`` (streamed), with the key in ``x-goog-api-key`` (never in
-the URL: URLs end up in error messages). The wire format (and how an OpenAI-style request is
+the URL: URLs end up in error messages). Embeddings (``embed``): ``:batchEmbedContents``
+(``relayrace.providers.embeddings``). The wire format (and how an OpenAI-style request is
 translated) is ``relayrace.providers.gemini``.
 """
 
@@ -12,7 +13,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, Unpack
 
 from .._client import Capabilities, ClientCall
-from ..providers import GeminiReader, Reader, gemini
+from ..providers import GeminiReader, Reader, embeddings, gemini
 from ._base import ClientOptions, HTTPProviderClient, options_from_table
 
 if TYPE_CHECKING:
@@ -102,3 +103,18 @@ class GeminiClient(HTTPProviderClient):
 
     def reader(self, call: ClientCall) -> Reader:
         return GeminiReader(call.upstream_model)
+
+    def embed_request(self, call: ClientCall) -> tuple[str, dict[str, Any]] | None:
+        assert call.embed is not None
+        path = embeddings.gemini_path(call.upstream_model, api_version=self.api_version)
+        # Not ``extra_body``: it holds chat fields (``safetySettings``), refused here.
+        body = embeddings.gemini_payload(
+            call.embed.input, model=call.upstream_model, dimensions=call.embed.dimensions
+        )
+        return f"{self.base_url}{path}", body
+
+    def embed_reply(self, body: Any, call: ClientCall) -> embeddings.Answer:
+        assert call.embed is not None
+        return embeddings.gemini_reply(
+            body, count=len(call.embed.input), dimensions=call.embed.dimensions
+        )

@@ -1,6 +1,7 @@
-"""``OpenAIClient``: OpenAI chat completions, and every server that speaks them.
+"""``OpenAIClient``: OpenAI chat completions and embeddings, and every server that speaks them.
 
 ``POST {base_url}/chat/completions``; the wire format is ``relayrace.providers.openai``.
+Embeddings (``embed``): ``POST {base_url}/embeddings`` (``relayrace.providers.embeddings``).
 Works for OpenAI, Azure OpenAI (``auth="api-key"`` and ``query={"api-version": …}``) and any
 OpenAI-compatible server (vLLM, Ollama, OpenRouter, LiteLLM…) by its base URL.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from .._client import Capabilities, ClientCall
-from ..providers import OpenAIReader, Reader, openai
+from ..providers import OpenAIReader, Reader, embeddings, openai
 from ._base import ClientOptions, HTTPProviderClient, options_from_table
 
 if TYPE_CHECKING:
@@ -117,3 +118,17 @@ class OpenAIClient(HTTPProviderClient):
 
     def reader(self, call: ClientCall) -> Reader:
         return OpenAIReader(call.upstream_model)
+
+    def embed_request(self, call: ClientCall) -> tuple[str, dict[str, Any]] | None:
+        assert call.embed is not None
+        # Not ``extra_body``: it holds chat fields, which an embeddings endpoint may refuse.
+        body = embeddings.openai_payload(
+            call.embed.input, model=call.upstream_model, dimensions=call.embed.dimensions
+        )
+        return f"{self.base_url}{embeddings.OPENAI_PATH}", body
+
+    def embed_reply(self, body: Any, call: ClientCall) -> embeddings.Answer:
+        assert call.embed is not None
+        return embeddings.openai_reply(
+            body, count=len(call.embed.input), dimensions=call.embed.dimensions
+        )

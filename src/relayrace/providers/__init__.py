@@ -1,5 +1,6 @@
 """The providers' wire formats, pure: request payloads, response readers, error codes and
-encoders for OpenAI, Anthropic and Gemini, and ``classify``.
+encoders for OpenAI, Anthropic and Gemini, their embeddings APIs (``embeddings``), and
+``classify``.
 
 Nothing here does I/O or imports trio or httpx: the clients (``relayrace.actors``), the
 gateway and the mock provider (``relayrace.testing``) use these to speak each format, which is
@@ -8,6 +9,7 @@ here) listed in ``FORMATS``.
 """
 
 from . import _anthropic as anthropic
+from . import _embeddings as embeddings
 from . import _gemini as gemini
 from . import _openai as openai
 from ._anthropic import AnthropicReader as AnthropicReader
@@ -51,6 +53,7 @@ __all__ = [
     "check_text",
     "classify",
     "dumps",
+    "embeddings",
     "encode_event",
     "gemini",
     "get",

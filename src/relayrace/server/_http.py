@@ -28,6 +28,7 @@ from ..providers import openai
 from ._admin import AdminAPI, Operations
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, reply_trace
+from ._embeddings import embeddings_route
 from ._models import MODEL_PATH, model_object, model_objects
 from ._probes import Probes
 from ._settings import ServerSettings
@@ -189,6 +190,7 @@ class OpenAIApp:
         method: str = scope["method"]
         routes = {
             "/v1/chat/completions": ("POST", self._chat_completions),
+            "/v1/embeddings": ("POST", embeddings_route(self)),
             "/v1/models": ("GET", self._models_list),
             "/healthz": ("GET", self._healthz),
             "/livez": ("GET", self._probes.livez),

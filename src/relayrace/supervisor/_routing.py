@@ -123,9 +123,14 @@ def _apply_strategy(
 
 
 def capability_skips(
-    request: Request, route: str, chain: list[ProviderActor]
+    request: Request,
+    route: str,
+    chain: list[ProviderActor],
+    *,
+    embed: bool = False,
 ) -> dict[str, Decision]:
-    """The skip decision of each actor of ``chain`` that cannot serve ``request``.
+    """The skip decision of each actor of ``chain`` that cannot serve ``request`` (``embed``:
+    an embeddings call, which needs ``embeddings`` and nothing of a chat request).
 
     Raises:
         BadRequest: no actor of the route can serve it (naming the first capability missing).
@@ -133,9 +138,11 @@ def capability_skips(
     limited = [a for a in chain if not a.capabilities.everything]
     if not limited:
         return {}  # the common case: nothing to work out
-    needs = needed_capabilities(request)
+    needs = ("embeddings",) if embed else needed_capabilities(request)
     tokens = (
-        estimated_tokens(request)
+        None
+        if embed
+        else estimated_tokens(request)
         if any(a.capabilities.max_context_tokens is not None for a in limited)
         else None
     )
@@ -149,6 +156,8 @@ def capability_skips(
         field = "messages" if first.rule in ("vision", "max_context_tokens") else "params"
         if first.rule == "tools" and not request.params.get("tools"):
             field = "messages"
+        elif first.rule == "embeddings":
+            field = "model"
         elif field == "params":
             field = {"json_schema": "params.response_format"}.get(
                 first.rule, f"params.{first.rule}"

@@ -30,6 +30,7 @@ from .._decide import (
     no_provider_left,
     skip_for_continuation,
 )
+from .._embedding import EmbedRequest, no_vectors
 from .._errors import RequestFailed
 from .._events import EventKind, Subscribers
 from .._failure import Category, Failure
@@ -93,6 +94,8 @@ class Run:
         "_lacking",
         "_held",
         "_tools_actor",
+        "embed",
+        "embeddings",
     )
 
     def __init__(
@@ -104,14 +107,17 @@ class Run:
         *,
         streaming: bool,
         surface: str = "python",
+        embed: EmbedRequest | None = None,
     ):
         self.ledger = ledger
         self.events = events
         self.request = request
         self.route, self.chain = route
         self.streaming = streaming
+        self.embed = embed  # the kind of call: embeddings (``request``: a stand-in), or chat
+        self.embeddings: tuple[tuple[float, ...], ...] = ()  # the vectors of its answer
         #: the actors that lack a capability the request needs, and which (skipped)
-        self._lacking = capability_skips(request, self.route.model, self.chain)
+        self._lacking = capability_skips(request, self.route.model, self.chain, embed=bool(embed))
         # Set by RequestStream for streams.
         self.emit: Callable[[Delta], Awaitable[None]] | None = None
         self.emit_nowait: Callable[[Delta], bool] | None = None
@@ -345,6 +351,7 @@ class Run:
             stream=self.streaming,
             prefill=prefill,
             actor=actor.name,
+            embed=self.embed,
         )
         job = Job(
             call=call,
@@ -380,6 +387,12 @@ class Run:
             # The restarted answer ended without a tool call the caller already holds.
             self._diverged = True
             outcome = Outcome.FAILED
+        vectorless: Failure | None = None
+        if outcome is Outcome.OK and self.embed is not None:
+            assert job.completion is not None
+            self.embeddings = job.completion.embeddings or ()
+            if job.completion.embeddings is None:  # a client that answered it like a chat call
+                outcome, vectorless = Outcome.FAILED, no_vectors(actor.name)
         if outcome is Outcome.OK:
             completion = job.completion
             assert completion is not None
@@ -413,7 +426,7 @@ class Run:
                 provider=actor.name,
             )
         else:
-            failure = job.failure
+            failure = job.failure or vectorless
         # No failure: the attempt was cancelled by the actor's own shutdown.
         failure = failure or Failure(
             category=Category.CANCELLED,

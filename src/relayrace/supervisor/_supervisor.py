@@ -19,6 +19,7 @@ import trio
 
 from .._config import Config, ProviderConfig, Route
 from .._decide import may_bench
+from .._embedding import Embedding, EmbeddingsReply, EmbedRequest
 from .._errors import BadRequest
 from .._events import Event, EventKind, Subscribers
 from .._values import Reply, Request
@@ -106,6 +107,46 @@ class Supervisor:
             surface=_surface(surface),
         )
         return await run.execute()
+
+    async def embed(self, request: EmbedRequest, *, surface: str = "python") -> EmbeddingsReply:
+        """Serve an embeddings request: the route's providers that declare ``embeddings`` are
+        asked in turn, with the decisions, retries, health and budgets of a ``complete``
+        (the others get a ``skip`` decision naming the capability).
+
+        Raises:
+            BadRequest: the request names no route, or no provider of its route declares
+                ``embeddings`` (field ``model``), before any provider is called.
+            RequestFailed: no provider could answer; carries the deciding failure, the attempts
+                and the decisions.
+        """
+        if not isinstance(request, EmbedRequest):
+            raise BadRequest(
+                "request", f"expected a relayrace.EmbedRequest, got {type(request).__name__}"
+            )
+        # The observers and the routing see a chat request of the same route (no text: the
+        # inputs are the embed request's own).
+        stand_in = Request(
+            request.model, [{"role": "user", "content": ""}], metadata=request.metadata
+        )
+        run = Run(
+            self._ledger,
+            self._events,
+            stand_in,
+            self._route_for(stand_in),
+            streaming=False,
+            surface=_surface(surface),
+            embed=request,
+        )
+        reply = await run.execute()
+        return EmbeddingsReply(
+            embeddings=tuple(Embedding(i, v) for i, v in enumerate(run.embeddings)),
+            provider=reply.provider,
+            model=reply.model,
+            usage=reply.usage,
+            attempts=reply.attempts,
+            decisions=reply.decisions,
+            request_id=reply.request_id,
+        )
 
     def stream(self, request: Request, *, surface: str = "python") -> RequestStream:
         """Serve a request as a stream of deltas::

@@ -1,5 +1,7 @@
 """Test helpers: a scripted provider client and a fault-injecting mock provider server."""
 
+from ._mock_embeddings import MOCK_DIMENSIONS as MOCK_DIMENSIONS
+from ._mock_embeddings import mock_vector as mock_vector
 from ._mock_provider import MockAttempt as MockAttempt
 from ._mock_provider import MockProvider as MockProvider
 from ._mock_provider import serve_mock_provider as serve_mock_provider
@@ -16,6 +18,7 @@ from ._scripted import ScriptedClient as ScriptedClient
 from ._scripted import split_text as split_text
 
 __all__ = [
+    "MOCK_DIMENSIONS",
     "MOCK_SCENARIOS",
     "SCRIPTED_ANSWER",
     "Answer",
@@ -28,6 +31,7 @@ __all__ = [
     "RecordedCall",
     "ScriptedClient",
     "mock_model",
+    "mock_vector",
     "serve_mock_provider",
     "split_text",
 ]

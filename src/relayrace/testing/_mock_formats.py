@@ -33,6 +33,7 @@ class Reply:
         "n",
         "pieces_left",
         "tools_sent",
+        "payload",
         "_openai",
         "_framer",
     )
@@ -52,6 +53,7 @@ class Reply:
         self.n = 1  # OpenAI: the choices asked for
         self.pieces_left = 0  # text pieces still to stream: the tool calls follow the last
         self.tools_sent = False
+        self.payload: dict[str, Any] = {}  # the request's body (set by ``dress``)
         self._openai: openai.StreamEncoder | None = None
         self._framer: gemini.Framer | None = None
 
@@ -64,6 +66,7 @@ class Reply:
         of ``pieces`` text pieces sends its tool calls with the last one (so that a ``cut``
         with ``after`` = ``chunks`` breaks the stream after its tool calls)."""
         self.pieces_left = pieces
+        self.payload = payload
         if sc.cached:
             self.usage = attrs.evolve(
                 self.usage,
@@ -124,6 +127,10 @@ class Format:
 
     def error_status(self, kind: str) -> int:
         raise NotImplementedError
+
+    def check(self, payload: Any) -> str | None:
+        """What is wrong with a request body, or ``None``."""
+        return check_payload(self, payload)
 
     def answer(self, r: Reply) -> Any:
         raise NotImplementedError

@@ -7,6 +7,11 @@ One server speaks three wire formats at once:
 - Anthropic: ``POST /v1/messages``, JSON or SSE (``message_start`` … ``message_stop``).
 - Gemini: ``POST /v1beta/models/{model}:generateContent`` and
   ``:streamGenerateContent?alt=sse`` (without ``alt=sse``: a streamed JSON array).
+- Embeddings: OpenAI's ``POST /v1/embeddings`` (also ``/embeddings``; ``encoding_format``
+  ``float`` or ``base64``) and Gemini's ``:batchEmbedContents``: deterministic vectors of the
+  text (``mock_vector``; ``MOCK_DIMENSIONS`` long unless ``dimensions`` /
+  ``outputDimensionality`` asks), faults by model name as for chat (a ``cut`` or ``malformed``
+  body is cut in half).
 
 Every answer carries the model name that was asked for and a usage block: the prompt tokens are
 the words of the request's text, the completion tokens the words of the answer

@@ -16,6 +16,7 @@ import h11
 import trio
 
 from ..providers import ERROR_KINDS
+from ._mock_embeddings import GEMINI_EMBEDDINGS, OPENAI_EMBEDDINGS
 from ._mock_formats import (
     ANTHROPIC,
     GEMINI,
@@ -23,7 +24,6 @@ from ._mock_formats import (
     Format,
     Gemini,
     Reply,
-    check_payload,
     encode,
     ends_with_assistant,
     prompt_words,
@@ -214,6 +214,8 @@ class Connection:
         stream = False
         if path in ("/v1/chat/completions", "/chat/completions"):
             fmt = OPENAI
+        elif path in ("/v1/embeddings", "/embeddings"):
+            fmt = OPENAI_EMBEDDINGS
         elif path == "/v1/messages":
             fmt = ANTHROPIC
         elif path.startswith(("/v1beta/models/", "/v1/models/")):
@@ -222,6 +224,8 @@ class Connection:
                 fmt = GEMINI
                 model = unquote(model)
                 stream = action == "streamGenerateContent"
+            elif action == "batchEmbedContents":
+                fmt, model = GEMINI_EMBEDDINGS, unquote(model)
         elif method == b"GET" and path in ("/v1/models", "/models"):
             data = [{"id": name, "object": "model", "owned_by": "mock"} for name in SCENARIOS]
             self._json(200, {"object": "list", "data": data})
@@ -307,8 +311,8 @@ class Connection:
             payload = None
             problem = f"We could not parse the JSON body of your request: {exc}"
         else:
-            problem = check_payload(fmt, payload)
-        if payload is not None and problem is None and fmt is not GEMINI:
+            problem = fmt.check(payload)
+        if payload is not None and problem is None and not isinstance(fmt, Gemini):
             model = payload["model"]
             stream = payload.get("stream") is True
         if problem is not None:
