@@ -8,6 +8,7 @@ here) listed in ``FORMATS``.
 """
 
 from . import _anthropic as anthropic
+from . import _anthropic_inbound as anthropic_inbound
 from . import _gemini as gemini
 from . import _openai as openai
 from ._anthropic import AnthropicReader as AnthropicReader
@@ -47,6 +48,7 @@ __all__ = [
     "UpstreamErrorBody",
     "WireFormat",
     "anthropic",
+    "anthropic_inbound",
     "as_int",
     "check_text",
     "classify",
