@@ -24,6 +24,7 @@ import trio
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str, reply_trace
+from ._messages import MessagesEndpoint
 from ._settings import ServerSettings
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
@@ -103,6 +104,9 @@ class OpenAIApp:
         # through). Chunks before the last carry it; the last one carries what the provider
         # reported.
         self._models = {p.name: p.model for p in sup.config.providers}
+        self._messages = MessagesEndpoint(
+            sup, gate, read_json=self._read_json, encode_json=encode_json, models=self._models
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -180,6 +184,7 @@ class OpenAIApp:
         method: str = scope["method"]
         routes = {
             "/v1/chat/completions": ("POST", self._chat_completions),
+            "/v1/messages": ("POST", self._messages.handle),
             "/v1/models": ("GET", self._models_list),
             "/healthz": ("GET", self._healthz),
         }
