@@ -364,6 +364,55 @@ async def test_bad_input_is_a_400_before_any_provider_call(
 async def test_a_wrong_or_missing_key_is_401(mock: MockProvider) -> None:
     cfg = config(mock, ("p", "anthropic", mock_model("ok")))
     async with claude(cfg, api_key="wrong") as ai:
-        with pytest.raises(anthropic.AuthenticationError):
+        with pytest.raises(anthropic.AuthenticationError) as caught:
             await ai.messages.create(model="m", max_tokens=5, messages=HI)
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "authentication_error"
+    assert TOKEN not in str(caught.value.body) and "wrong" not in str(caught.value.body)
+    async with gateway(cfg) as server, httpx.AsyncClient(timeout=None) as http:
+        response = await http.post(f"{server.http_url}/v1/messages", json={})
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+        response = await http.get(f"{server.http_url}/v1/messages", headers={"x-api-key": TOKEN})
+        assert response.status_code == 405
+        assert response.json()["error"]["type"] == "invalid_request_error"
     assert mock.log == []
+
+
+async def test_images_and_tool_errors_are_translated(mock: MockProvider) -> None:
+    cfg = config(mock, ("p", "openai", mock_model("ok")))
+    image = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    messages: list[Any] = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is it?", "cache_control": {"type": "ephemeral"}},
+                {"type": "image", "source": image},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "s"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "down", "is_error": True},
+                {"type": "text", "text": "go on"},
+            ],
+        },
+    ]
+    async with claude(cfg) as ai:
+        await ai.messages.create(model="m", max_tokens=5, messages=messages, tools=TOOLS)
+    sent = mock.log[-1].request
+    assert sent is not None
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "user"]
+    assert sent["messages"][0]["content"][1] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+    }
+    assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "[tool error] down"}

@@ -24,6 +24,7 @@ import trio
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str, reply_trace
+from ._messages import PATH as MESSAGES_PATH
 from ._messages import MessagesEndpoint
 from ._settings import ServerSettings
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
@@ -134,7 +135,10 @@ class OpenAIApp:
         try:
             await self._route(scope, receive, tracked)
         except _HTTPError as exc:
-            await self._send_json(tracked, exc.error.status, exc.error)
+            if scope["path"].rstrip("/") == MESSAGES_PATH:  # a 401/405 there: Anthropic's shape
+                await self._messages.send_error(tracked, exc.error)
+            else:
+                await self._send_json(tracked, exc.error.status, exc.error)
         except _Disconnected:
             pass
         except Exception:

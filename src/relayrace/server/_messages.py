@@ -91,7 +91,7 @@ class MessagesEndpoint:
             if started:
                 await self._send_error_event(send, error)
             else:
-                await self._send_error(send, error)
+                await self.send_error(send, error)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -116,7 +116,8 @@ class MessagesEndpoint:
         )
         await send({"type": "http.response.body", "body": data, "more_body": False})
 
-    async def _send_error(self, send: Send, error: WireError) -> None:
+    async def send_error(self, send: Send, error: WireError) -> None:
+        """Answer with ``error`` in Anthropic's shape and status."""
         status, body = error.anthropic()
         await self._send_json(send, status, body, error.headers)
 
