@@ -19,9 +19,13 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayrace import Budgets, Config, Policies, ProviderConfig, RetryPolicy, Route, open_supervisor
 from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
+from relayrace.providers import anthropic as anthropic_format
+from relayrace.providers import anthropic_inbound
 from relayrace.server import Server, ServerSettings, serve
 from relayrace.testing import MockProvider, mock_model, serve_mock_provider
 
@@ -416,3 +420,77 @@ async def test_images_and_tool_errors_are_translated(mock: MockProvider) -> None
     }
     assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
     assert sent["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "[tool error] down"}
+
+
+# --- the translation, round trip ----------------------------------------------------------
+
+_words = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1, max_size=8)
+_inputs = st.dictionaries(_words, st.integers() | _words, max_size=3)
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Agent conversations in the Messages API's shape: a question, then turns of (assistant
+    text and tool calls, user tool results)."""
+    turns: list[dict[str, Any]] = [{"role": "user", "content": draw(_words)}]
+    number = 0
+    for _ in range(draw(st.integers(1, 3))):
+        calls = []
+        for _ in range(draw(st.integers(1, 3))):
+            calls.append(
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_{number}",
+                    "name": draw(st.sampled_from(["get_weather", "get_time"])),
+                    "input": draw(_inputs),
+                }
+            )
+            number += 1
+        text = draw(st.none() | _words)
+        content = ([{"type": "text", "text": text}] if text else []) + calls
+        turns.append({"role": "assistant", "content": content})
+        results = [
+            {"type": "tool_result", "tool_use_id": call["id"], "content": draw(_words)}
+            for call in calls
+        ]
+        turns.append({"role": "user", "content": results})
+    return turns
+
+
+def _blocks(turn: dict[str, Any]) -> list[Any]:
+    content = turn["content"]
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+@given(conversations())
+def test_a_conversation_survives_inbound_then_outbound_translation(turns: list[Any]) -> None:
+    """Messages request → Request → the Anthropic payload a provider would get: the same turns,
+    tool names, ids, inputs and results, in order."""
+    body = {"model": "m", "max_tokens": 5, "messages": turns, "tools": TOOLS}
+    request, stream = anthropic_inbound.request_of(body)
+    assert stream is False
+    sent = anthropic_format.payload(request, model="x", stream=False)
+    assert [t["role"] for t in sent["messages"]] == [t["role"] for t in turns]
+    for original, translated in zip(turns, sent["messages"], strict=True):
+        assert _blocks(translated) == _blocks(original)
+    assert [t["name"] for t in sent["tools"]] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_client_leaving_cancels_the_upstream_call(mock: MockProvider, stream: bool) -> None:
+    cfg = config(mock, ("p", "anthropic", mock_model("hang")))
+    data = json.dumps({"model": "m", "max_tokens": 5, "messages": HI, "stream": stream}).encode()
+    async with gateway(cfg) as server:
+        assert server.http_port is not None
+        client = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+        await client.send_all(
+            b"POST /v1/messages HTTP/1.1\r\nhost: relayrace\r\nx-api-key: %s\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (TOKEN.encode(), len(data), data)
+        )
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert [a.outcome for a in mock.log] == ["pending"]
+        await client.aclose()
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        # The gateway closed its upstream connection as soon as its client left.
+        assert mock.log[0].client_closed_at is not None
