@@ -179,6 +179,15 @@ async def test_a_stream_is_anthropic_events_in_order(mock: MockProvider) -> None
     assert names.count("content_block_stop") == 2
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_refusal_is_anthropics_refusal(mock: MockProvider, stream: bool) -> None:
+    cfg = config(mock, ("p", "openai", mock_model("ok", refusal=True)))
+    async with claude(cfg) as ai:
+        answer = await ask(ai, HI, stream)
+    assert answer.stop_reason == "refusal"
+    assert [b.text for b in answer.content] == ["I can't help with that."]
+
+
 # --- tools ----------------------------------------------------------------------------------
 
 

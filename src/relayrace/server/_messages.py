@@ -88,10 +88,13 @@ class MessagesEndpoint:
             if not isinstance(error, WireError):
                 log.exception("POST %s failed", PATH)
                 error = WireError.internal()
-            if started:
-                await self._send_error_event(send, error)
-            else:
-                await self.send_error(send, error)
+            try:
+                if started:
+                    await self._send_error_event(send, error)
+                else:
+                    await self.send_error(send, error)
+            except Exception:
+                log.debug("the error response could not be sent either", exc_info=True)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -252,9 +255,13 @@ class MessagesEndpoint:
             return
         if not started:
             await start(reply.provider, reply.model)
+        finish, tail = reply.finish_reason or "stop", b""
+        if reply.refusal and not reply.text:
+            # What the model said instead of an answer, as Anthropic says it.
+            finish, tail = "refusal", anthropic.text_delta(reply.refusal)
         usage = reply.usage or Usage()
-        tail = anthropic.closing(
-            reply.finish_reason or "stop",
+        tail += anthropic.closing(
+            finish,
             usage.completion_tokens,
             last_block=last_block,
             usage=usage,
