@@ -9,6 +9,7 @@ here) listed in ``FORMATS``.
 """
 
 from . import _anthropic as anthropic
+from . import _anthropic_inbound as anthropic_inbound
 from . import _embeddings as embeddings
 from . import _gemini as gemini
 from . import _openai as openai
@@ -49,6 +50,7 @@ __all__ = [
     "UpstreamErrorBody",
     "WireFormat",
     "anthropic",
+    "anthropic_inbound",
     "as_int",
     "check_text",
     "classify",

@@ -86,7 +86,12 @@ _FINISH_REASONS = {
     "max_tokens": "length",
     "tool_use": "tool_calls",
 }
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
 
 
 # --- the request ----------------------------------------------------------------------------
@@ -500,17 +505,25 @@ def input_json_delta(index: int, partial_json: str) -> bytes:
 
 
 def closing(
-    finish_reason: str, output_tokens: int, *, terminator: bool = True, last_block: int = 0
+    finish_reason: str,
+    output_tokens: int,
+    *,
+    terminator: bool = True,
+    last_block: int = 0,
+    usage: Usage | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The events that end a stream: ``content_block_stop`` (of ``last_block``),
-    ``message_delta`` (the stop reason and usage), ``message_stop``."""
+    ``message_delta`` (the stop reason and usage: ``output_tokens``, or all of ``usage``
+    when given; ``extra`` fields added), ``message_stop``."""
     stop = {"type": "content_block_stop", "index": last_block}
     out = event("content_block_stop", stop) + event(
         "message_delta",
         {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason(finish_reason), "stop_sequence": None},
-            "usage": {"output_tokens": output_tokens},
+            "usage": {"output_tokens": output_tokens} if usage is None else usage_of(usage),
+            **(extra or {}),
         },
     )
     if terminator:

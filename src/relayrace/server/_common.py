@@ -15,8 +15,8 @@ from .. import Reply, RequestFailed
 
 
 def authorized(tokens: frozenset[str], headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether the ``Authorization: Bearer …`` header carries one of ``tokens`` (an empty set
-    lets everyone in).
+    """Whether the ``Authorization: Bearer …`` header (or, without one, ``x-api-key``) carries
+    one of ``tokens`` (an empty set lets everyone in).
 
     Every token is compared in constant time, so the answer's timing says nothing about how
     close a guess was.
@@ -24,14 +24,21 @@ def authorized(tokens: frozenset[str], headers: Iterable[tuple[bytes, bytes]]) -
     if not tokens:
         return True
     presented: bytes | None = None
+    api_key: bytes | None = None
     for name, value in headers:
-        if name.lower() == b"authorization":
+        name = name.lower()
+        if name == b"authorization":
             presented = value
             break
-    if presented is None:
-        return False
-    scheme, _, credential = presented.strip().partition(b" ")
-    if scheme.lower() != b"bearer":
+        if name == b"x-api-key":  # what Anthropic's SDKs send
+            api_key = value
+    if presented is not None:
+        scheme, _, credential = presented.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+    elif api_key is not None:
+        credential = api_key
+    else:
         return False
     credential = credential.strip()
     ok = False

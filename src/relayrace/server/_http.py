@@ -29,6 +29,8 @@ from ._admin import AdminAPI, Operations
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, reply_trace
 from ._embeddings import embeddings_route
+from ._messages import PATH as MESSAGES_PATH
+from ._messages import MessagesEndpoint
 from ._models import MODEL_PATH, model_object, model_objects
 from ._probes import Probes
 from ._settings import ServerSettings
@@ -113,6 +115,9 @@ class OpenAIApp:
         # through). Chunks before the last carry it; the last one carries what the provider
         # reported.
         self._models = {p.name: p.model for p in sup.config.providers}
+        self._messages = MessagesEndpoint(
+            sup, gate, read_json=self._read_json, encode_json=encode_json, models=self._models
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -140,7 +145,10 @@ class OpenAIApp:
         try:
             await self._route(scope, receive, tracked)
         except _HTTPError as exc:
-            await self._send_json(tracked, exc.error.status, exc.error)
+            if scope["path"].rstrip("/") == MESSAGES_PATH:  # a 401/405 there: Anthropic's shape
+                await self._messages.send_error(tracked, exc.error)
+            else:
+                await self._send_json(tracked, exc.error.status, exc.error)
         except _Disconnected:
             pass
         except Exception:
@@ -191,6 +199,7 @@ class OpenAIApp:
         routes = {
             "/v1/chat/completions": ("POST", self._chat_completions),
             "/v1/embeddings": ("POST", embeddings_route(self)),
+            "/v1/messages": ("POST", self._messages.handle),
             "/v1/models": ("GET", self._models_list),
             "/healthz": ("GET", self._healthz),
             "/livez": ("GET", self._probes.livez),

@@ -2,7 +2,8 @@
 how a caller's strings are checked before the server echoes or passes them on.
 
 A ``WireError`` is written out as an OpenAI error body on HTTP (``http_body``, with ``status``
-and ``headers``) and as an ``error`` frame on the websocket (``frame``); every cause — a
+and ``headers``), as an Anthropic error body or event on ``/v1/messages`` (``anthropic``), and as
+an ``error`` frame on the websocket (``frame``); every cause — a
 ``RequestFailed``, a bad frame or body, a request stopped by the server, an unexpected
 exception — is mapped to it here and nowhere else.
 """
@@ -40,6 +41,30 @@ _STATUS: dict[Category, tuple[int, str]] = {
     Category.NETWORK: (502, "upstream_error"),
     Category.STREAM_ERROR: (502, "upstream_error"),
     Category.UNKNOWN: (502, "upstream_error"),
+}
+
+# Anthropic's HTTP status and error type per failure category (``/v1/messages``): the statuses
+# Anthropic's own API uses, so that its SDKs raise the same typed exceptions (a 529 is
+# ``overloaded_error``, an upstream fault ``api_error``).
+_ANTHROPIC: dict[Category, tuple[int, str]] = {
+    Category.BAD_REQUEST: (400, "invalid_request_error"),
+    Category.CONTEXT_LENGTH: (400, "invalid_request_error"),
+    Category.CONTENT_POLICY: (400, "invalid_request_error"),
+    Category.MODEL_NOT_FOUND: (404, "not_found_error"),
+    Category.RATE_LIMIT: (429, "rate_limit_error"),
+    Category.OVERLOADED: (529, "overloaded_error"),
+    Category.LOCAL_CAPACITY: (529, "overloaded_error"),
+    Category.CANCELLED: (529, "overloaded_error"),
+    Category.TIMEOUT: (504, "timeout_error"),
+}
+# ... and per HTTP status, for what is no failure of a request (a bad body, a missing key).
+_ANTHROPIC_BY_STATUS: dict[int, tuple[int, str]] = {
+    401: (401, "authentication_error"),
+    403: (403, "permission_error"),
+    404: (404, "not_found_error"),
+    413: (413, "request_too_large"),
+    429: (429, "rate_limit_error"),
+    503: (529, "overloaded_error"),
 }
 
 
@@ -146,6 +171,28 @@ class WireError:
         if self.trace is not None:
             body["relayrace"] = self.trace
         return body
+
+    def anthropic(self) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and body in Anthropic's error shape (``{"type": "error", "error":
+        {"type", "message"}}``, plus the ``relayrace`` trace of a failed request); the body is
+        also the data of a stream's ``error`` event."""
+        if self.trace is not None:
+            status, kind = _ANTHROPIC.get(Category(self.category), (500, "api_error"))
+        elif self.status in _ANTHROPIC_BY_STATUS:
+            status, kind = _ANTHROPIC_BY_STATUS[self.status]
+        elif self.status >= 500:
+            status, kind = 500, "api_error"
+        else:
+            status, kind = self.status, "invalid_request_error"
+        message = self.summary or self.message
+        if self.field is not None and self.trace is None and not message.startswith(f"{self.field}:"):
+            message = f"{self.field}: {message}"
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+        if self.trace is not None:
+            body["relayrace"] = self.trace
+        elif self.code is not None:
+            body["relayrace"] = {"category": self.category, "code": self.code}
+        return status, body
 
     def frame(self, request_id: str | int | None) -> dict[str, Any]:
         """The websocket ``error`` frame for the request ``request_id``."""
