@@ -141,3 +141,14 @@ def test_every_key_in_the_readme_is_one_the_loader_reads(monkeypatch: pytest.Mon
     assert not stale, "keys in the README's config reference the loader does not read: " + (
         ", ".join(f"{section} {key}" for section, key in sorted(stale))
     )
+
+
+def test_the_examples_commented_lines_are_valid_when_uncommented(tmp_path: Path) -> None:
+    # A line the example shows commented out is one an operator may uncomment as it stands.
+    example = README.parent / "examples" / "relayrace.toml"
+    text = example.read_text()
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M)
+    assert uncommented.count("\n") == text.count("\n") and uncommented != text
+    path = tmp_path / "relayrace.toml"
+    path.write_text(uncommented)
+    relayrace.read_gateway(path, env=False)
