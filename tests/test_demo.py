@@ -41,11 +41,13 @@ relayrace demo, seed 5 (--seed 5 plays the same faults again)
 3 mock providers behind one route 'chat', tried in this order:
   1. flapping  answers 503 for 1.2 s, then works for 2.0 s, and so on
                → relayrace should fail over to the next; after 2 failures in a row bench it for
-                 1 s (doubling while it keeps failing); when the bench ends, send it one request
-                 as a probe: back in use if it answers
+                 1 s (doubling while it keeps failing); when the bench ends, ask for its model
+                 list (GET /v1/models) on its own timer, then make the next request that reaches
+                 it the probe: back in use if it answers
   2. limited   answers 429 (rate limited, Retry-After: 2) to every request
-               → relayrace should fail over at once; bench it for its Retry-After (longer after
-                 a failed probe); probe it when a request reaches it after that
+               → relayrace should fail over at once; bench it for its Retry-After, then make the
+                 next request that reaches it the probe; after a failed probe, bench it longer
+                 and check its model list first, as for flapping
   3. healthy   always answers
                → relayrace should answer whatever the providers before it could not
 
@@ -67,7 +69,7 @@ r05  answered by healthy N ms   flapping skipped (benched), limited skipped (ben
 r06  answered by healthy N ms   flapping skipped (benched), limited skipped (benched)
 r07  answered by healthy N ms   flapping skipped (benched), limited skipped (benched)
 r08  answered by healthy N ms   flapping skipped (benched), limited skipped (benched)
-      ▶  flapping: bench over, the next request that reaches it is a probe
+      ▶  flapping: bench over; after a check of its model list, the next request to reach it is the probe
       ✔  flapping recovered: its probe answered, back in use
 r09  answered by flapping N ms   limited skipped (benched)
 r10  answered by flapping N ms   limited skipped (benched)
@@ -75,7 +77,7 @@ r11  answered by flapping N ms   limited skipped (benched)
 r12  answered by flapping N ms   limited skipped (benched)
 r13  answered by flapping N ms   limited skipped (benched)
 r14  answered by flapping N ms   limited skipped (benched)
-      ▶  limited: bench over, the next request that reaches it is a probe
+      ▶  limited: bench over, the next request that reaches it is the probe
 r15  answered by flapping N ms   first choice
 r16  answered by flapping N ms   first choice
 r17  answered by flapping N ms   first choice

@@ -62,24 +62,46 @@ def test_a_kind_named_twice_gets_a_second_name(keys: None, tmp_path: Path) -> No
     assert [p.name for p in gateway.config.providers] == ["openai", "openai-2", "mock"]
 
 
+#: Lines the starter shows commented that are advice, not defaults (these have none).
+ADVICE = ("tokens_env", "admin_tokens_env", "metrics_port")
+
+
 def test_every_default_shown_commented_is_the_real_default(keys: None, tmp_path: Path) -> None:
-    # Uncomment every "# key = value" line and every "# [policies.x]" header (tokens_env aside:
-    # it has no default, it is advice): nothing may change.
+    # Uncomment every "# key = value" line and every "# [policies.x]" header (the ADVICE
+    # aside): nothing may change.
+    starter = starter_config(list(STARTER_KINDS))
     lines = []
-    for line in starter_config(list(STARTER_KINDS)).splitlines():
+    for line in starter.splitlines():
         match = re.fullmatch(r"# (\[policies\.\w+\]|\w+ = .*)", line)
-        if match and not match.group(1).startswith("tokens_env"):
+        if match and not match.group(1).startswith(ADVICE):
             line = match.group(1)
         lines.append(line)
     text = "\n".join(lines)
     assert sum(line.startswith("[policies.") for line in lines) == 5
-    assert "# budgets" not in text
+    assert "# budgets" not in text and "# probe = " not in text
+    for key in ("probe_interval", "restart_cool_off", "keep_text", "log_format", "queue"):
+        assert f"\n{key} = " in text or f" {key} = " in text, key
     gateway = _load(text, tmp_path)
     assert gateway.config.policies == Policies()
     assert gateway.server == ServerSettings()
     for provider in gateway.config.providers:
         assert provider.budgets == Budgets()
         assert (provider.max_concurrency, provider.inbox_size) == (64, 256)
+    (tmp_path / "as-written").mkdir()
+    written = _load(starter, tmp_path / "as-written").config.providers
+    probes = [p.client.probe_mode for p in gateway.config.providers]
+    assert probes == [p.client.probe_mode for p in written]
+
+
+def test_the_starters_advice_loads_when_uncommented(
+    keys: None, tmp_path: Path, monkeypatch
+) -> None:
+    for name in ("RELAYRACE_TOKEN", "RELAYRACE_ADMIN_TOKEN"):
+        monkeypatch.setenv(name, f"token-{name.lower()}")
+    advice = "|".join(ADVICE)
+    text = re.sub(rf"^# ((?:{advice}) = )", r"\1", starter_config(["openai"]), flags=re.M)
+    server = _load(text, tmp_path).server
+    assert server.metrics_port is not None and server.tokens and server.admin_tokens
 
 
 def test_an_unknown_kind_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from ._events import Event, EventKind
+from ._failure import Category
 from ._policy import HealthPolicy
 
 
@@ -47,7 +48,8 @@ def demo_providers(seed: int, health: HealthPolicy) -> tuple[DemoProvider, ...]:
             expect=(
                 f"fail over to the next; after {threshold} failures in a row bench it for"
                 f" {health.cooldown_base:g} s (doubling while it keeps failing); when the bench"
-                " ends, send it one request as a probe: back in use if it answers"
+                " ends, ask for its model list (GET /v1/models) on its own timer, then make the"
+                " next request that reaches it the probe: back in use if it answers"
             ),
         ),
         DemoProvider(
@@ -55,8 +57,9 @@ def demo_providers(seed: int, health: HealthPolicy) -> tuple[DemoProvider, ...]:
             scenario=f"rate-limit,retry_after={retry_after}",
             fault=f"answers 429 (rate limited, Retry-After: {retry_after}) to every request",
             expect=(
-                "fail over at once; bench it for its Retry-After (longer after a failed probe);"
-                " probe it when a request reaches it after that"
+                "fail over at once; bench it for its Retry-After, then make the next request"
+                " that reaches it the probe; after a failed probe, bench it longer and check its"
+                " model list first, as for flapping"
             ),
         ),
         DemoProvider(
@@ -100,6 +103,18 @@ def legend(
     return lines
 
 
+def _bench_for_failures(event: Event) -> bool:
+    """The bench was for failures of ours (the threshold), not for a wait the provider sent,
+    an overload, an immediate (auth, quota) or a manual bench: the actor then probes by itself
+    when it ends (``Health.begin_active_probe``)."""
+    failure = event.failure
+    if event.detail == "manual" or failure is None:
+        return False
+    if failure.retry_after is not None or failure.category is Category.OVERLOADED:
+        return False
+    return failure.category not in HealthPolicy().bench_immediately
+
+
 def _short(reason: str) -> str:
     """A decision's reason without its parenthesised detail, e.g. ``provider_5xx: try the next
     provider`` (the detail counts tries, which the demo's single tries make noise)."""
@@ -137,6 +152,11 @@ class Narrator:
     counts: dict[str, Counter[str]] = attrs.field(init=False)
     rules: Counter[str] = attrs.field(init=False, factory=Counter)
     _probing: set[str] = attrs.field(init=False, factory=set)
+    # Actors whose bench is for failures: when it ends, the actor asks for the provider's model
+    # list on its own timer before a request is the probe (the demo's mock clients probe
+    # ``models``, the default). A bench for a wait the provider sent, an immediate or a manual
+    # bench is probed by the next request alone.
+    _self_probing: set[str] = attrs.field(init=False, factory=set)
     _rank: dict[str, int] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -195,14 +215,25 @@ class Narrator:
                 why = f"after {failure.category.value}{status}"
                 if failure.retry_after is not None:
                     why += f", Retry-After {failure.retry_after:g} s"
-            if actor in self._probing:
+            failed_probe = actor in self._probing
+            if failed_probe:
                 why = f"its probe failed ({why})"
             self._probing.discard(actor)
+            if failed_probe or _bench_for_failures(event):
+                self._self_probing.add(actor)
+            else:
+                self._self_probing.discard(actor)
             span = "" if event.until is None else f" for {event.until - event.time:.1f} s"
             return f"      ⏸  {actor} benched{span}: {why}"
         if event.kind is EventKind.ACTOR_PROBING:
             self._probing.add(actor)
-            return f"      ▶  {actor}: bench over, the next request that reaches it is a probe"
+            if actor in self._self_probing:
+                self._self_probing.discard(actor)
+                return (
+                    f"      ▶  {actor}: bench over; after a check of its model list, the next"
+                    " request to reach it is the probe"
+                )
+            return f"      ▶  {actor}: bench over, the next request that reaches it is the probe"
         if event.kind is EventKind.ACTOR_RECOVERED:
             self._probing.discard(actor)
             return f"      ✔  {actor} recovered: its probe answered, back in use"

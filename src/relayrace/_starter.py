@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ._config import Budgets, ProviderConfig
-from ._loader import MOCK_BASE_URL
+from ._loader import MOCK_BASE_URL, load_config
 from ._policy import Policies
 
 
@@ -168,6 +168,14 @@ def _server_lines() -> list[str]:
             "seconds in-flight requests get on SIGTERM",
             commented=True,
         ),
+        _line("log_format", d.log_format, "the access log: json | text", commented=True),
+        "# Prometheus /metrics on its own listener (unauthenticated: keep it off public",
+        "# interfaces); without metrics_port there is none.",
+        _line("metrics_host", d.metrics_host, commented=True),
+        _line("metrics_port", 9464, commented=True),
+        "# The /admin/ API (health, bench, reload) on the HTTP endpoint, for these tokens only;",
+        "# without admin_tokens_env it answers 404.",
+        _line("admin_tokens_env", ["RELAYRACE_ADMIN_TOKEN"], commented=True),
     ]
 
 
@@ -179,6 +187,13 @@ class _ProviderDefaults:
 
 
 _PROVIDER_DEFAULTS = _ProviderDefaults()
+
+
+def _client_default(kind: str, name: str) -> Any:
+    """An attribute of the client the loader builds for a ``kind`` given no client keys: the
+    default its config table gets."""
+    config = load_config({"providers": [{"name": "x", "kind": kind}]}, env=False)
+    return getattr(config.providers[0].client, name)
 
 
 def _provider_lines(name: str, kind: str, priority: int) -> list[str]:
@@ -198,7 +213,11 @@ def _provider_lines(name: str, kind: str, priority: int) -> list[str]:
         _line("base_url", spec.base_url, commented=True),
         _line("max_concurrency", d.max_concurrency, "requests at once", commented=True),
         _line("inbox_size", d.inbox_size, "requests waiting for a slot", commented=True),
-        "# Seconds: connect, then the first token, then between tokens, and the whole attempt.",
+        "# When a bench for failures ends: models (GET the model list, then the next request",
+        "# decides), completion (one billed token decides), off (the next request decides).",
+        _line("probe", _client_default(kind, "probe_mode"), commented=True),
+        "# Seconds: connect, then the first token, then between tokens, the whole attempt, and",
+        "# the longest wait in the inbox for a slot before failing over.",
         _budgets_line(d.budgets),
     ]
     return lines
@@ -241,11 +260,13 @@ def _policy_lines() -> list[str]:
     out += _defaults(
         (
             ("failure_threshold", h.failure_threshold, "failures in a row that bench"),
-            ("cooldown_base", h.cooldown_base, "the n-th bench lasts base × 2^(n−1) s"),
+            ("cooldown_base", h.cooldown_base, "the first bench, in seconds"),
             ("cooldown_cap", h.cooldown_cap, ""),
+            ("probe_interval", h.probe_interval, "a down provider is probed this often"),
             ("bench_immediately", h.bench_immediately, "these bench at once, for long_bench"),
             ("long_bench", h.long_bench, ""),
             ("probe_timeout", h.probe_timeout, "the probe after a bench"),
+            ("restart_cool_off", h.restart_cool_off, "before an actor that gave up restarts"),
             ("when_all_benched", h.when_all_benched, "try_anyway | terminus | fail"),
         )
     )
@@ -263,7 +284,12 @@ def _policy_lines() -> list[str]:
         "# A stream that fails after the caller got part of it: error | restart | continue.",
         "# [policies.stream]",
     ]
-    out += _defaults((("mid_stream", p.stream.mid_stream, "error: never a truncated answer"),))
+    out += _defaults(
+        (
+            ("mid_stream", p.stream.mid_stream, "error: never a truncated answer"),
+            ("keep_text", p.stream.keep_text, "characters kept to continue a stream; 0: none"),
+        )
+    )
     return out
 
 
