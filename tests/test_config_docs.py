@@ -136,13 +136,8 @@ def test_every_key_the_loader_reads_is_in_the_readme(monkeypatch: pytest.MonkeyP
     )
 
 
-#: Keys main's loader reads since its merge of 17b75b4 (after this branch was made), documented
-#: ahead of it so that the merge is green; inert once the loader here reads them: remove then.
-MERGED_ON_MAIN = {("[server]", "handshake_timeout"), ("[server]", "max_sockets")}
-
-
 def test_every_key_in_the_readme_is_one_the_loader_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    stale = _documented_keys() - _loader_keys(monkeypatch) - MERGED_ON_MAIN
+    stale = _documented_keys() - _loader_keys(monkeypatch)
     assert not stale, "keys in the README's config reference the loader does not read: " + (
         ", ".join(f"{section} {key}" for section, key in sorted(stale))
     )
