@@ -507,6 +507,7 @@ def test_snapshot_and_to_dict() -> None:
         "bench_count": 1,
         "exempt": False,
         "gave_up_until": None,
+        "deployments": {},
     }
     assert health.snapshot(5.0, "openai", 0).benched_until is None
 
