@@ -43,6 +43,7 @@ from ._values import Request as Request
 from ._values import ToolCall as ToolCall
 from ._values import ToolCallDelta as ToolCallDelta
 from ._values import Usage as Usage
+from .actors import DeploymentSnapshot as DeploymentSnapshot
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
 from .providers import classify as classify
@@ -68,6 +69,7 @@ __all__ = [
     "ConfigErrors",
     "Decision",
     "Delta",
+    "DeploymentSnapshot",
     "Event",
     "EventKind",
     "FailoverAction",
