@@ -430,7 +430,10 @@ class ProviderActor:
         wide = self.health
         model = job.call.upstream_model
         health = self.deployments.use(model, now)
-        state = worst_state(wide.state(now), health.state(now))
+        wide_state = wide.state(now)
+        state = health.state(now)
+        if wide_state is not State.OK:  # (guarded: the provider-wide record is rarely touched)
+            state = worst_state(wide_state, state)
         if state is State.PROBING and not (wide.available(now) and health.available(now)):
             # Another job is already the probe; this one must not pile onto a sick provider.
             job.finish(
@@ -457,7 +460,7 @@ class ProviderActor:
                 ),
             )
             return
-        wide_probe = wide.begin_attempt(now)
+        wide_probe = wide_state is State.PROBING and wide.begin_attempt(now)
         probe = health.begin_attempt(now)
         job.probe = probe or wide_probe
         budgets = self.budgets
@@ -525,7 +528,9 @@ class ProviderActor:
                 )
         if failure is None:
             assert completion is not None
-            if wide.record_success(now, probe=wide_probe):
+            if (
+                wide_probe or wide_state is not State.OK or wide.consecutive_failures
+            ) and wide.record_success(now, probe=wide_probe):
                 self._emit(EventKind.ACTOR_RECOVERED)
             if health.record_success(now, probe=probe):
                 self._emit(EventKind.ACTOR_RECOVERED, model=model)
