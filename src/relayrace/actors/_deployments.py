@@ -116,10 +116,12 @@ class Deployments:
             return health
         health = Health(self._policy, exempt=self._exempt, active_probes=self._probes(model))
         if len(records) >= self.cap:
-            victim = next((m for m, h in records.items() if _evictable(h, now)), None)
-            if victim is not None:
+            # Down to one below the cap (past it only after manual benches), oldest first.
+            excess = len(records) - self.cap + 1
+            victims = [m for m, h in records.items() if _evictable(h, now)][:excess]
+            for victim in victims:
                 del records[victim]
-            elif not keep:
+            if len(victims) < excess and not keep:
                 return health
         records[model] = health
         return health
