@@ -18,6 +18,7 @@ from hypothesis.stateful import (
 
 from relayrace._failure import Category, Failure
 from relayrace._policy import NO_PENALTY, HealthPolicy
+from relayrace.actors import Deployments
 from relayrace.actors._health import Health, HealthSnapshot, State
 
 C = Category
@@ -507,6 +508,7 @@ def test_snapshot_and_to_dict() -> None:
         "bench_count": 1,
         "exempt": False,
         "gave_up_until": None,
+        "deployments": {},
     }
     assert health.snapshot(5.0, "openai", 0).benched_until is None
 
@@ -927,3 +929,71 @@ def test_a_bad_probe_names_its_key() -> None:
     data = {"providers": [{"name": "a", "kind": "openai", "probe": "billed"}]}
     with pytest.raises(ConfigError, match=r"providers\[0\]\.probe: expected one of"):
         load_config(data)
+
+
+# --- deployments: the LRU cap ---------------------------------------------------------------
+
+
+class DeploymentCap(RuleBasedStateMachine):
+    """``Deployments`` against a tiny model: never more records than the cap (but for manual
+    benches, which go over it), and a record that is not healthy is never evicted."""
+
+    CAP = 3
+    MODELS = st.sampled_from([f"m{i}" for i in range(7)])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.deployments = Deployments(HealthPolicy(), cap=self.CAP)
+        self.manual: set[str] = set()  # kept over the cap by a manual bench
+
+    def unhealthy(self) -> set[str]:
+        return {
+            m for m, h in self.deployments if h.state(self.now) is not State.OK or h.manual
+        }
+
+    def use(self, model: str) -> Health:
+        before = self.unhealthy()
+        kept = self.deployments.get(model) is not None
+        health = self.deployments.use(model, self.now)
+        after = {m for m, _ in self.deployments}
+        assert before <= after  # no unhealthy record was evicted
+        if kept:
+            assert self.deployments.get(model) is health
+            assert [m for m, _ in self.deployments][-1] == model  # most recently used
+        else:  # a new one: within the cap, or not kept because every record is unhealthy
+            assert len(after) <= self.CAP or (model not in after and after == before)
+        return health
+
+    @rule(model=MODELS)
+    def serve(self, model: str) -> None:
+        self.use(model).record_success(self.now, probe=False)
+
+    @rule(model=MODELS)
+    def fail(self, model: str) -> None:
+        health = self.use(model)
+        for _ in range(3):
+            health.record_failure(fail(C.PROVIDER_5XX), self.now, probe=False)
+
+    @rule(model=MODELS)
+    def bench(self, model: str) -> None:
+        if self.deployments.get(model) is None and len(self.deployments) >= self.CAP:
+            self.manual.add(model)
+        self.deployments.use(model, self.now, keep=True).bench(self.now, 30.0)
+        assert self.deployments.get(model) is not None
+
+    @rule(dt=st.sampled_from([1.0, 5.0, 40.0]))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    @invariant()
+    def over_the_cap_only_by_benches(self) -> None:
+        # Over the cap only by manual benches (the oldest of which may have ended since).
+        assert len(self.deployments) <= self.CAP + len(self.manual)
+
+
+TestDeploymentCap = DeploymentCap.TestCase
+TestDeploymentCap.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

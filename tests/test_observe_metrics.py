@@ -297,6 +297,7 @@ def test_label_sets_stay_bounded_whatever_the_models_and_messages(
         "error_type": {""} | {c.value for c in Category} | {OTHER},
         "action": {a.value for a in Action},
         "token_type": {"input", "output"},
+        "model": {"", "chat", OTHER},  # a deployment: configured models only
     }
     rules = set()
     for (_, labels), v in samples.items():

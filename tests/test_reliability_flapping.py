@@ -23,7 +23,9 @@ from relayrace import (
     Outcome,
     Policies,
     ProviderConfig,
+    Reply,
     Request,
+    RequestFailed,
     RetryPolicy,
     Route,
     State,
@@ -184,6 +186,76 @@ async def test_a_probe_is_marked_before_the_next_request_is_routed(autojump_cloc
     assert [c.started_at for c in client(cfg, "a").calls] == [0.0, 5.0]  # the probe only
     tried = sorted(len(r.attempts) for r in replies)
     assert tried == [1, 2]  # the probe's request failed over; the other went to b at once
+
+
+async def test_a_failing_model_behind_a_passthrough_route_does_not_affect_the_others(
+    autojump_clock,
+):
+    """The config a new user writes first: one provider without a ``model`` behind ``*``, so
+    that each request's model name goes upstream. One model is down for its first 30 s; the
+    other is served all along, by the same provider, as if nothing happened (no skip, no
+    retry, no failure), while the failing one is benched and probed on its own."""
+    tasks, sockets = live_tasks(), open_sockets()
+    steady, flapping = "ok,tag=steady", f"flapping,down={DOWN:g},tag=flapping"
+    replies: dict[str, list[tuple[float, Any]]] = {steady: [], flapping: []}
+    async with serve_mock_provider() as mock:
+        cfg = Config(
+            providers=[
+                ProviderConfig(
+                    name="only",
+                    client=OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=8),
+                    budgets=Budgets(first_token=5.0, idle=5.0),
+                )
+            ],
+            routes=[Route(model="*", chain=["only"])],
+            policies=Policies(retry=RetryPolicy(max_attempts=1)),
+        )
+        async with open_supervisor(cfg) as sup:
+            mock.reset()
+
+            async def client(model: str) -> None:
+                while trio.current_time() < UNTIL:
+                    try:
+                        outcome: Any = await sup.complete(Request(model, MESSAGES))
+                    except RequestFailed as exc:
+                        outcome = exc
+                    replies[model].append((trio.current_time(), outcome))
+                    await trio.sleep(EVERY)
+
+            async with trio.open_nursery() as nursery:
+                for model in (steady, flapping) * 2:
+                    nursery.start_soon(client, model)
+            health = sup.health()["only"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert mock.open_connections == 0
+        steady_log, flapping_log = mock.attempts(steady), mock.attempts(flapping)
+    assert live_tasks() == tasks and open_sockets() == sockets
+
+    # The steady model: every request answered by its one attempt, routed as healthy.
+    assert len(replies[steady]) >= 2 * UNTIL / EVERY - 2
+    for _, reply in replies[steady]:
+        assert isinstance(reply, Reply), reply
+        assert reply.provider == "only" and reply.decisions == () and len(reply.attempts) == 1
+    assert len(steady_log) == len(replies[steady])
+    assert all(a.outcome == "ok" for a in steady_log)
+    # The flapping model failed while down and was benched (its deployment alone), then
+    # recovered: served again within one probe interval (and a request) of coming back.
+    failed = [(at, r.failure) for at, r in replies[flapping] if isinstance(r, RequestFailed)]
+    assert any(f.status == 503 for _, f in failed)
+    # Past the outage only refusals: the deployment's probe was in flight (no call made).
+    assert all(f.code == "probe_in_flight" for at, f in failed if at >= DOWN)
+    assert any(
+        d.rule.rule == "when_all_benched"
+        for _, r in replies[flapping] if isinstance(r, RequestFailed) for d in r.decisions
+    )
+    within = HealthPolicy().probe_interval + 2 * EVERY
+    back = min(at for at, r in replies[flapping] if isinstance(r, Reply))
+    assert DOWN <= back <= DOWN + within
+    assert all(isinstance(r, Reply) for at, r in replies[flapping] if at > DOWN + within)
+    assert any(a.outcome == "error" for a in flapping_log)
+    assert health.state is State.OK
+    assert set(health.deployments) == {steady, flapping}
+    assert health.deployments[steady].consecutive_failures == 0
 
 
 async def _append(out: list[Any], awaitable: Awaitable[Any]) -> None:

@@ -46,6 +46,7 @@ from ._values import Request as Request
 from ._values import ToolCall as ToolCall
 from ._values import ToolCallDelta as ToolCallDelta
 from ._values import Usage as Usage
+from .actors import DeploymentSnapshot as DeploymentSnapshot
 from .actors import HealthSnapshot as HealthSnapshot
 from .actors import State as State
 from .providers import classify as classify
@@ -71,6 +72,7 @@ __all__ = [
     "ConfigErrors",
     "Decision",
     "Delta",
+    "DeploymentSnapshot",
     "EmbedRequest",
     "Embedding",
     "EmbeddingsReply",

@@ -298,8 +298,11 @@ def skip_for_continuation(actor: str, *, continues: bool, continuation: bool) ->
     )
 
 
-def skip_unavailable(actor: str, *, alive: bool, restarting: bool, probing: bool) -> Decision:
-    """Skip an actor that routing found unavailable, saying why."""
+def skip_unavailable(
+    actor: str, *, alive: bool, restarting: bool, probing: bool, deployment: str | None = None
+) -> Decision:
+    """Skip an actor that routing found unavailable, saying why (``deployment``: the upstream
+    model whose own health says so; ``None``: the provider's as a whole)."""
     if not alive:
         reason, value = "the actor gave up after repeated crashes", "gave_up"
     elif restarting:
@@ -308,6 +311,8 @@ def skip_unavailable(actor: str, *, alive: bool, restarting: bool, probing: bool
         reason, value = "a probe is already in flight", "probing"
     else:
         reason, value = "benched", "benched"
+    if deployment is not None and alive and not restarting:
+        reason = f"deployment {deployment}: {reason}"
     return Decision(
         scope=Scope.NEXT_ACTOR,
         action=Action.SKIP,

@@ -40,7 +40,8 @@ class Event:
 
     ``time`` is ``trio.current_time()`` (monotonic: for ordering and durations); ``wall_time``
     is ``time.time()`` when the event was made (for people: ``to_dict`` gives it as ISO 8601
-    UTC).
+    UTC). ``model`` is the deployment (upstream model) an actor's health event concerns;
+    ``None`` for the provider as a whole (an account-level failure, a provider-wide bench).
     """
 
     kind: EventKind
@@ -51,6 +52,7 @@ class Event:
     decision: Decision | None = None
     until: float | None = None
     detail: str | None = None
+    model: str | None = None
     wall_time: float = attrs.field(factory=_wall_clock)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +62,7 @@ class Event:
             "wall_time": iso_utc(self.wall_time),
             "request_id": self.request_id,
             "actor": self.actor,
+            "model": self.model,
             "failure": None if self.failure is None else self.failure.to_dict(),
             "decision": None if self.decision is None else self.decision.to_dict(),
             "until": self.until,

@@ -8,8 +8,12 @@ from .._client import ProviderClient as ProviderClient
 from .._client import Sink as Sink
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
+from ._deployments import DEFAULT_MAX_DEPLOYMENTS as DEFAULT_MAX_DEPLOYMENTS
+from ._deployments import Deployments as Deployments
+from ._deployments import account_level as account_level
 from ._gemini import GeminiClient as GeminiClient
 from ._h11 import H11Transport as H11Transport
+from ._health import DeploymentSnapshot as DeploymentSnapshot
 from ._health import HealthSnapshot as HealthSnapshot
 from ._health import State as State
 from ._job import Emit as Emit
@@ -22,11 +26,14 @@ from ._transport import ShardedTransport as ShardedTransport
 from ._transport import sharded_transport as sharded_transport
 
 __all__ = [
+    "DEFAULT_MAX_DEPLOYMENTS",
     "POOL_SHARD",
     "PROBE_MODES",
     "AnthropicClient",
     "ClientCall",
     "Completion",
+    "DeploymentSnapshot",
+    "Deployments",
     "Emit",
     "EmitNowait",
     "EmitTools",
@@ -41,5 +48,6 @@ __all__ = [
     "ShardedTransport",
     "Sink",
     "State",
+    "account_level",
     "sharded_transport",
 ]

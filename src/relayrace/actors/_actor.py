@@ -10,7 +10,10 @@ supervisor's cost per request close to a bare HTTP call: no task to start, no ta
 hand the job over or the result back (measured in ``benchmarks/``).
 
 The actor is the only writer of its health: every change goes through its methods, which run
-synchronously (no checkpoint inside), so no two attempts can interleave an update. Its own task
+synchronously (no checkpoint inside), so no two attempts can interleave an update. Health is
+kept per deployment (``Deployments``: the upstream model an attempt asks for), with one
+provider-wide record for failures of the account; a deployment is available when both its own
+record and the provider-wide one are. Its own task
 runs the cooldown timer and is what the supervisor restarts when a client crashes (raises
 anything but ``ProviderError``): a crash interrupts the actor's other attempts and empties its
 inbox; those jobs fail over. Time budgets live in one cancel scope around the client's call.
@@ -33,6 +36,7 @@ from .._events import Event, EventKind
 from .._failure import Category, Failure
 from .._policy import Match, Policies
 from .._values import Outcome
+from ._deployments import DEFAULT_MAX_DEPLOYMENTS, Deployments, account_level, worst_state
 from ._health import Health, HealthSnapshot, State
 from ._job import Job, JobSink, refusal
 from ._probe import Probe, run_probe
@@ -50,7 +54,9 @@ class ProviderActor:
         max_concurrency / inbox_size: attempts run at once / jobs waiting for a slot.
         exempt: never benched.
         publish: where events go.
-        may_bench: asked before a bench (the supervisor's cap on benched actors).
+        may_bench: asked before a bench, with the actor's name and the deployment (``None``:
+            provider-wide): the supervisor's cap on benched actors.
+        max_deployments: the most deployments whose health the actor keeps (``Deployments``).
     """
 
     def __init__(
@@ -70,7 +76,8 @@ class ProviderActor:
         priority: int = 0,
         weight: float = 1.0,
         publish: Callable[[Event], None] = lambda event: None,
-        may_bench: Callable[[str], bool] = lambda name: True,
+        may_bench: Callable[[str, str | None], bool] = lambda name, model: True,
+        max_deployments: int = DEFAULT_MAX_DEPLOYMENTS,
     ):
         self.name = name
         self.client = client
@@ -83,11 +90,19 @@ class ProviderActor:
         self.capabilities = capabilities if capabilities is not None else Capabilities()
         self.priority = priority
         self.weight = weight
-        probes = getattr(client, "probes", None)
+        probes: Callable[[str], bool] | None = getattr(client, "probes", None)
         self._probe: Probe | None = None  # the client's active probe (``ProbingClient``)
-        if probes is not None and probes(model):
+        if probes is not None:
             self._probe = client.probe  # type: ignore[attr-defined]
-        self.health = Health(policies.health, exempt=exempt, active_probes=self._probe is not None)
+        #: the health of each deployment, and the provider-wide record (``health``)
+        self.deployments = Deployments(
+            policies.health,
+            exempt=exempt,
+            probes=(lambda m: bool(probes(m))) if probes is not None else (lambda m: False),
+            cap=max_deployments,
+        )
+        #: the provider-wide health: account-level failures and provider-wide manual benches
+        self.health = self.deployments.provider
         self.demotion = 0
         self.in_flight = 0
         self.alive = True
@@ -144,8 +159,34 @@ class ProviderActor:
         finally:
             self._release()
 
-    def available(self, now: float) -> bool:
-        return self.alive and not self.restarting and self.health.available(now)
+    def deployment(self, model: str | None) -> str | None:
+        """The deployment a request for ``model`` uses: the provider's configured model, or
+        (a passthrough provider) the request's."""
+        return self.model if self.model is not None else model
+
+    def available(self, now: float, model: str | None = None) -> bool:
+        """May a request for ``model`` be routed here (``None``: the provider as a whole)."""
+        if not self.alive or self.restarting or not self.health.available(now):
+            return False
+        record = self.deployments.get(self.model if self.model is not None else model)
+        return record is None or record.available(now)
+
+    def unavailable_record(self, now: float, model: str | None) -> tuple[str | None, State]:
+        """Why ``available(now, model)`` is false: the deployment whose record says so
+        (``None``: the provider-wide record) and its state."""
+        return self.deployments.unavailable(now, self.deployment(model))
+
+    def benched(self, now: float, model: str | None) -> bool:
+        """The provider, or the deployment ``model`` uses, is benched."""
+        return self.deployments.benched(now, self.deployment(model))
+
+    def manually_benched(self, now: float, model: str | None) -> bool:
+        """A manual bench of the provider, or of the deployment ``model`` uses, is running."""
+        return self.deployments.benched(now, self.deployment(model), manual=True)
+
+    def next_change(self, now: float, model: str | None) -> float:
+        """When the bench that keeps ``model``'s deployment unavailable ends, or ``math.inf``."""
+        return self.deployments.next_change(now, self.deployment(model))
 
     @property
     def queued(self) -> int:
@@ -153,23 +194,57 @@ class ProviderActor:
         return len(self._inbox)
 
     def snapshot(self, now: float) -> HealthSnapshot:
-        snapshot = self.health.snapshot(now, self.name, self.in_flight)
+        """The provider's health: the worst of its provider-wide and deployment records, with
+        each deployment's own."""
+        snapshot = self.deployments.snapshot(now, self.name, self.in_flight)
         if self.gave_up_until is not None:
-            return attrs.evolve(snapshot, state=State.GAVE_UP, gave_up_until=self.gave_up_until)
+            return attrs.evolve(
+                snapshot,
+                state=State.GAVE_UP,
+                provider_state=State.GAVE_UP,
+                gave_up_until=self.gave_up_until,
+            )
         return snapshot
 
-    def bench(self, seconds: float | None) -> None:
-        """Bench by hand; automatic logic never shortens it."""
-        self.health.bench(trio.current_time(), seconds)
-        self._wake_timer.set()
-        until = math.inf if seconds is None else trio.current_time() + seconds
-        self._emit(EventKind.ACTOR_BENCHED, until=until, detail="manual")
+    def bench(self, seconds: float | None, model: str | None = None) -> None:
+        """Bench by hand, the whole provider or (``model``) one deployment; automatic logic
+        never shortens it.
 
-    def unbench(self) -> None:
-        self.health.unbench()
-        self.demotion = 0
+        Raises:
+            ValueError: ``model`` is not the model of a provider configured with one.
+        """
+        now = trio.current_time()
+        key = self._manual_key(model)
+        record = self.health if key is None else self.deployments.use(key, now, keep=True)
+        record.bench(now, seconds)
         self._wake_timer.set()
-        self._emit(EventKind.ACTOR_RECOVERED, detail="manual")
+        until = math.inf if seconds is None else now + seconds
+        self._emit(EventKind.ACTOR_BENCHED, until=until, detail="manual", model=key)
+
+    def unbench(self, model: str | None = None) -> None:
+        """Lift every bench of the provider and its deployments, or (``model``) of one
+        deployment, and reset their counters.
+
+        Raises:
+            ValueError: ``model`` is not the model of a provider configured with one.
+        """
+        key = self._manual_key(model)
+        if key is None:
+            self.health.unbench()
+            for _, record in self.deployments:
+                record.unbench()
+            self.demotion = 0
+        else:
+            kept = self.deployments.get(key)
+            if kept is not None:
+                kept.unbench()
+        self._wake_timer.set()
+        self._emit(EventKind.ACTOR_RECOVERED, detail="manual", model=key)
+
+    def _manual_key(self, model: str | None) -> str | None:
+        if model is not None and self.model is not None and model != self.model:
+            raise ValueError(f"{self.name} serves only model {self.model!r}, not {model!r}")
+        return model
 
     def close(self, reason: str = "supervisor_closed") -> None:
         """Refuse new jobs for good, fail the ones waiting in the inbox and stop the ones
@@ -217,30 +292,38 @@ class ProviderActor:
         raise self._crash
 
     async def _cooldown_timer(self) -> None:
-        # Wakes when a bench ends, so that subscribers hear the actor is being probed, and
+        # Wakes when a bench ends, so that subscribers hear the deployment is being probed, and
         # probes it if its client can (also a bench that ended while the actor restarted).
         while True:
             now = trio.current_time()
-            if self._probe is not None and self.health.begin_active_probe(now):
-                await self._active_probe(self._probe)
-                continue
+            if self._probe is not None:
+                due = self._due_probe(now)
+                if due is not None:
+                    await self._active_probe(self._probe, *due)
+                    continue
             self._wake_timer = trio.Event()
-            until = self.health.next_change()
-            with trio.move_on_at(until):
+            records: list[tuple[str | None, Health]] = [(None, self.health), *self.deployments]
+            ends = [(model, record, record.next_change()) for model, record in records]
+            with trio.move_on_at(min(end for _, _, end in ends)):
                 await self._wake_timer.wait()
             now = trio.current_time()
-            if now >= until and self.health.state(now) is State.PROBING:
-                self._emit(EventKind.ACTOR_PROBING)
+            for model, record, end in ends:
+                if now >= end and record.state(now) is State.PROBING:
+                    self._emit(EventKind.ACTOR_PROBING, model=model)
 
-    async def _active_probe(self, probe: Probe) -> None:
-        """Run the half-open probe from the actor's own task (``begin_active_probe`` marked
-        it) and record its outcome like a job's."""
-        health = self.health
+    def _due_probe(self, now: float) -> tuple[str, Health] | None:
+        """The deployment whose active probe is due (now marked in flight), if any."""
+        for model, record in self.deployments:
+            if record.active_probes and record.begin_active_probe(now):
+                return model, record
+        return None
+
+    async def _active_probe(self, probe: Probe, model: str, health: Health) -> None:
+        """Run the half-open probe of deployment ``model`` from the actor's own task
+        (``begin_active_probe`` marked it) and record its outcome like a job's."""
         outcome = None
         try:
-            outcome = await run_probe(
-                probe, model=self.model, actor=self.name, policy=self._health_policy
-            )
+            outcome = await run_probe(probe, model=model, actor=self.name, policy=self._health_policy)
         except Exception as exc:  # a bug in the client, as in an attempt
             self._crashed_by(exc)
             return
@@ -250,17 +333,41 @@ class ProviderActor:
         now = trio.current_time()
         failure = outcome.failure
         if failure is not None:
-            until = health.record_failure(
-                failure, now, probe=True, may_bench=self._may_bench(self.name)
-            )
-            if until is not None:
-                self._emit(EventKind.ACTOR_BENCHED, until=until, failure=failure, detail="probe")
+            self._record_failure(failure, now, model, health, probe=True, wide_probe=False)
         elif outcome.proven:
             if health.record_success(now, probe=True):
                 self.demotion = 0
-                self._emit(EventKind.ACTOR_RECOVERED, detail="probe")
+                self._emit(EventKind.ACTOR_RECOVERED, detail="probe", model=model)
         else:  # reachable, not proven (a model list), or nothing sent: the next job decides
             health.record_reachable(probe=True)
+
+    def _record_failure(
+        self,
+        failure: Failure,
+        now: float,
+        model: str,
+        health: Health,
+        *,
+        probe: bool,
+        wide_probe: bool,
+        detail: str | None = "probe",
+    ) -> None:
+        """Record a failure of deployment ``model`` (``probe``: it was that deployment's probe;
+        ``wide_probe``: the provider-wide one's): an account-level one on the provider-wide
+        record, any other on the deployment's; the other record's probe, if any, ends
+        undecided."""
+        if account_level(failure, model):
+            health.record_reachable(probe=probe)
+            record, key, probe = self.health, None, wide_probe
+        else:
+            self.health.record_reachable(probe=wide_probe)
+            record, key = health, model
+        until = record.record_failure(
+            failure, now, probe=probe, may_bench=self._may_bench(self.name, key)
+        )
+        if until is not None:
+            self._wake_timer.set()
+            self._emit(EventKind.ACTOR_BENCHED, until=until, failure=failure, detail=detail, model=key)
 
     # --- slots --------------------------------------------------------------------------------
 
@@ -324,9 +431,14 @@ class ProviderActor:
     async def _attempt(self, job: Job) -> None:
         now = trio.current_time()
         job.started_at = now
-        health = self.health
+        wide = self.health
+        model = job.call.upstream_model
+        health = self.deployments.use(model, now)
+        wide_state = wide.state(now)
         state = health.state(now)
-        if state is State.PROBING and not health.available(now):
+        if wide_state is not State.OK:  # (guarded: the provider-wide record is rarely touched)
+            state = worst_state(wide_state, state)
+        if state is State.PROBING and not (wide.available(now) and health.available(now)):
             # Another job is already the probe; this one must not pile onto a sick provider.
             job.finish(
                 Outcome.FAILED,
@@ -352,7 +464,9 @@ class ProviderActor:
                 ),
             )
             return
-        probe = job.probe = health.begin_attempt(now)
+        wide_probe = wide_state is State.PROBING and wide.begin_attempt(now)
+        probe = health.begin_attempt(now)
+        job.probe = probe or wide_probe
         budgets = self.budgets
         attempt_budget = budgets.attempt
         budget_name = "attempt"
@@ -390,16 +504,19 @@ class ProviderActor:
                 # The request's own task is cancelled (the caller went away, its budget ran
                 # out, the supervisor shuts down): no one's failure.
                 health.record_cancelled(probe=probe)
+                wide.record_cancelled(probe=wide_probe)
                 job.finish(Outcome.CANCELLED)
         now = trio.current_time()
         if job.interrupted is not None and failure is None and completion is None:
             health.record_cancelled(probe=probe)
+            wide.record_cancelled(probe=wide_probe)
             job.finish_interrupted(self.name, job.interrupted)
             return
         if scope.cancelled_caught:
             # Which budget ran out (or the caller went away)?
             if job.cancel_requested:
                 health.record_cancelled(probe=probe)
+                wide.record_cancelled(probe=wide_probe)
                 job.finish(Outcome.CANCELLED)
                 return
             if now >= end:
@@ -415,20 +532,22 @@ class ProviderActor:
                 )
         if failure is None:
             assert completion is not None
-            if health.record_success(now, probe=probe):
+            if (
+                wide_probe or wide_state is not State.OK or wide.consecutive_failures
+            ) and wide.record_success(now, probe=wide_probe):
                 self._emit(EventKind.ACTOR_RECOVERED)
+            if health.record_success(now, probe=probe):
+                self._emit(EventKind.ACTOR_RECOVERED, model=model)
             self.demotion = 0
             job.finish(Outcome.OK, completion=completion)
             return
         if failure.category is Category.CANCELLED:
             health.record_cancelled(probe=probe)
+            wide.record_cancelled(probe=wide_probe)
         else:
-            until = health.record_failure(
-                failure, now, probe=probe, may_bench=self._may_bench(self.name)
+            self._record_failure(
+                failure, now, model, health, probe=probe, wide_probe=wide_probe, detail=None
             )
-            if until is not None:
-                self._wake_timer.set()
-                self._emit(EventKind.ACTOR_BENCHED, until=until, failure=failure)
             if self._demote and self._demote.match(failure) is not None:
                 self.demotion += 1
         job.finish(Outcome.FAILED, failure=failure)
@@ -443,14 +562,17 @@ class ProviderActor:
         until: float | None = None,
         failure: Failure | None = None,
         detail: str | None = None,
+        model: str | None = None,
     ) -> None:
         self._publish(
             Event(
                 kind=kind,
                 time=trio.current_time(),
                 actor=self.name,
+                model=model,
                 until=until,
                 failure=failure,
                 detail=detail,
             )
         )
+

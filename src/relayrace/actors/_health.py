@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -67,6 +68,8 @@ class HealthSnapshot:
         exempt: the actor is never benched.
         gave_up_until: when an actor that gave up (state ``gave_up``) is restarted afresh;
             ``None`` otherwise.
+        deployments: the health of each deployment (upstream model) the actor has served,
+            by model; the fields above are the worst of these and the provider-wide record.
     """
 
     name: str
@@ -79,13 +82,26 @@ class HealthSnapshot:
     bench_count: int
     exempt: bool
     gave_up_until: float | None = None
+    deployments: Mapping[str, DeploymentSnapshot] = attrs.field(factory=dict)
+    #: the state of the provider-wide record alone (account-level benches, manual benches of
+    #: the whole provider, ``gave_up``), where ``state`` is the worst of every record.
+    provider_state: State = State.OK
+
+    @property
+    def serving(self) -> bool:
+        """Whether the provider takes requests for some deployment now: the provider as a
+        whole is neither benched nor given up, and not every deployment it keeps is benched."""
+        if self.provider_state in (State.BENCHED, State.GAVE_UP):
+            return False
+        deployments = self.deployments.values()
+        return not deployments or any(d.state is not State.BENCHED for d in deployments)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict.
 
         ``state`` becomes its value; an endless bench (``benched_until == math.inf``, a manual
         bench until unbench) becomes ``None``, as JSON has no infinity: read it with ``state``
-        and ``manual``.
+        and ``manual``. ``deployments`` maps each model to its own such dict.
         """
         until = self.benched_until
         return {
@@ -99,6 +115,43 @@ class HealthSnapshot:
             "bench_count": self.bench_count,
             "exempt": self.exempt,
             "gave_up_until": self.gave_up_until,
+            "provider_state": self.provider_state.value,
+            "serving": self.serving,
+            "deployments": {model: d.to_dict() for model, d in self.deployments.items()},
+        }
+
+
+@attrs.frozen(kw_only=True)
+class DeploymentSnapshot:
+    """The health of one deployment (a provider's upstream model) at one moment.
+
+    Attributes:
+        model: the upstream model.
+        state: ``ok``, ``benched`` or ``probing`` (the deployment's own record: a provider-wide
+            bench shows on the provider's snapshot, not here).
+        benched_until / consecutive_failures / manual / probe_in_flight / bench_count: as in
+            ``HealthSnapshot``, for this deployment alone.
+    """
+
+    model: str
+    state: State
+    benched_until: float | None
+    consecutive_failures: int
+    manual: bool
+    probe_in_flight: bool
+    bench_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (an endless bench's ``benched_until`` is ``None``)."""
+        until = self.benched_until
+        return {
+            "model": self.model,
+            "state": self.state.value,
+            "benched_until": None if until is None or math.isinf(until) else until,
+            "consecutive_failures": self.consecutive_failures,
+            "manual": self.manual,
+            "probe_in_flight": self.probe_in_flight,
+            "bench_count": self.bench_count,
         }
 
 
@@ -148,6 +201,11 @@ class Health:
     def probe_in_flight(self) -> bool:
         """The half-open probe is running."""
         return self._probe_in_flight
+
+    @property
+    def manual(self) -> bool:
+        """A manual bench is set (it may have ended since the last call with a ``now``)."""
+        return self._manual_until is not None
 
     def _settle(self, now: float) -> None:
         # Benches that have ended are folded away, so that next_change() only reports what is
@@ -386,4 +444,17 @@ class Health:
             probe_in_flight=self._probe_in_flight,
             bench_count=self._streak,
             exempt=self.exempt,
+        )
+
+    def deployment_snapshot(self, now: float, model: str) -> DeploymentSnapshot:
+        """The health at ``now`` of the deployment ``model`` this record tracks."""
+        state = self.state(now)
+        return DeploymentSnapshot(
+            model=model,
+            state=state,
+            benched_until=self.next_change() if state is State.BENCHED else None,
+            consecutive_failures=self._consecutive_failures,
+            manual=self._manual_until is not None,
+            probe_in_flight=self._probe_in_flight,
+            bench_count=self._streak,
         )

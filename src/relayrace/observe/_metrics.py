@@ -8,8 +8,11 @@ takes a lock and a label look-up per observation, several times what a request c
 
 Labels are bounded sets: the configured route and provider names, categories, actions and the
 rule ids of the policy (``policy.rule``, never the matched value); anything else (a name not in
-the configuration, more distinct rule ids than ``MAX_RULES``) is counted under ``other``. The
-model a caller asked for, messages and failure texts are never labels.
+the configuration, more distinct rule ids than ``MAX_RULES``) is counted under ``other``.
+Messages and failure texts are never labels; a deployment's model is one (``model``, on the
+``relayrace_deployment_*`` metrics) only if it is configured — a provider's ``model`` or a
+route's name — and ``other`` otherwise, so that a caller who invents model names behind a
+passthrough ``*`` route cannot grow the label set; ``""`` is the provider as a whole.
 """
 
 from __future__ import annotations
@@ -185,6 +188,8 @@ class Metrics(Observer):
         self._rules: set[str] = set()
         self._health_events: dict[tuple[str, str], int] = {}
         self._admin_actions: dict[str, int] = {}
+        self._models: frozenset[str] = frozenset()
+        self._deployment_events: dict[tuple[str, str, str], int] = {}
         self.registry.register(_Collector(self))
 
     def render(self) -> bytes:
@@ -201,6 +206,12 @@ class Metrics(Observer):
         # exist), so the label sets only grow by what the operator configures.
         self._routes |= frozenset(supervisor.routes)
         self._providers |= frozenset(supervisor.health())
+        # The configured models: route names and providers' models (``Supervisor.config``,
+        # where the supervisor has one).
+        config = getattr(supervisor, "config", None)
+        models = {name for name in supervisor.routes if name != "*"}
+        models |= {p.model for p in getattr(config, "providers", ()) if p.model is not None}
+        self._models |= frozenset(models)
 
     def request_ended(
         self, outcome: Reply | RequestFailed, info: RequestInfo, timing: RequestTiming
@@ -256,6 +267,8 @@ class Metrics(Observer):
             return
         key = (self._provider(event.actor or ""), event.kind.value)
         self._health_events[key] = self._health_events.get(key, 0) + 1
+        dkey = (key[0], self._model(event.model), key[1])
+        self._deployment_events[dkey] = self._deployment_events.get(dkey, 0) + 1
 
     # --- bounded labels ----------------------------------------------------------------------
 
@@ -264,6 +277,11 @@ class Metrics(Observer):
 
     def _provider(self, name: str) -> str:
         return name if name in self._providers or name == "none" else OTHER
+
+    def _model(self, model: str | None) -> str:
+        if model is None:
+            return ""
+        return model if model in self._models else OTHER
 
     def _request_stats(self, key: tuple[str, str, str]) -> _RequestStats:
         route, provider, result = key
@@ -354,6 +372,15 @@ class _Collector(Collector):
         for action, n in sorted(m._admin_actions.items()):
             admin.add_metric([action], n)
         yield admin
+        deployment_events = CounterMetricFamily(
+            "relayrace_deployment_health_events",
+            "Health changes by provider, deployment (model: a configured one, other, or empty "
+            "for the provider as a whole) and kind.",
+            labels=("provider", "model", "kind"),
+        )
+        for ekey, n in sorted(m._deployment_events.items()):
+            deployment_events.add_metric(list(ekey), n)
+        yield deployment_events
         if m._supervisor is not None:
             yield from self._live(m._supervisor)
 
@@ -435,12 +462,24 @@ class _Collector(Collector):
             "Counted failures of each provider since its last success.",
             labels=("provider",),
         )
+        deployments = GaugeMetricFamily(
+            "relayrace_deployment_health_state",
+            "Health of each deployment a provider has served: 0 ok, 1 probing, 2 benched (by "
+            "provider and model; the worst of those counted as other).",
+            labels=("provider", "model"),
+        )
         for name, snap in sorted(health.items()):
             state.add_metric([name], HEALTH_VALUES.get(snap.state, 0))
             in_flight.add_metric([name], snap.in_flight)
             benches.add_metric([name], snap.bench_count)
             failures.add_metric([name], snap.consecutive_failures)
-        yield from (state, in_flight, benches, failures)
+            worst: dict[str, int] = {}
+            for model, d in snap.deployments.items():
+                label = self._m._model(model)
+                worst[label] = max(worst.get(label, 0), HEALTH_VALUES.get(d.state, 0))
+            for label, v in sorted(worst.items()):
+                deployments.add_metric([name, label], v)
+        yield from (state, in_flight, benches, failures, deployments)
         yield GaugeMetricFamily(
             "relayrace_requests_in_flight", "Requests in flight.", value=stats.in_flight
         )

@@ -257,7 +257,7 @@ class OpenAIApp:
             status = "shutting_down"
         elif all(state is State.OK for state in states):
             status = "ok"
-        elif any(state is not State.BENCHED for state in states):
+        elif any(snapshot.serving for snapshot in health.values()):
             status = "degraded"
         else:
             status = "unavailable"

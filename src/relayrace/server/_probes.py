@@ -14,17 +14,13 @@ from typing import Any
 
 import attrs
 
-from .. import State, Supervisor
+from .. import Supervisor
 from ._common import Gate, dumps
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-#: The states in which a provider takes no request.
-_DOWN = frozenset({State.BENCHED, State.GAVE_UP})
-
 
 async def send_json(
     send: Send, status: int, body: Any, headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -55,7 +51,7 @@ def not_ready(sup: Supervisor, gate: Gate) -> str | None:
     for route in sup.routes.values():
         for name in route.chain:
             snapshot = health.get(name)
-            if snapshot is not None and snapshot.state not in _DOWN:
+            if snapshot is not None and snapshot.serving:
                 return None
     return f"every provider of every route is benched or gave up ({len(health)} providers)"
 

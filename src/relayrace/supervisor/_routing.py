@@ -45,6 +45,7 @@ def plan_route(
     turn: int,
     rng: random.Random,
     policy: HealthPolicy,
+    model: str | None = None,
 ) -> RoutePlan:
     """Order ``actors`` (the route's chain, resolved) for one request.
 
@@ -55,6 +56,8 @@ def plan_route(
         turn: a per-route counter for round-robin.
         rng: randomness for the weighted strategy.
         policy: the health policy (what to do when every actor is benched).
+        model: the request's model: each actor is asked whether the deployment it would use
+            for it (its own model, or this one passed through) is available.
     """
     ranked = sorted(
         ((a.priority + a.demotion, i, a) for i, a in enumerate(actors) if not a.terminus),
@@ -65,13 +68,13 @@ def plan_route(
     benched: list[ProviderActor] = []
     decisions: list[Decision] = []
     for _, _, actor in ranked:
-        if actor.available(now):
+        if actor.available(now, model):
             healthy.append(actor)
         else:
             benched.append(actor)
     healthy = _apply_strategy(route.strategy, healthy, turn, rng)
     for actor in benched:
-        decisions.append(_skip(actor, now))
+        decisions.append(_skip(actor, now, model))
     if healthy or not benched:
         return RoutePlan(healthy + terminus, decisions)
 
@@ -79,7 +82,7 @@ def plan_route(
     choice = when_all_benched(
         policy,
         has_terminus=bool(terminus),
-        next_change=min(a.health.next_change() for a in benched),
+        next_change=min(a.next_change(now, model) for a in benched),
         now=now,
     )
     decisions.append(choice.decision)
@@ -87,21 +90,23 @@ def plan_route(
         return RoutePlan([], decisions, choice.failure)
     actors_to_try: list[ProviderActor] = []
     if choice.try_benched:
-        actors_to_try = [
-            a for a in benched if a.alive and not a.health.snapshot(now, a.name, 0).manual
-        ]
-        actors_to_try.sort(key=lambda a: a.health.next_change())
+        actors_to_try = [a for a in benched if a.alive and not a.manually_benched(now, model)]
+        actors_to_try.sort(key=lambda a: a.next_change(now, model))
     if choice.try_terminus:
         actors_to_try += terminus
     return RoutePlan(actors_to_try, decisions)
 
 
-def _skip(actor: ProviderActor, now: float) -> Decision:
+def _skip(actor: ProviderActor, now: float, model: str | None) -> Decision:
+    deployment, state = actor.unavailable_record(now, model)
+    if actor.model is not None:
+        deployment = None  # the provider's only deployment: its name would add nothing
     return skip_unavailable(
         actor.name,
         alive=actor.alive,
         restarting=actor.restarting,
-        probing=actor.health.state(now) is State.PROBING,
+        probing=state is State.PROBING,
+        deployment=deployment,
     )
 
 

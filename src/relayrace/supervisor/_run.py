@@ -226,6 +226,7 @@ class Run:
             turn=ledger.turns[model],
             rng=ledger.rng,
             policy=policies.health,
+            model=self.request.model,
         )
         self.decisions.extend(plan.decisions)
         ledger.decided(self, *plan.decisions)
@@ -233,7 +234,9 @@ class Run:
         # run even if the actor is benched when they start, and so do retries, which the policy
         # chose for this actor knowing its failure. A first attempt on an actor that was planned
         # as healthy and has been benched since is refused by the actor (code ``benched``).
-        forced = {a for a in plan.actors if a.terminus or not a.available(now)}
+        forced = {
+            a for a in plan.actors if a.terminus or not a.available(now, self.request.model)
+        }
         last_failure: Failure | None = plan.failure
         midstream_failure: Failure | None = None
         tried = 0

@@ -23,7 +23,7 @@ from .._embedding import Embedding, EmbeddingsReply, EmbedRequest
 from .._errors import BadRequest
 from .._events import Event, EventKind, Subscribers
 from .._values import Reply, Request
-from ..actors import HealthSnapshot, ProviderActor, State
+from ..actors import HealthSnapshot, ProviderActor
 from ._ledger import Ledger, SupervisorStatistics
 from ._observer import SURFACES, Hooks
 from ._run import Run
@@ -173,28 +173,34 @@ class Supervisor:
         return RequestStream(run, self._nursery)
 
     def health(self) -> dict[str, HealthSnapshot]:
-        """A snapshot of every actor's health, by name."""
+        """A snapshot of every actor's health, by name: the worst of its provider-wide and
+        deployment records, each deployment's own in ``deployments`` (by upstream model)."""
         now = trio.current_time()
         return {name: actor.snapshot(now) for name, actor in self._actors.items()}
 
-    def bench(self, name: str, seconds: float | None = None) -> None:
-        """Bench an actor by hand for ``seconds`` (``None``: until ``unbench``). Automatic logic
-        never shortens a manual bench.
+    def bench(self, name: str, seconds: float | None = None, *, model: str | None = None) -> None:
+        """Bench an actor by hand for ``seconds`` (``None``: until ``unbench``): every
+        deployment of it, or only ``model``'s (an upstream model). Automatic logic never
+        shortens a manual bench.
 
         Raises:
             KeyError: no actor has that name.
+            ValueError: ``seconds`` is not positive, or the actor is configured with another
+                model than ``model``.
         """
         if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError("seconds must be a positive number or None")
-        self._actors[name].bench(seconds)
+        self._actors[name].bench(seconds, model)
 
-    def unbench(self, name: str) -> None:
-        """Lift every bench of an actor and reset its counters.
+    def unbench(self, name: str, *, model: str | None = None) -> None:
+        """Lift every bench of an actor and its deployments and reset their counters, or
+        (``model``) those of one deployment.
 
         Raises:
             KeyError: no actor has that name.
+            ValueError: the actor is configured with another model than ``model``.
         """
-        self._actors[name].unbench()
+        self._actors[name].unbench(model)
 
     @asynccontextmanager
     async def subscribe(
@@ -389,12 +395,10 @@ class Supervisor:
                 )
             )
 
-    def _may_bench(self, name: str) -> bool:
+    def _may_bench(self, name: str, model: str | None) -> bool:
         now = trio.current_time()
         benched = sum(
-            1
-            for a in self._actors.values()
-            if a.name != name and a.health.state(now) is State.BENCHED
+            1 for a in self._actors.values() if a.name != name and a.benched(now, model)
         )
         return may_bench(self._policies.health, benched_others=benched, actors=len(self._actors))
 
