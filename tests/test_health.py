@@ -496,7 +496,9 @@ def test_snapshot_and_to_dict() -> None:
         probe_in_flight=False,
         bench_count=1,
         exempt=False,
+        provider_state=State.BENCHED,
     )
+    assert not snap.serving
     assert snap.to_dict() == {
         "name": "openai",
         "state": "benched",
@@ -508,6 +510,8 @@ def test_snapshot_and_to_dict() -> None:
         "bench_count": 1,
         "exempt": False,
         "gave_up_until": None,
+        "provider_state": "benched",
+        "serving": False,
         "deployments": {},
     }
     assert health.snapshot(5.0, "openai", 0).benched_until is None

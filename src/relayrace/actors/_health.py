@@ -444,6 +444,7 @@ class Health:
             probe_in_flight=self._probe_in_flight,
             bench_count=self._streak,
             exempt=self.exempt,
+            provider_state=state,
         )
 
     def deployment_snapshot(self, now: float, model: str) -> DeploymentSnapshot:
