@@ -6,6 +6,8 @@ from .._client import Completion as Completion
 from .._client import ProbingClient as ProbingClient
 from .._client import ProviderClient as ProviderClient
 from .._client import Sink as Sink
+from .._ratelimit import RateLimits as RateLimits
+from .._ratelimit import read_rate_limits as read_rate_limits
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
 from ._gemini import GeminiClient as GeminiClient
@@ -38,8 +40,10 @@ __all__ = [
     "ProbingClient",
     "ProviderActor",
     "ProviderClient",
+    "RateLimits",
     "ShardedTransport",
     "Sink",
     "State",
+    "read_rate_limits",
     "sharded_transport",
 ]
