@@ -27,7 +27,16 @@ from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor, Too
 from ..providers import openai
 from ._admin import AdminAPI, Operations
 from ._batch import Batcher
-from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, reply_trace
+from ._common import (
+    Gate,
+    ShuttingDown,
+    Stop,
+    Ticket,
+    affinity_headers,
+    authorized,
+    dumps,
+    reply_trace,
+)
 from ._embeddings import embeddings_route
 from ._models import MODEL_PATH, model_object, model_objects
 from ._probes import Probes
@@ -282,6 +291,7 @@ class OpenAIApp:
                 body.get("messages"),  # type: ignore[arg-type]
                 # OpenAI reads a null parameter as "not given"; so do we.
                 params={k: v for k, v in body.items() if k not in _NOT_PARAMS and v is not None},
+                metadata=affinity_headers(scope["headers"]),  # for ``header:NAME`` affinity
             )
         except BadRequest as exc:
             # Generation parameters sit at the top of an OpenAI body, not under `params`.
