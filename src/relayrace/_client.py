@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import attrs
 
 from ._embedding import EmbedRequest
+from ._ratelimit import RateLimits
 from ._values import Choice, Request, ToolCallDelta, Usage
 
 #: the yes/no capabilities, in the order a skip names the first one missing.
@@ -113,6 +114,8 @@ class Completion:
         logprobs: the answer's log probabilities (OpenAI's ``{"content": [...]}``), if given.
         choices: the choices past the first (``n > 1``), whole.
         embeddings: the vectors of an embeddings call (``ClientCall.embed``), in input order.
+        limits: what the provider's headers said of its rate limits (``None``: nothing), which
+            the supervisor's admission learns from.
     """
 
     model: str
@@ -122,6 +125,7 @@ class Completion:
     logprobs: Mapping[str, Any] | None = None
     choices: tuple[Choice, ...] = ()
     embeddings: tuple[tuple[float, ...], ...] | None = None
+    limits: RateLimits | None = None
 
 
 class Sink(Protocol):

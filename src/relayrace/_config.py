@@ -19,6 +19,9 @@ from ._policy import Policies
 
 STRATEGIES = ("priority", "round_robin", "weighted", "least_busy")
 
+#: What a route's ``affinity`` may key on (``header:NAME`` names a header of the request).
+AFFINITIES = ("user", "prefix")
+
 
 def _positive(path: str) -> Callable[[Any, Any, Any], None]:
     def check(_instance: Any, attribute: Any, value: Any) -> None:
@@ -69,6 +72,8 @@ class ProviderConfig:
         budgets: the attempt's time budgets.
         capabilities: what the provider can serve; ``None`` takes the client kind's
             defaults (``default_capabilities``; everything for other clients).
+        rpm / tpm: requests / tokens a minute this deployment may be sent (``None``: no
+            limit of ours; limits the provider reports in its headers apply regardless).
     """
 
     name: str
@@ -83,6 +88,8 @@ class ProviderConfig:
     accepts_continuation: bool | None = None
     budgets: Budgets = Budgets()
     capabilities: Capabilities | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
     @property
     def effective_capabilities(self) -> Capabilities:
@@ -117,11 +124,16 @@ class Route:
 
     ``model = "*"`` catches names no other route lists (the name is passed through upstream to
     providers that have no ``model`` of their own).
+
+    ``affinity`` (``user``, ``header:NAME``, ``prefix``; ``None``: off) pins requests with the
+    same key softly to the deployment that served the key last, for ``affinity_ttl`` seconds.
     """
 
     model: str
     chain: tuple[str, ...] = attrs.field(converter=_names)
     strategy: str = "priority"
+    affinity: str | None = None
+    affinity_ttl: float = 300.0
 
 
 @attrs.frozen(kw_only=True)
@@ -178,6 +190,10 @@ def provider_problems(index: int, provider: Any) -> list[ConfigError]:
             problems.append(ConfigError(f"{at}.{field}", "a positive integer", value))
     if not provider.weight > 0:
         problems.append(ConfigError(f"{at}.weight", "a positive number", provider.weight))
+    for field in ("rpm", "tpm"):
+        value = getattr(provider, field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(ConfigError(f"{at}.{field}", "a positive integer", value))
     return problems
 
 
@@ -233,4 +249,21 @@ def route_problems(routes: Sequence[Route | None], names: Collection[str]) -> li
                     f"routes[{i}].strategy", f"one of {', '.join(STRATEGIES)}", route.strategy
                 )
             )
+        if route.affinity is not None and not valid_affinity(route.affinity):
+            problems.append(
+                ConfigError(
+                    f"routes[{i}].affinity", "user, prefix or header:NAME", route.affinity
+                )
+            )
+        ttl = route.affinity_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            problems.append(ConfigError(f"routes[{i}].affinity_ttl", "a positive number", ttl))
     return problems
+
+
+def valid_affinity(value: object) -> bool:
+    """Whether ``value`` is an affinity a route may have (``user``, ``prefix``, ``header:NAME``)."""
+    if not isinstance(value, str):
+        return False
+    kind, sep, name = value.partition(":")
+    return value in AFFINITIES or (kind == "header" and bool(sep) and bool(name.strip()))

@@ -495,3 +495,57 @@ def skip_for_capability(
         rule=Rule(capabilities.source(name), "capabilities", name, value),
         actor=actor,
     )
+
+
+def affinity_rule(affinity: str) -> Rule:
+    """The rule of a route's prompt-cache affinity (``config:route.affinity=user``)."""
+    return Rule("config", "route", "affinity", affinity)
+
+
+def affinity_pin(actor: str, affinity: str) -> Decision:
+    """Put ``actor`` first: it served the request's affinity key last."""
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.PREFER,
+        reason="it served this affinity key last (soft pin)",
+        rule=affinity_rule(affinity),
+        actor=actor,
+    )
+
+
+def affinity_break(actor: str, affinity: str, why: str) -> Decision:
+    """The key's pinned ``actor`` cannot take the request (``why``): routing goes on in its
+    usual order, and whoever serves is pinned next."""
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.SKIP,
+        reason=f"the affinity pin yields: {why}",
+        rule=affinity_rule(affinity),
+        actor=actor,
+    )
+
+
+def skip_at_rate_limit(actor: str, rule: Rule, wait: float) -> Decision:
+    """Skip ``actor``: sending would pass its rate limit (``rule``: ours or the provider's),
+    which is whole again in ``wait`` seconds. No call is made, so no 429 is earned."""
+    return Decision(
+        scope=Scope.NEXT_ACTOR,
+        action=Action.SKIP,
+        reason=f"at its rate limit, whole again in {max(0.0, wait):.3g}s",
+        rule=rule,
+        actor=actor,
+        category=Category.LOCAL_CAPACITY.value,
+        wait=max(0.0, wait),
+    )
+
+
+def rate_limited_locally(wait: float) -> Failure:
+    """The failure of a request every deployment of whose route is at its rate limit: it
+    fails at once (no call made), ``retry_after`` the earliest reset."""
+    wait = max(0.0, wait)
+    return Failure(
+        category=Category.LOCAL_CAPACITY,
+        code="rate_limited_locally",
+        message=f"every provider of the route is at its rate limit; the first is whole again in {wait:.3g}s",
+        retry_after=wait,
+    )

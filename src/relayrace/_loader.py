@@ -306,6 +306,8 @@ def _provider(
     weight = table.number("weight", 1.0, positive=True)
     max_concurrency = table.integer("max_concurrency", 64, minimum=1)
     inbox_size = table.integer("inbox_size", 256, minimum=0)
+    rpm = table.integer("rpm", None, minimum=1)
+    tpm = table.integer("tpm", None, minimum=1)
     exempt = table.flag("exempt", False)
     terminus = table.flag("terminus", False)
     accepts_continuation = table.flag("accepts_continuation", None)
@@ -351,6 +353,8 @@ def _provider(
         accepts_continuation=accepts_continuation,
         budgets=budgets,
         capabilities=capabilities,
+        rpm=rpm,
+        tpm=tpm,
     )
 
 
@@ -360,6 +364,8 @@ def _route(data: Any, index: int, problems: Problems) -> Route:
         model=table.text("model"),
         chain=table.strings("chain"),
         strategy=table.choice("strategy", STRATEGIES, "priority"),
+        affinity=table.text("affinity", None),
+        affinity_ttl=table.number("affinity_ttl", 300.0, positive=True),
     )
     table.done()
     return route

@@ -88,6 +88,8 @@ class Action(enum.Enum):
     FAILOVER = "failover"
     SKIP = "skip"
     STOP = "stop"
+    #: routing put an actor first (prompt-cache affinity), before any attempt
+    PREFER = "prefer"
 
 
 @attrs.frozen(kw_only=True)

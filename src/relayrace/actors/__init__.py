@@ -6,6 +6,8 @@ from .._client import Completion as Completion
 from .._client import ProbingClient as ProbingClient
 from .._client import ProviderClient as ProviderClient
 from .._client import Sink as Sink
+from .._ratelimit import RateLimits as RateLimits
+from .._ratelimit import read_rate_limits as read_rate_limits
 from ._actor import ProviderActor as ProviderActor
 from ._anthropic import AnthropicClient as AnthropicClient
 from ._deployments import DEFAULT_MAX_DEPLOYMENTS as DEFAULT_MAX_DEPLOYMENTS
@@ -45,9 +47,11 @@ __all__ = [
     "ProbingClient",
     "ProviderActor",
     "ProviderClient",
+    "RateLimits",
     "ShardedTransport",
     "Sink",
     "State",
     "account_level",
+    "read_rate_limits",
     "sharded_transport",
 ]

@@ -3,9 +3,9 @@ job (one attempt) under a concurrency limit.
 
 An attempt runs in the task of the request that made it (``run_job``), holding one of the
 actor's slots, inside a cancel scope that the actor can cancel (a crash, a stop). A job that
-finds every slot taken waits in the actor's bounded inbox (first in, first out) or, when that is
-full too, is refused at once (``local_capacity``) and the supervisor moves on. Running the
-attempt in the requester's task rather than in a task of the actor's own is what keeps the
+finds every slot taken waits in the actor's bounded inbox (by priority, then first in, first
+out) or, when that is full too, is refused at once (``local_capacity``) and the supervisor
+moves on. Running the attempt in the requester's task rather than in a task of the actor's own is what keeps the
 supervisor's cost per request close to a bare HTTP call: no task to start, no task switch to
 hand the job over or the result back (measured in ``benchmarks/``).
 
@@ -22,7 +22,6 @@ inbox; those jobs fail over. Time budgets live in one cancel scope around the cl
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 
 import attrs
@@ -38,6 +37,7 @@ from .._policy import Match, Policies
 from .._values import Outcome
 from ._deployments import DEFAULT_MAX_DEPLOYMENTS, Deployments, account_level, worst_state
 from ._health import Health, HealthSnapshot, State
+from ._inbox import Inbox
 from ._job import Job, JobSink, refusal
 from ._probe import Probe, run_probe
 
@@ -116,7 +116,7 @@ class ProviderActor:
         self._publish = publish
         self._may_bench = may_bench
         self._call = client.call
-        self._inbox: deque[Job] = deque()
+        self._inbox = Inbox()  # by the request's priority (metadata), then first in first out
         self._running: set[Job] = set()
         self._wake_timer = trio.Event()
         self._crash: BaseException | None = None

@@ -30,6 +30,7 @@ import trio
 from .._client import PROBE_MODES, Capabilities, ClientCall, Completion, ProbeMode, Sink
 from .._errors import ProviderError
 from .._failure import Category
+from .._ratelimit import read_rate_limits
 from .._redact import SecretFilter, redact, secret_forms
 from .._values import ToolCallDelta
 from ..providers import (
@@ -340,6 +341,7 @@ class HTTPProviderClient:
                 if not 200 <= response.status_code < 300:
                     content_bytes = await read_at_most(response, _MAX_ERROR_BODY)
                     raise UpstreamStatus(response.status_code, content_bytes, response.headers)
+                limits = read_rate_limits(response.headers)  # for the admission
                 media_type = response.headers.get("content-type", "").split(";")[0].strip()
                 if call.stream and media_type != "application/json":
                     await self._read_stream(response, reader, state, sink, mask)
@@ -369,6 +371,7 @@ class HTTPProviderClient:
             refusal=reader.refusal,
             logprobs=None if reader.logprobs is None else {"content": reader.logprobs},
             choices=tuple(reader.other_choices()),
+            limits=limits,
         )
 
     async def embed(self, call: ClientCall, sink: Sink) -> Completion:

@@ -147,3 +147,15 @@ class Gate:
     def cancel_all(self, why: Stop) -> None:
         for ticket in list(self._tickets):
             ticket.cancel(why)
+
+
+def affinity_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any] | None:
+    """``{"headers": {...}}``: a request's ``x-session-id`` and ``x-relayrace-*`` headers, for
+    ``Request.metadata`` (what a route's ``header:NAME`` affinity reads; never sent upstream),
+    or ``None`` without any."""
+    found = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in headers
+        if k == b"x-session-id" or k.startswith(b"x-relayrace-")
+    }
+    return {"headers": found} if found else None

@@ -17,6 +17,7 @@ import trio
 
 from .. import BadRequest, EmbeddingsReply, EmbedRequest, RequestFailed, Supervisor
 from ..providers import embeddings
+from ._asgi import watch_disconnect
 from ._common import Gate, ShuttingDown, Stop, Ticket
 from ._wire import WireError
 
@@ -75,7 +76,7 @@ async def serve_embeddings(app: OpenAIApp, scope: Scope, receive: Receive, send:
     reply: EmbeddingsReply | WireError | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, ticket)
+            nursery.start_soon(watch_disconnect, receive, ticket)
             reply = await _embed(app, request, ticket)
             nursery.cancel_scope.cancel()
     finally:
@@ -141,12 +142,3 @@ async def _embed(
         except RequestFailed as exc:
             return WireError.from_failure(exc)
     return None
-
-
-async def _watch_disconnect(receive: Receive, ticket: Ticket) -> None:
-    """Cancel the request (and its upstream call) as soon as the client disconnects."""
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            ticket.cancel(Stop.CLIENT_GONE)
-            return

@@ -26,8 +26,17 @@ import trio
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor, ToolCallDelta
 from ..providers import openai
 from ._admin import AdminAPI, Operations
-from ._batch import Batcher
-from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, reply_trace
+from ._asgi import Body, watch_disconnect
+from ._common import (
+    Gate,
+    ShuttingDown,
+    Stop,
+    Ticket,
+    affinity_headers,
+    authorized,
+    dumps,
+    reply_trace,
+)
 from ._embeddings import embeddings_route
 from ._messages import PATH as MESSAGES_PATH
 from ._messages import MessagesEndpoint
@@ -291,6 +300,7 @@ class OpenAIApp:
                 body.get("messages"),  # type: ignore[arg-type]
                 # OpenAI reads a null parameter as "not given"; so do we.
                 params={k: v for k, v in body.items() if k not in _NOT_PARAMS and v is not None},
+                metadata=affinity_headers(scope["headers"]),  # for ``header:NAME`` affinity
             )
         except BadRequest as exc:
             # Generation parameters sit at the top of an OpenAI body, not under `params`.
@@ -309,7 +319,7 @@ class OpenAIApp:
         error: _HTTPError | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, ticket)
+                nursery.start_soon(watch_disconnect, receive, ticket)
                 # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
                 try:
                     if stream:
@@ -442,7 +452,7 @@ class OpenAIApp:
         failure: RequestFailed | None = None
         encoder = openai.StreamEncoder(_completion_id(), int(time.time()), include_usage)
         models = self._models
-        body = _Body(send)
+        body = Body(send)
         with ticket.scope:
             try:
                 async with stream:
@@ -493,51 +503,6 @@ class OpenAIApp:
         await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
 
 
-class _Body:
-    """The content chunks of one streamed response, written by a task of their own.
-
-    Chunks that became ready while a write was in progress go out together in one body message
-    (hypercorn's cost is per message, not per byte): when the deltas come faster than they can
-    be written, the writes get bigger instead of falling behind. At most ``_QUEUE`` chunks wait.
-    """
-
-    __slots__ = ("_send", "_queue", "_done", "_running")
-
-    def __init__(self, send: Send):
-        self._send = send
-        self._queue = Batcher[bytes](_QUEUE, most=1 << 30)
-        self._done = trio.Event()
-        self._running = False
-
-    async def put(self, data: bytes) -> None:
-        await self._queue.put(data)
-
-    def start(self, nursery: trio.Nursery) -> None:
-        self._running = True
-        nursery.start_soon(self._run)
-
-    async def _run(self) -> None:
-        send = self._send
-
-        async def write(chunks: list[bytes]) -> None:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        try:
-            await self._queue.run(write)
-        finally:
-            self._done.set()
-
-    async def close(self) -> None:
-        """Wait until every chunk handed over is written (the writer then ends)."""
-        self._queue.close()
-        if self._running:
-            await self._done.wait()
-
-
-_QUEUE = 16
-
-
 def _ending(
     encoder: openai.StreamEncoder, reply: Reply, started: bool
 ) -> list[dict[str, Any]]:
@@ -572,15 +537,6 @@ def _ending(
 
 def _completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
-
-
-async def _watch_disconnect(receive: Receive, ticket: Ticket) -> None:
-    """Cancel the request as soon as the client disconnects."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            ticket.cancel(Stop.CLIENT_GONE)
-            return
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

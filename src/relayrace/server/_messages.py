@@ -23,6 +23,7 @@ import trio
 
 from .. import BadRequest, Reply, Request, RequestFailed, Supervisor, Usage
 from ..providers import anthropic, anthropic_inbound, encode_event
+from ._asgi import watch_disconnect
 from ._common import Gate, ShuttingDown, Stop, Ticket, reply_trace
 from ._wire import WireError, encodable, safe_dumps
 
@@ -152,7 +153,7 @@ class MessagesEndpoint:
         refused: _Refused | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, ticket)
+                nursery.start_soon(watch_disconnect, receive, ticket)
                 # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
                 try:
                     if stream:
@@ -285,12 +286,3 @@ async def _write(send: Send, data: bytes) -> None:
 
 def _message_id() -> str:
     return "msg_" + secrets.token_hex(12)
-
-
-async def _watch_disconnect(receive: Receive, ticket: Ticket) -> None:
-    """Cancel the request as soon as the client disconnects."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            ticket.cancel(Stop.CLIENT_GONE)
-            return

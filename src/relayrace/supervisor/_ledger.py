@@ -16,8 +16,11 @@ from .._failure import Category, Failure
 from .._policy import Policies
 from .._record import Attempt, Decision
 from .._values import Reply, Request
+from ._admission import Admission
+from ._affinity import AffinityMap
 from ._budget import RetryBudget
 from ._observer import Hooks, RequestInfo, request_timing
+from ._steer import Steering
 
 
 @attrs.frozen(kw_only=True)
@@ -35,6 +38,16 @@ class SupervisorStatistics:
     #: retries the supervisor-wide retry budget would allow now.
     retry_tokens: float = 0.0
 
+
+
+def supervisor_closed(*, refused: bool = False) -> Failure:
+    """The failure of a request the supervisor's shutdown ended (``refused``: it arrived after
+    the shutdown began, and never started)."""
+    return Failure(
+        category=Category.LOCAL_CAPACITY,
+        code="supervisor_closed",
+        message="the supervisor is shutting down" if refused else "the supervisor shut down",
+    )
 
 class Stoppable(Protocol):
     """A request in flight, as the ledger sees it: something the shutdown can end."""
@@ -80,6 +93,8 @@ class Ledger:
         "failovers",
         "restarts",
         "hooks",
+        "admission",
+        "affinity",
         "_next_id",
         "_idle",
     )
@@ -111,6 +126,9 @@ class Ledger:
         self.restarts = 0
         #: the supervisor's observers (``_observer``), called by the hooks below.
         self.hooks = hooks if hooks is not None else Hooks()
+        #: the deployments' rate limits (``_admission``) and the affinity pins (``_affinity``)
+        self.admission = Admission()
+        self.affinity = AffinityMap()
         self._next_id = 0
         #: set when the last request in flight ends, once ``drain`` waits for it.
         self._idle: trio.Event | None = None
@@ -175,6 +193,10 @@ class Ledger:
         for hook in hooks.request_started:
             hook(info)
         return info
+
+    def steering(self, route: Route, request: Request) -> Steering:
+        """One request's affinity pin and rate-limit admission (``_steer``)."""
+        return Steering(self.admission, self.affinity, route, request)
 
     def attempt_ended(self, run: Observed, attempt: Attempt) -> None:
         info = run.observed

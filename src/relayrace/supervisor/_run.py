@@ -48,19 +48,9 @@ from .._values import (
     tool_calls_of,
 )
 from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
-from ._ledger import Ledger
+from ._ledger import Ledger, supervisor_closed
 from ._observer import RequestInfo
 from ._routing import capability_skips, plan_route
-
-
-def supervisor_closed(*, refused: bool = False) -> Failure:
-    """The failure of a request the supervisor's shutdown ended (``refused``: it arrived after
-    the shutdown began, and never started)."""
-    return Failure(
-        category=Category.LOCAL_CAPACITY,
-        code="supervisor_closed",
-        message="the supervisor is shutting down" if refused else "the supervisor shut down",
-    )
 
 
 class Run:
@@ -96,6 +86,7 @@ class Run:
         "_tools_actor",
         "embed",
         "embeddings",
+        "steer",
     )
 
     def __init__(
@@ -144,6 +135,7 @@ class Run:
         self._tools_actor = ""
         #: a restarted attempt's answer differed from what the caller holds.
         self._diverged = False
+        self.steer = ledger.steering(self.route, request)  # affinity pin, rate-limit admission
 
     async def execute(self) -> Reply:
         ledger = self.ledger
@@ -228,6 +220,7 @@ class Run:
             policy=policies.health,
             model=self.request.model,
         )
+        order, lacking = self.steer.order(plan, self.chain, self._lacking, now)
         self.decisions.extend(plan.decisions)
         ledger.decided(self, *plan.decisions)
         # Actors planned whatever their health (the terminus; every actor benched): their jobs
@@ -241,8 +234,7 @@ class Run:
         midstream_failure: Failure | None = None
         tried = 0
         max_providers = policies.failover.max_providers
-        lacking = self._lacking
-        for actor in plan.actors:
+        for actor in order:
             if lacking and actor.name in lacking:
                 self.decisions.append(lacking[actor.name])
                 continue
@@ -316,7 +308,7 @@ class Run:
                 ledger.failovers += 1
                 break
         if last_failure is None:
-            last_failure = Failure(
+            last_failure = self.steer.failure() or Failure(
                 category=Category.UNKNOWN, code="no_provider", message="no provider to try"
             )
         last_failure = midstream_failure or last_failure
@@ -367,6 +359,7 @@ class Run:
         self._job = job
         self._diverged = False
         started = trio.current_time()
+        ticket = self.steer.admit(actor, started)
         self.events.publish(EventKind.ATTEMPT_STARTED, request_id=self.request_id, actor=actor.name)
         try:
             await actor.run_job(job)
@@ -396,6 +389,7 @@ class Run:
             self.embeddings = job.completion.embeddings or ()
             if job.completion.embeddings is None:  # a client that answered it like a chat call
                 outcome, vectorless = Outcome.FAILED, no_vectors(actor.name)
+        self.steer.ended(actor, ticket, job, served=outcome is Outcome.OK)
         if outcome is Outcome.OK:
             completion = job.completion
             assert completion is not None

@@ -84,6 +84,7 @@ class Supervisor:
         self._ledger = Ledger(
             config.policies, random.Random(config.seed), list(self._routes), self._hooks
         )
+        self._ledger.admission.configure(config.providers)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -287,6 +288,7 @@ class Supervisor:
             self._routes = _routes(config, actors)
             ledger = self._ledger
             ledger.policies = config.policies
+            ledger.admission.configure(config.providers)
             if old.policies.retry_budget != config.policies.retry_budget:
                 ledger.budget = type(ledger.budget)(config.policies.retry_budget)
             for model in self._routes:

@@ -96,6 +96,10 @@ Parameters (any scenario takes any of them; those that do not apply are ignored)
   ``cached_tokens``, Anthropic ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``).
 - ``logprobs`` (0): OpenAI answers carry log probabilities (one item per text piece).
 - ``refusal`` (0): OpenAI answers with a ``refusal`` and no content.
+- ``rl_remaining``, ``rl_reset`` (60): every answer carries rate-limit headers saying that many
+  requests (and 1000 times as many tokens) remain, whole again in ``rl_reset`` seconds (OpenAI
+  ``x-ratelimit-remaining-requests`` / ``-reset-requests: 30s`` and the ``-tokens`` pair;
+  Anthropic ``anthropic-ratelimit-requests-remaining`` / ``-reset``, an RFC 3339 time).
 - A request's ``n`` (OpenAI, up to 8): that many choices, each the same answer.
 
 The log

@@ -30,7 +30,7 @@ from ._mock_formats import (
     stream_type,
 )
 from ._mock_state import MockAttempt, MockState, Plan
-from ._scenarios import ERROR_SCENARIOS, SCENARIOS, MockScenario
+from ._scenarios import ERROR_SCENARIOS, SCENARIOS, MockScenario, rate_limit_headers
 
 _SCENARIO_HEADER = b"x-mock-scenario"
 
@@ -379,6 +379,7 @@ class Connection:
         extra = [
             (b"x-mock-scenario", sc.name.encode()),
             (b"x-mock-attempt", str(attempt).encode()),
+            *rate_limit_headers(sc),
         ]
         if fault in ERROR_KINDS:
             self._error(fmt, fault, sc, reply, extra, state)

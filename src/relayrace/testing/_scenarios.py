@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +114,8 @@ _PARAMS: dict[str, Callable[[str], Any]] = {
     "cached": _count,
     "logprobs": _flag,
     "refusal": _flag,
+    "rl_remaining": _count,
+    "rl_reset": _seconds,
 }
 
 
@@ -144,6 +148,8 @@ class MockScenario:
     cached: int = 0
     logprobs: bool = False
     refusal: bool = False
+    rl_remaining: int | None = None
+    rl_reset: float = 60.0
 
     @classmethod
     def parse(cls, spec: str) -> MockScenario:
@@ -186,3 +192,22 @@ def mock_model(scenario: str, **params: Any) -> str:
             value = int(value)
         items.append(f"{key}={value}")
     return ",".join(items)
+
+
+def rate_limit_headers(sc: MockScenario) -> list[tuple[bytes, bytes]]:
+    """The rate-limit headers of an answer under ``rl_remaining`` / ``rl_reset`` (none without
+    ``rl_remaining``): OpenAI's and Anthropic's, both."""
+    if sc.rl_remaining is None:
+        return []
+    requests, tokens = str(sc.rl_remaining).encode(), str(sc.rl_remaining * 1000).encode()
+    reset = f"{sc.rl_reset:g}s".encode()
+    at = datetime.datetime.fromtimestamp(time.time() + sc.rl_reset, datetime.UTC)
+    stamp = at.isoformat().replace("+00:00", "Z").encode()
+    return [
+        (b"x-ratelimit-remaining-requests", requests),
+        (b"x-ratelimit-reset-requests", reset),
+        (b"x-ratelimit-remaining-tokens", tokens),
+        (b"x-ratelimit-reset-tokens", reset),
+        (b"anthropic-ratelimit-requests-remaining", requests),
+        (b"anthropic-ratelimit-requests-reset", stamp),
+    ]
