@@ -489,7 +489,7 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
     Raises:
         ConfigError: naming ``server.<key>`` and what was expected.
     """
-    # Imported here: the server package (hypercorn, trio-websocket) loads only with a gateway.
+    # Imported here: the server package (h11, trio-websocket) loads only with a gateway.
     from .server._settings import ServerSettings
 
     table = Table(data, "server", problems)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP endpoint, as an ASGI application (served by hypercorn on trio).
+"""The OpenAI-compatible HTTP endpoint, as an ASGI application (served by ``_h11.HTTPServer``).
 
 Routes: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models`` (the
 supervisor's routes) and ``GET /healthz`` (actor health). Every route needs a bearer token when
@@ -113,8 +113,8 @@ class OpenAIApp:
             await send({"type": "websocket.close", "code": 1008})
             return
         if scope.get("http_version") not in ("1.0", "1.1"):
-            # hypercorn takes h2c upgrades and HTTP/2 prior knowledge on its own; we serve and
-            # test HTTP/1.1 only, so anything else is refused as such.
+            # We serve and test HTTP/1.1 only: the server hands a prior-knowledge HTTP/2
+            # connection here as version "2" (an h2c upgrade header is ignored: HTTP/1.1 goes on).
             await self._send_json(
                 send, 505, _error(505, "only HTTP/1.1 is served", code="http_version").error
             )
@@ -487,7 +487,7 @@ class _Body:
     """The content chunks of one streamed response, written by a task of their own.
 
     Chunks that became ready while a write was in progress go out together in one body message
-    (hypercorn's cost is per message, not per byte): when the deltas come faster than they can
+    (the server's cost is per message, not per byte): when the deltas come faster than they can
     be written, the writes get bigger instead of falling behind. At most ``_QUEUE`` chunks wait.
     """
 

@@ -81,6 +81,13 @@ class ServerSettings:
         max_body_bytes: the largest HTTP request body; a larger one gets HTTP 413.
         shutdown_grace: seconds requests in flight may take to finish once a graceful
             shutdown begins; what is still running then is cancelled (and told so).
+        max_header_bytes: the largest HTTP request head (request line and headers); a
+            larger one gets HTTP 431.
+        read_timeout: seconds an HTTP request's head (from its first byte) and, separately,
+            its body may take to arrive; then the connection is closed (slowloris defence).
+        keep_alive_timeout: seconds an idle HTTP connection is kept for its next request.
+        workers: processes ``relayrace serve`` runs, each with its own supervisor, accepting
+            on the same ports (``serve`` itself is always one process).
     """
 
     ws_host: str = "127.0.0.1"
@@ -96,3 +103,7 @@ class ServerSettings:
     send_queue_frames: int = attrs.field(default=32, validator=_positive)
     max_body_bytes: int = attrs.field(default=1 << 20, validator=_positive)
     shutdown_grace: float = attrs.field(default=10.0, validator=_seconds)
+    max_header_bytes: int = attrs.field(default=16384, validator=_positive)
+    read_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    keep_alive_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    workers: int = attrs.field(default=1, validator=_positive)
