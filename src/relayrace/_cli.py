@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -116,6 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--config", "-c", required=True, help="the TOML config file")
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes serving the same ports, each with its own supervisor "
+        "(default: [server] workers, else 1)",
+    )
+    # A worker of `serve --workers`: the listening sockets it inherits (name=fd,...).
+    serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check",
         help="check a TOML config file, report every mistake in it, and exit",
@@ -146,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument(
         "--width", type=int, default=None, help="columns to draw in (default: the terminal's)"
     )
-    commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
+    commands.add_parser(
+        "mock-provider", help="run the fault-injecting mock provider", add_help=False
+    )
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -182,7 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return _serve(args.config)
+    if args.worker_fds is not None:
+        fds = {k: int(v) for k, v in (item.split("=") for item in args.worker_fds.split(","))}
+        return _serve(args.config, worker_fds=fds)
+    if args.workers is not None and args.workers < 1:
+        print("relayrace: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return _serve(args.config, workers=args.workers, log_level=args.log_level)
 
 
 def _report(source: str, error: ConfigError) -> None:
@@ -219,7 +238,13 @@ def _check(path: str, *, env: bool = True) -> int:
     return 0
 
 
-def _serve(path: str) -> int:
+def _serve(
+    path: str,
+    *,
+    workers: int | None = None,
+    log_level: str = "INFO",
+    worker_fds: dict[str, int] | None = None,
+) -> int:
     from ._loader import read_gateway
 
     try:
@@ -229,7 +254,24 @@ def _serve(path: str) -> int:
         return 2
     failed: list[str] = []
     try:
-        trio.run(run_gateway, gateway)
+        if worker_fds is not None:
+            from .server._workers import adopt, die_with_parent
+
+            die_with_parent()
+            sockets = adopt(worker_fds)
+            trio.run(
+                partial(
+                    run_gateway,
+                    gateway,
+                    http_socket=sockets.get("http"),
+                    ws_socket=sockets.get("ws"),
+                    announce=False,
+                )
+            )
+        elif (workers or gateway.server.workers) > 1:
+            return _serve_workers(path, gateway, workers or gateway.server.workers, log_level)
+        else:
+            trio.run(run_gateway, gateway)
     except* OSError as group:  # a port in use, a host that does not resolve (in nursery groups)
         failed += _messages(group)
     if failed:
@@ -248,6 +290,24 @@ def _serve(path: str) -> int:
     return 0
 
 
+def _serve_workers(path: str, gateway: GatewayConfig, workers: int, log_level: str) -> int:
+    from .server._workers import bind_sockets, close_sockets, run_workers, urls
+
+    shares = bind_sockets(gateway.server, workers)  # OSError: reported by the caller
+    try:
+        for name, url in urls(gateway.server, shares[0]):
+            print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
+
+        def command(fds: dict[str, int]) -> list[str]:
+            listed = ",".join(f"{name}={fd}" for name, fd in fds.items())
+            serve = ["serve", "--config", path, "--log-level", log_level, "--worker-fds", listed]
+            return [sys.executable, "-m", "relayrace._cli", *serve]
+
+        return run_workers(command, shares, grace=gateway.server.shutdown_grace)
+    finally:
+        close_sockets(shares)
+
+
 def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
     """The message of every exception in a (nested) group."""
     messages: list[str] = []
@@ -257,11 +317,17 @@ def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
 
 
 async def run_gateway(
-    gateway: GatewayConfig, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    gateway: GatewayConfig,
+    *,
+    http_socket: socket.socket | None = None,
+    ws_socket: socket.socket | None = None,
+    announce: bool = True,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
     gracefully: stop accepting, let requests in flight finish within the grace period, cancel
-    the rest (each client gets its terminal frame)."""
+    the rest (each client gets its terminal frame). A worker of ``serve --workers`` passes the
+    sockets it inherited, and its parent announces the URLs."""
     from .server import serve
     from .supervisor import open_supervisor
 
@@ -270,12 +336,18 @@ async def run_gateway(
         async with open_supervisor(gateway.config) as sup, trio.open_nursery() as nursery:
 
             async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
-                await serve(sup, gateway.server, task_status=task_status)
+                await serve(
+                    sup,
+                    gateway.server,
+                    http_socket=http_socket,
+                    ws_socket=ws_socket,
+                    task_status=task_status,
+                )
                 nursery.cancel_scope.cancel()  # shut down: stop waiting for signals
 
             server: Server = await nursery.start(serving)
             for name, url in (("websocket", server.ws_url), ("http", server.http_url)):
-                if url is not None:
+                if url is not None and announce:
                     log.info("%s endpoint listening on %s", name, url)
                     print(f"relayrace: {name} on {url}", flush=True)
             task_status.started(server)

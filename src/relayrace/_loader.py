@@ -520,6 +520,7 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
         send_queue_frames=table.integer("send_queue_frames", defaults.send_queue_frames, minimum=1),
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, minimum=1),
         shutdown_grace=table.number("shutdown_grace", defaults.shutdown_grace),
+        workers=table.integer("workers", defaults.workers, minimum=1),
     )
     table.done()
     try:

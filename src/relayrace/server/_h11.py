@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -458,20 +457,3 @@ def _hpack(headers: list[tuple[bytes, bytes]]) -> bytes:
         b"\x00" + integer(len(name)) + name.lower() + integer(len(value)) + value
         for name, value in headers
     )
-
-
-def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """A listening TCP socket (backlog 4096), ``SO_REUSEPORT`` if asked and available: the
-    sockets ``serve --workers`` hands to its workers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(4096)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
