@@ -201,11 +201,18 @@ class _Connection:
         status = exc.error_status_hint
         reason = HTTPStatus(status).phrase.encode() if status in _STATUSES else b"Error"
         body = reason + b"\n"
+        stream = self.stream
         with trio.move_on_after(self.server.read_timeout):
-            await self.stream.send_all(
+            await stream.send_all(
                 b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\nconnection: close\r\n"
                 b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body)
             )
+            # A lingering close: closing with unread bytes would reset the connection, and the
+            # reset can overtake the answer. Say we are done, and read what is left (bounded).
+            await stream.send_eof()
+            left = _DRAIN_BYTES
+            while left > 0 and (data := await stream.receive_some(_READ)):
+                left -= len(data)
 
 
 _STATUSES = frozenset(s.value for s in HTTPStatus)
