@@ -104,6 +104,7 @@ def test_quick_gateway_bench_drives_every_path_with_wrk(
         for mode in ("non-streamed", "streamed")
         for run in runs
     } | {("ws", "streamed", run) for run in runs}
+    expected |= {("http-w2", mode, "c32") for mode in ("non-streamed", "streamed")}
     assert set(rows) == expected
     for (path, _mode, run), row in rows.items():
         assert row["failed"] == 0 and row["ok"] > 0 and row["throughput_rps"] > 0
@@ -115,6 +116,7 @@ def test_quick_gateway_bench_drives_every_path_with_wrk(
     targets = {t["target"]: t for t in results["targets"]}
     assert targets["HTTP p50 overhead over direct, non-streamed, c=1"]["measured"] is not None
     assert targets["HTTP req/s / LiteLLM proxy req/s, streamed, c=32"]["met"] is None
+    assert targets["HTTP req/s gained by --workers 2, streamed, c=32"]["measured"] is not None
 
     markdown = (tmp_path / "latest-quick.md").read_text()
     assert "| path | c=1 non-streamed p50 (+overhead) |" in markdown

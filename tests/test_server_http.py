@@ -665,3 +665,168 @@ async def test_http2_is_refused_and_http11_is_served(autojump_clock):
         assert refused.json()["error"]["code"] == "http_version"
         served = await http.post("/v1/chat/completions", json=body())
         assert served.http_version == "HTTP/1.1" and served.status_code == 200
+
+
+# --- the HTTP/1.1 core: what hypercorn gave us --------------------------------------------------
+
+
+async def exchange(server: Server, *parts: bytes, between: float = 0) -> tuple[bytes, float]:
+    """Send ``parts`` on one bare connection (``between`` seconds apart), then read until the
+    server closes it: everything it answered, and when it closed (seconds after the first part)."""
+    assert server.http_port is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+    begun = trio.current_time()
+    received = b""
+
+    async def write() -> None:
+        for i, part in enumerate(parts):
+            if i and between:
+                await trio.sleep(between)
+            try:
+                await stream.send_all(part)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        with trio.fail_after(60):
+            while True:
+                try:
+                    data = await stream.receive_some()
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                received += data
+        closed = trio.current_time() - begun
+        nursery.cancel_scope.cancel()
+    return received, closed
+
+
+def post(payload: dict[str, Any], *extra: bytes) -> bytes:
+    data = json.dumps(payload).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+    return head + b"".join(extra) + b"content-length: %d\r\n\r\n%s" % (len(data), data)
+
+
+async def test_keep_alive_and_pipelined_requests_are_answered_in_order(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, tokens=[]) as (_, server, _):
+        pipelined = (
+            b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n"
+            + post(body())
+            + b"GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+        )
+        received, _ = await exchange(server, pipelined)
+    assert received.count(b"HTTP/1.1 200 ") == 3
+    models = received.index(b'"object":"list"')
+    completion = received.index(b'"object":"chat.completion"')
+    health = received.index(b'"in_flight"')
+    assert models < completion < health
+    assert len(client(cfg, "a").calls) == 1
+
+
+async def test_a_chunked_request_body_is_read(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    data = json.dumps(body()).encode()
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(data[i : i + 7]), data[i : i + 7]) for i in range(0, len(data), 7)
+    )
+    async with running(cfg, tokens=[]) as (_, server, _):
+        received, _ = await exchange(
+            server,
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+            b"connection: close\r\n\r\n",
+            chunked + b"0\r\n\r\n",
+            between=1,
+        )
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert SCRIPTED_ANSWER.encode() in received
+
+
+async def test_expect_100_continue_is_answered_before_the_body(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    data = json.dumps(body()).encode()
+    async with running(cfg, tokens=[]) as (_, server, _):
+        assert server.http_port is not None
+        async with await trio.open_tcp_stream("127.0.0.1", server.http_port) as stream:
+            await stream.send_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(data)
+            )
+            interim = await stream.receive_some()
+            assert interim == b"HTTP/1.1 100 \r\n\r\n"
+            await stream.send_all(data)
+            received = b""
+            while chunk := await stream.receive_some():
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_oversized_head_gets_431(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, tokens=[], max_header_bytes=4096) as (_, server, _):
+        received, _ = await exchange(server, post(body(), b"x-big: " + b"y" * 5000 + b"\r\n"))
+        fits, _ = await exchange(
+            server, post(body(), b"x-big: " + b"y" * 3000 + b"\r\n", b"connection: close\r\n")
+        )
+    assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert fits.startswith(b"HTTP/1.1 200 ")
+    assert len(client(cfg, "a").calls) == 1
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+        b"transfer-encoding: chunked\r\ncontent-length: 5\r\n",
+        b"content-length: 5\r\ncontent-length: 6\r\n",
+    ],
+    ids=["cl-te", "te-cl", "cl-cl"],
+)
+async def test_conflicting_body_framing_is_refused(autojump_clock, framing):
+    # Request smuggling: a request whose body length two parsers could read differently is
+    # refused, and the connection closed (what follows it is never read as a request).
+    cfg = config(scripted_provider("a"))
+    smuggled = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+    async with running(cfg, tokens=[]) as (_, server, _):
+        received, _ = await exchange(
+            server,
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n"
+            + framing
+            + b"\r\n"
+            + b"0\r\n\r\n"
+            + smuggled,
+        )
+    assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert received.count(b"HTTP/1.1") == 1
+    assert client(cfg, "a").calls == []
+
+
+async def test_a_slow_head_or_body_is_cut_at_the_read_timeout(autojump_clock):
+    # Slowloris: a byte now and then keeps no connection open past the read timeout.
+    cfg = config(scripted_provider("a"))
+    head = post(body())
+    async with running(cfg, tokens=[], read_timeout=3) as (_, server, _):
+        slow_head, head_closed = await exchange(
+            server, *(head[i : i + 1] for i in range(40)), between=1
+        )
+        slow_body, body_closed = await exchange(
+            server,
+            head[:-10],
+            *(head[i : i + 1] for i in range(len(head) - 10, len(head))),
+            between=1,
+        )
+    assert slow_head == b""
+    assert head_closed == 3
+    assert slow_body == b""
+    assert body_closed == 3
+    assert client(cfg, "a").calls == []
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, tokens=[], keep_alive_timeout=7) as (_, server, _):
+        received, closed = await exchange(server, post(body()))
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert closed == 7

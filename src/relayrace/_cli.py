@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -137,6 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="the access log's lines (default: [server] log_format, else json)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes serving the same ports, each with its own supervisor "
+        "(default: [server] workers, else 1)",
+    )
+    # A worker of `serve --workers`: the listening sockets it inherits (name=fd,...).
+    serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check",
         help="check a TOML config file, report every mistake in it, and exit",
@@ -233,7 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"relayrace: --log-level: {exc}", file=sys.stderr)
         return 2
-    return _serve(args.config, log_format=args.log_format)
+    if args.worker_fds is not None:
+        fds = {k: int(v) for k, v in (item.split("=") for item in args.worker_fds.split(","))}
+        return _serve(args.config, log_format=args.log_format, worker_fds=fds)
+    if args.workers is not None and args.workers < 1:
+        print("relayrace: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return _serve(
+        args.config, log_format=args.log_format, workers=args.workers, log_level=args.log_level
+    )
 
 
 def _version() -> str:
@@ -279,7 +297,14 @@ def _check(path: str, *, env: bool = True) -> int:
     return 0
 
 
-def _serve(path: str, *, log_format: str | None = None) -> int:
+def _serve(
+    path: str,
+    *,
+    log_format: str | None = None,
+    workers: int | None = None,
+    log_level: str = "INFO",
+    worker_fds: dict[str, int] | None = None,
+) -> int:
     """``relayrace serve``: every failure to start is one line on stderr and a non-zero exit
     (2: the config; 1: anything else), never a traceback."""
     from ._loader import read_gateway
@@ -298,7 +323,27 @@ def _serve(path: str, *, log_format: str | None = None) -> int:
     access.propagate = False
     try:
         overrides = {} if log_format is None else {"log_format": log_format}
-        trio.run(partial(run_gateway, gateway, config_path=path, overrides=overrides))
+        if worker_fds is not None:
+            from .server._workers import adopt, die_with_parent
+
+            die_with_parent()
+            sockets = adopt(worker_fds)
+            trio.run(
+                partial(
+                    run_gateway,
+                    gateway,
+                    config_path=path,
+                    overrides=overrides,
+                    http_socket=sockets.get("http"),
+                    ws_socket=sockets.get("ws"),
+                    announce=False,
+                )
+            )
+        elif (workers or gateway.server.workers) > 1:
+            count = workers or gateway.server.workers
+            return _serve_workers(path, gateway, count, log_level, log_format)
+        else:
+            trio.run(partial(run_gateway, gateway, config_path=path, overrides=overrides))
     except* OSError as group:  # a port in use, a host that does not resolve (in nursery groups)
         failed += _messages(group)
     except* Exception as group:  # a bug: one line here, the traceback only at DEBUG
@@ -322,6 +367,28 @@ def _serve(path: str, *, log_format: str | None = None) -> int:
             print(f"relayrace: cannot serve ({where}): {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_workers(
+    path: str, gateway: GatewayConfig, workers: int, log_level: str, log_format: str | None
+) -> int:
+    from .server._workers import bind_sockets, close_sockets, run_workers, urls
+
+    shares = bind_sockets(gateway.server, workers)  # OSError: reported by the caller
+    try:
+        for name, url in urls(gateway.server, shares[0]):
+            print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
+
+        def command(fds: dict[str, int]) -> list[str]:
+            listed = ",".join(f"{name}={fd}" for name, fd in fds.items())
+            serve = ["serve", "--config", path, "--log-level", log_level, "--worker-fds", listed]
+            if log_format is not None:
+                serve += ["--log-format", log_format]
+            return [sys.executable, "-m", "relayrace._cli", *serve]
+
+        return run_workers(command, shares, grace=gateway.server.shutdown_grace)
+    finally:
+        close_sockets(shares)
 
 
 def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
@@ -356,6 +423,9 @@ async def run_gateway(
     *,
     config_path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    http_socket: socket.socket | None = None,
+    ws_socket: socket.socket | None = None,
+    announce: bool = True,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
@@ -365,7 +435,8 @@ async def run_gateway(
     The supervisor is watched by ``Metrics`` (served on ``[server] metrics_port``, if set), an
     ``AccessLog`` in ``[server] log_format`` and the admin API's ``RecentFailures``. SIGHUP
     reloads ``config_path`` as ``POST /admin/reload`` does. ``overrides`` are ``[server]``
-    settings the command line sets over the file's (``log_format``).
+    settings the command line sets over the file's (``log_format``). A worker of
+    ``serve --workers`` passes the sockets it inherited, and its parent announces the URLs.
     """
     from .observe import AccessLog, Metrics, serve_metrics
     from .server import Operations, RecentFailures, serve
@@ -389,7 +460,14 @@ async def run_gateway(
             operations = Operations(config_path=config_path, recent=recent, overrides=overrides)
 
             async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
-                await serve(sup, settings, operations=operations, task_status=task_status)
+                await serve(
+                    sup,
+                    settings,
+                    operations=operations,
+                    http_socket=http_socket,
+                    ws_socket=ws_socket,
+                    task_status=task_status,
+                )
                 nursery.cancel_scope.cancel()  # shut down: stop waiting for signals
 
             server: Server = await nursery.start(serving)
@@ -399,7 +477,7 @@ async def run_gateway(
                 ("http", server.http_url),
                 ("metrics", metrics_url),
             ):
-                if url is not None:
+                if url is not None and announce:
                     print(f"relayrace: {name} on {url}", flush=True)
             task_status.started(Running(server, sup, metrics_url))
             async for signum in signals:

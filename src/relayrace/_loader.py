@@ -530,7 +530,7 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
     Raises:
         ConfigError: naming ``server.<key>`` and what was expected.
     """
-    # Imported here: the server package (hypercorn, trio-websocket) loads only with a gateway.
+    # Imported here: the server package (h11, trio-websocket) loads only with a gateway.
     from .server._settings import LOG_FORMATS, ServerSettings
 
     table = Table(data, "server", problems)
@@ -573,6 +573,12 @@ def _server_settings(data: Any, problems: Problems) -> ServerSettings:
         metrics_host=table.text("metrics_host", defaults.metrics_host),
         metrics_port=port("metrics_port", defaults.metrics_port),
         log_format=table.choice("log_format", LOG_FORMATS, defaults.log_format),
+        max_header_bytes=table.integer("max_header_bytes", defaults.max_header_bytes, minimum=1),
+        read_timeout=table.number("read_timeout", defaults.read_timeout, positive=True),
+        keep_alive_timeout=table.number(
+            "keep_alive_timeout", defaults.keep_alive_timeout, positive=True
+        ),
+        workers=table.integer("workers", defaults.workers, minimum=1),
     )
     table.done()
     try:

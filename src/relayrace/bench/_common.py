@@ -136,7 +136,6 @@ def machine() -> dict[str, Any]:
                 "httpx",
                 "httpcore",
                 "h11",
-                "hypercorn",
                 "trio-websocket",
                 "litellm",
                 "openai",

@@ -31,7 +31,7 @@ from ._wrk import WRK_MISSING, find_wrk, run_wrk
 #: The runs of every path and mode, in the order they are made.
 RUNS = ("sequential", "c1", "c32", "rate")
 MODES = ("non-streamed", "streamed")
-PATHS = ("direct", "http", "ws", "litellm")
+PATHS = ("direct", "http", "http-w2", "ws", "litellm")
 _TOKEN_ENV = "RELAYRACE_BENCH_WS_TOKEN"
 
 # --- the websocket load (in a worker process) ---------------------------------------------------
@@ -237,6 +237,7 @@ def workload_weight(p: dict[str, Any]) -> float:
     http_paths = 3 if p["litellm"] else 2
     return (
         len(MODES) * http_paths * (per_path + p["warmup"])
+        + len(MODES) * (run_weight(p, "c32") + p["warmup"])  # serve --workers 2
         + per_path
         + 3
         + (60 if p["litellm"] else 0)
@@ -326,6 +327,10 @@ def run_gateway_workload(runner: Runner) -> dict[str, Any]:
     runner.progress.advance(60 if p["litellm"] else 0)
     with contextlib.ExitStack() as stack:
         serve = stack.enter_context(relayrace_serve(runner.url, model, max(256, p["clients"] * 4)))
+        # `serve --workers 2`, measured at c=32 only (issue #13: a second worker adds ≥ 50 %).
+        serve2 = stack.enter_context(
+            relayrace_serve(runner.url, model, max(256, p["clients"] * 4), workers=2)
+        )
         litellm: Gateway | None = None
         if not p["litellm"]:
             paths["litellm"] = {
@@ -338,7 +343,9 @@ def run_gateway_workload(runner: Runner) -> dict[str, Any]:
             except BenchError as exc:
                 paths["litellm"] = {"available": False, "reason": str(exc)}
                 print(f"relayrace bench: skipping LiteLLM's proxy: {exc}", flush=True)
-        http_paths = {"direct": None, "http": serve} | ({"litellm": litellm} if litellm else {})
+        http_paths = {"direct": None, "http": serve, "http-w2": serve2} | (
+            {"litellm": litellm} if litellm else {}
+        )
         warm = {
             "name": "warmup",
             "connections": 4,
@@ -351,6 +358,8 @@ def run_gateway_workload(runner: Runner) -> dict[str, Any]:
                 _wrk_path(wrk, gateway, runner.url, model, mode, warm)  # warm up path and pools
             for spec in specs:
                 for name, gateway in http_paths.items():
+                    if name == "http-w2" and spec["name"] != "c32":
+                        continue
                     result, cpu = _wrk_path(wrk, gateway, runner.url, model, mode, spec)
                     rows.append(_row(name, mode, spec, result, cpu))
                     runner.progress.advance(run_weight(p, spec["name"]), f"gateway: {mode}, {name}")

@@ -83,9 +83,11 @@ def _stop(process: subprocess.Popen[str], grace: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def relayrace_serve(mock_url: str, model: str, concurrency: int) -> Iterator[Gateway]:
-    """``relayrace serve --config <generated>`` on free ports; yields it once both endpoints
-    listen."""
+def relayrace_serve(
+    mock_url: str, model: str, concurrency: int, *, workers: int = 1
+) -> Iterator[Gateway]:
+    """``relayrace serve --config <generated> --workers N`` on free ports; yields it once both
+    endpoints listen (its pid: the parent, whose CPU counts its workers')."""
     token = "rr-" + secrets.token_hex(16)
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile("w+") as errors:
         config = Path(folder) / "relayrace.toml"
@@ -100,6 +102,8 @@ def relayrace_serve(mock_url: str, model: str, concurrency: int) -> Iterator[Gat
                 str(config),
                 "--log-level",
                 "WARNING",
+                "--workers",
+                str(workers),
             ],
             stdout=subprocess.PIPE,
             stderr=errors,
@@ -117,7 +121,7 @@ def relayrace_serve(mock_url: str, model: str, concurrency: int) -> Iterator[Gat
                     raise BenchError(f"relayrace serve did not start: {errors.read()[-2000:]}")
                 if line.startswith("relayrace: ") and " on " in line:
                     kind, url = line[len("relayrace: ") :].strip().split(" on ", 1)
-                    urls[kind] = url
+                    urls[kind] = url.split()[0]
             yield Gateway("relayrace", urls["http"], token, process.pid, ws_url=urls["websocket"])
         finally:
             _stop(process)

@@ -9,6 +9,7 @@ from typing import Any
 _LABELS = {
     "direct": "direct to the mock",
     "http": "`relayrace serve` (HTTP)",
+    "http-w2": "`relayrace serve --workers 2` (HTTP)",
     "ws": "`relayrace serve` (websocket)",
     "litellm": "LiteLLM proxy (`litellm --config`, 1 worker)",
 }
@@ -71,6 +72,19 @@ def gateway_targets(gw: dict[str, Any]) -> list[tuple[str, str, float | None, st
                 value,
                 "req/s",
                 value is not None and value >= rps,
+            )
+        )
+    for mode in ("non-streamed", "streamed"):
+        one = _value(gw, "http", mode, "c32", "throughput_rps")
+        two = _value(gw, "http-w2", mode, "c32", "throughput_rps")
+        gain = (two / one - 1) * 100 if one and two is not None else None
+        out.append(
+            (
+                f"HTTP req/s gained by --workers 2, {mode}, c=32",
+                "≥ +50 %",
+                gain,
+                "%",
+                gain is not None and gain >= 50.0,
             )
         )
     for mode, times in (("non-streamed", 10.0), ("streamed", 20.0)):
@@ -151,7 +165,7 @@ def gateway_markdown(
             _fmt(_value(gw, path, "non-streamed", "c32", "throughput_rps"), 0),
             _fmt(_value(gw, path, "streamed", "c32", "throughput_rps"), 0),
         ]
-        for path in ("direct", "http", "ws", "litellm")
+        for path in ("direct", "http", "http-w2", "ws", "litellm")
         if any(r["path"] == path for r in gw.get("rows") or [])
     ]
     lines += _table(
@@ -250,7 +264,7 @@ def gateway_plot(gw: dict[str, Any], pyplot: Any, out: Path, suffix: str, run: s
     """One figure: c=32 req/s, c=1 p50 overhead, c=1 gateway CPU per request, by path and mode."""
     paths = [
         p
-        for p in ("direct", "http", "ws", "litellm")
+        for p in ("direct", "http", "http-w2", "ws", "litellm")
         if any(r["path"] == p for r in gw.get("rows") or [])
     ]
     if not paths:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP endpoint, as an ASGI application (served by hypercorn on trio).
+"""The OpenAI-compatible HTTP endpoint, as an ASGI application (served by ``_h11.HTTPServer``).
 
 Routes: ``POST /v1/chat/completions`` (with and without ``stream``; tool calls, refusals,
 logprobs, ``n`` choices and full usage, written by ``relayrace.providers.openai``),
@@ -137,8 +137,8 @@ class OpenAIApp:
             await send({"type": "websocket.close", "code": 1008})
             return
         if scope.get("http_version") not in ("1.0", "1.1"):
-            # hypercorn takes h2c upgrades and HTTP/2 prior knowledge on its own; we serve and
-            # test HTTP/1.1 only, so anything else is refused as such.
+            # We serve and test HTTP/1.1 only: the server hands a prior-knowledge HTTP/2
+            # connection here as version "2" (an h2c upgrade header is ignored: HTTP/1.1 goes on).
             await self._send_json(
                 send, 505, _error(505, "only HTTP/1.1 is served", code="http_version").error
             )

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import socket
 from collections.abc import Callable
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import attrs
-import hypercorn.trio
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.typing import ASGIFramework
 
 from .. import Supervisor
 from ._admin import Operations
 from ._common import Gate, Stop, dumps
+from ._h11 import HTTPServer
 from ._http import OpenAIApp
 from ._settings import ServerSettings
 from ._websocket import WebsocketEndpoint
@@ -75,6 +74,8 @@ async def serve(
     *,
     encode_json: Callable[[Any], str] = dumps,
     operations: Operations | None = None,
+    http_socket: socket.socket | None = None,
+    ws_socket: socket.socket | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``sup`` over the websocket endpoint and the OpenAI-compatible HTTP endpoint::
@@ -98,33 +99,46 @@ async def serve(
             If it raises, that one request is answered with an ``internal_error`` and the
             server goes on.
         operations: what the ``/admin/`` API reloads from and the recent failures it shows.
+        http_socket: a listening socket to serve HTTP on instead of binding
+            ``http_host:http_port`` (``serve --workers``: each worker's share of the port);
+            responses then name the process in an ``x-relayrace-worker`` header.
+        ws_socket: the same for the websocket endpoint.
         task_status: ``nursery.start`` receives the ``Server`` once both endpoints listen
             (with the ports actually bound, when a port of ``0`` was asked for).
     """
     settings = settings or ServerSettings()
     gate = Gate()
-    http_stop = trio.Event()
     async with trio.open_nursery() as nursery:
         websocket: WebsocketEndpoint | None = None
         ws_port = http_port = None
         if settings.ws_port is not None:
             max_sockets = settings.max_sockets or max(16, _open_file_limit() // 2)
             websocket = WebsocketEndpoint(
-                sup, settings, gate, max_sockets=max_sockets, encode_json=encode_json
+                sup,
+                settings,
+                gate,
+                max_sockets=max_sockets,
+                encode_json=encode_json,
+                listeners=_listeners(ws_socket),
             )
             ws_port = await nursery.start(websocket.run)
+        http: HTTPServer | None = None
         if settings.http_port is not None:
             app = OpenAIApp(sup, settings, gate, encode_json=encode_json, operations=operations)
-            binds = await nursery.start(
-                partial(
-                    hypercorn.trio.serve,
-                    cast(ASGIFramework, app),
-                    _hypercorn_config(settings),
-                    shutdown_trigger=http_stop.wait,
-                    mode="asgi",
-                )
+            http = HTTPServer(
+                app,
+                max_header_bytes=settings.max_header_bytes,
+                read_timeout=settings.read_timeout,
+                keep_alive_timeout=settings.keep_alive_timeout,
+                extra_headers=(
+                    [] if http_socket is None else [(b"x-relayrace-worker", b"%d" % os.getpid())]
+                ),
             )
-            http_port = int(binds[0].rsplit(":", 1)[1])
+            listeners = _listeners(http_socket) or await trio.open_tcp_listeners(
+                settings.http_port, host=settings.http_host, backlog=4096
+            )
+            http_port = listeners[0].socket.getsockname()[1]
+            await nursery.start(http.run, listeners)
         server = Server(ws_port, http_port, settings=settings)
         log.info("serving: websocket %s, http %s", server.ws_url, server.http_url)
         task_status.started(server)
@@ -134,7 +148,8 @@ async def serve(
         gate.close()
         if websocket is not None:
             websocket.stop_accepting()
-        http_stop.set()
+        if http is not None:
+            http.stop_accepting()
         with trio.move_on_after(settings.shutdown_grace):
             await gate.wait_idle()
         if len(gate):
@@ -161,17 +176,7 @@ def _open_file_limit() -> int:
     return target if soft == resource.RLIM_INFINITY else soft
 
 
-def _hypercorn_config(settings: ServerSettings) -> HypercornConfig:
-    config = HypercornConfig()
-    config.bind = [f"{_url_host(settings.http_host)}:{settings.http_port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("relayrace.server.http")
-    # Our own grace runs first and cancels what is left; hypercorn's must outlast it so that the
-    # error events of the cancelled requests are written before it cuts the connections.
-    config.graceful_timeout = settings.shutdown_grace + FLUSH_SECONDS
-    config.include_server_header = False
-    # hypercorn's default accept backlog is 100: a burst of more new connections than that (a
-    # few hundred clients starting at once) got connection resets. The websocket listener has
-    # trio's default (4096, capped by the kernel's somaxconn); the HTTP one now has the same.
-    config.backlog = 4096
-    return config
+def _listeners(sock: socket.socket | None) -> list[trio.SocketListener] | None:
+    if sock is None:
+        return None
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]

@@ -97,6 +97,13 @@ class ServerSettings:
         admin_tokens: the bearer tokens of the ``/admin/`` API on the HTTP endpoint; empty (the
             default): the admin API is refused entirely (404). Never shown nor logged.
         log_format: the access log's lines, ``json`` (default) or ``text``.
+        max_header_bytes: the largest HTTP request head (request line and headers); a
+            larger one gets HTTP 431.
+        read_timeout: seconds an HTTP request's head (from its first byte) and, separately,
+            its body may take to arrive; then the connection is closed (slowloris defence).
+        keep_alive_timeout: seconds an idle HTTP connection is kept for its next request.
+        workers: processes ``relayrace serve`` runs, each with its own supervisor, accepting
+            on the same ports (``serve`` itself is always one process).
     """
 
     ws_host: str = "127.0.0.1"
@@ -116,6 +123,11 @@ class ServerSettings:
     metrics_port: int | None = attrs.field(default=None, validator=_port)
     admin_tokens: frozenset[str] = attrs.field(default=frozenset(), converter=_tokens, repr=False)
     log_format: str = attrs.field(default="json", validator=_log_format)
+
+    max_header_bytes: int = attrs.field(default=16384, validator=_positive)
+    read_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    keep_alive_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    workers: int = attrs.field(default=1, validator=_positive)
 
     def restart_needed(self, new: ServerSettings) -> list[str]:
         """The names of the settings that differ in ``new``: a reload keeps the running

@@ -88,6 +88,7 @@ class WebsocketEndpoint:
         max_sockets: TCP connections open at once on this listener, handshakes included;
             the next one waits in the kernel's accept queue.
         encode_json: writes every frame but the deltas.
+        listeners: listen on these (``serve --workers``' shared sockets) instead of binding.
     """
 
     def __init__(
@@ -98,7 +99,9 @@ class WebsocketEndpoint:
         *,
         max_sockets: int,
         encode_json: Callable[[Any], str] = dumps,
+        listeners: list[trio.SocketListener] | None = None,
     ):
+        self._listeners = listeners
         self.sup = sup
         self.settings = settings
         self.gate = gate
@@ -123,7 +126,7 @@ class WebsocketEndpoint:
     async def _listen(
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[int]
     ) -> None:
-        listeners = await trio.open_tcp_listeners(
+        listeners = self._listeners or await trio.open_tcp_listeners(
             self.settings.ws_port or 0, host=self.settings.ws_host
         )
         try:

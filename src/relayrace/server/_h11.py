@@ -1,0 +1,466 @@
+"""An HTTP/1.1 server of our own: h11 over trio streams, serving an ASGI-shaped application.
+
+The application gets what an ASGI server gives it — ``scope`` (``type``, ``http_version``,
+``method``, ``path``, ``query_string``, ``headers``, …), ``receive`` (``http.request`` messages,
+then ``http.disconnect``) and ``send`` (``http.response.start`` / ``http.response.body``) — so
+routes can be written without knowing this module. What the server does on its own:
+
+- keep-alive and pipelining (one request at a time per connection, answered in order; bytes of
+  the next request wait in h11's buffer), chunked request bodies, ``Expect: 100-continue`` (sent
+  when the application first reads the body);
+- a header-size limit (431), request smuggling refused (conflicting ``content-length`` /
+  ``transfer-encoding``: h11 refuses them, 400), a read timeout on a request's head and body
+  (a slowloris client is cut), an idle keep-alive timeout;
+- client disconnect detection: once the body is read, ``receive`` waits for the client to go away
+  and returns ``http.disconnect`` (a pipelined next request is buffered, not a disconnect);
+- graceful shutdown: ``stop_accepting`` closes the listeners and idle connections; requests in
+  flight finish, their connections close after the response;
+- HTTP/2 is not served: a prior-knowledge HTTP/2 connection gets the application's answer to an
+  ``http_version`` of ``"2"`` (its 505), written as one HTTP/2 response, and is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import h11
+import trio
+
+log = logging.getLogger("relayrace.server.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_READ = 65536
+#: A request body the application left unread is drained (to keep the connection) up to this.
+_DRAIN_BYTES = 1 << 20
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class HTTPServer:
+    """Serves ``app`` on listeners until ``stop_accepting`` and every connection has ended.
+
+    Args:
+        app: the ASGI-shaped application.
+        max_header_bytes: the largest request head; a larger one gets 431.
+        read_timeout: seconds a request's head (from its first byte) and its body may take to
+            arrive; then the connection is closed.
+        keep_alive_timeout: seconds an idle connection is kept for its next request.
+        extra_headers: added to every response (``x-relayrace-worker``).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        max_header_bytes: int,
+        read_timeout: float,
+        keep_alive_timeout: float,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    ):
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+        self.read_timeout = read_timeout
+        self.keep_alive_timeout = keep_alive_timeout
+        self.extra_headers = list(extra_headers)
+        self.stopping = False
+        self._listen_scope = trio.CancelScope()
+        self._idle: set[trio.CancelScope] = set()
+
+    def stop_accepting(self) -> None:
+        """Close the listeners and the idle connections; requests in flight finish."""
+        self.stopping = True
+        self._listen_scope.cancel()
+        for scope in self._idle:
+            scope.cancel()
+
+    async def run(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``listeners`` (closed when accepting stops) and serve each connection."""
+        async with trio.open_nursery() as connections:
+            try:
+                with self._listen_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept, listener, connections)
+                        task_status.started()
+            finally:
+                for listener in listeners:
+                    with trio.CancelScope(shield=True):
+                        await listener.aclose()
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # Out of descriptors or buffers: the connection waits in the kernel's queue.
+                log.error("HTTP accept failed (%s): waiting 100 ms", exc)
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                await _Connection(self, stream).run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            log.exception("HTTP connection failed")
+
+
+class _Connection:
+    """One client connection: its requests, one after another."""
+
+    __slots__ = ("server", "stream", "conn", "client")
+
+    def __init__(self, server: HTTPServer, stream: trio.SocketStream):
+        self.server = server
+        self.stream = stream
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_bytes)
+        self.client: tuple[str, int] | None
+        try:
+            self.client = stream.socket.getpeername()[:2]
+        except (OSError, ValueError):
+            self.client = None
+
+    async def run(self) -> None:
+        server, conn = self.server, self.conn
+        first = True
+        while not server.stopping:
+            try:
+                request = await self._next_request(first)
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(exc)
+                return
+            first = False
+            if request is None:
+                return
+            # h11 limits a head that arrives in pieces; one that came in a single read is
+            # measured here.
+            size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+            if size > server.max_header_bytes:
+                await self._refuse(h11.RemoteProtocolError("head too large", 431))
+                return
+            names = {name for name, _ in request.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # Which one frames the body is where proxies and servers disagree (request
+                # smuggling): refused outright, as RFC 9112 allows, and the connection closed.
+                await self._refuse(h11.RemoteProtocolError("both framings", 400))
+                return
+            exchange = _Exchange(self, request)
+            await exchange.run()
+            if not await exchange.finish():
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # Connection: close, an HTTP/1.0 client, a response cut short
+            conn.start_next_cycle()
+
+    async def _next_request(self, first: bool) -> h11.Request | None:
+        """The next request's head, or ``None``: the client closed, or stayed idle too long."""
+        server, conn, stream = self.server, self.conn, self.stream
+        idle = trio.CancelScope(deadline=trio.current_time() + server.keep_alive_timeout)
+        server._idle.add(idle)
+        try:
+            with idle:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(_READ)
+                        if first and data.startswith(_H2_PREFACE[:14]):
+                            await _refuse_http2(server.app, stream, data)
+                            return None
+                        first = False
+                        if data and idle in server._idle:
+                            # The head has begun: it gets the read timeout, and shutdown waits.
+                            server._idle.discard(idle)
+                            idle.deadline = trio.current_time() + server.read_timeout
+                        conn.receive_data(data)
+                        continue
+                    if isinstance(event, h11.Request):
+                        return event
+                    return None  # ConnectionClosed (or PAUSED after a close)
+        finally:
+            server._idle.discard(idle)
+        return None  # idle for too long, or shutting down
+
+    async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer a malformed or oversized request head (400, 431, 501); the caller closes."""
+        status = exc.error_status_hint
+        reason = HTTPStatus(status).phrase.encode() if status in _STATUSES else b"Error"
+        body = reason + b"\n"
+        stream = self.stream
+        with trio.move_on_after(self.server.read_timeout):
+            await stream.send_all(
+                b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body)
+            )
+            # A lingering close: closing with unread bytes would reset the connection, and the
+            # reset can overtake the answer. Say we are done, and read what is left (bounded).
+            await stream.send_eof()
+            left = _DRAIN_BYTES
+            while left > 0 and (data := await stream.receive_some(_READ)):
+                left -= len(data)
+
+
+_STATUSES = frozenset(s.value for s in HTTPStatus)
+
+
+class _Exchange:
+    """One request and its response: the ``receive`` and ``send`` of the application."""
+
+    __slots__ = (
+        "connection",
+        "request",
+        "body_done",
+        "deadline",
+        "gone",
+        "started",
+        "complete",
+        "head",
+        "waiting",
+    )
+
+    def __init__(self, connection: _Connection, request: h11.Request):
+        self.connection = connection
+        self.request = request
+        self.body_done = False
+        self.deadline = math.inf
+        self.gone = False
+        self.started = False
+        self.complete = False
+        self.head: bytes | None = None  # the response head, written with the first body bytes
+        self.waiting = 0  # bytes of a pipelined next request read while waiting for a disconnect
+
+    async def run(self) -> None:
+        request = self.request
+        target = request.target
+        path, _, query = target.partition(b"?")
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.http_version.decode(),
+            "method": request.method.decode(),
+            "scheme": "http",
+            "path": path.decode("latin-1"),
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": list(request.headers),
+            "client": self.connection.client,
+            "server": None,
+        }
+        try:
+            await self.connection.server.app(scope, self.receive, self.send)
+        except Exception:
+            log.exception("HTTP application failed on %s %s", scope["method"], scope["path"])
+        if not self.started and not self.gone:
+            await self.send({"type": "http.response.start", "status": 500, "headers": []})
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not self.complete and not self.gone:
+            self.gone = True  # a response cut short: the connection closes
+
+    async def finish(self) -> bool:
+        """After the response: drain a body left unread; whether the connection goes on."""
+        if self.gone or self.connection.server.stopping:
+            return False
+        conn = self.connection.conn
+        if conn.their_state is h11.SEND_BODY:
+            if conn.they_are_waiting_for_100_continue:
+                return False  # never invited: the body will not come
+            drained = 0
+            with trio.move_on_after(self.connection.server.read_timeout):
+                while drained <= _DRAIN_BYTES:
+                    event = await self._next_event()
+                    if isinstance(event, h11.Data):
+                        drained += len(event.data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        return True
+                    else:
+                        return False
+            return False
+        return True
+
+    async def _next_event(self) -> Any:
+        connection = self.connection
+        conn, stream = connection.conn, connection.stream
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(await stream.receive_some(_READ))
+
+    async def receive(self) -> Message:
+        if not self.body_done:
+            connection = self.connection
+            conn = connection.conn
+            if conn.they_are_waiting_for_100_continue:
+                await connection.stream.send_all(
+                    conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                )
+            if self.deadline == math.inf:
+                self.deadline = trio.current_time() + connection.server.read_timeout
+            try:
+                with trio.fail_after(self.deadline - trio.current_time()):
+                    event = await self._next_event()
+                    while isinstance(event, h11.Data) and not event.data:
+                        event = await self._next_event()
+            except (trio.TooSlowError, h11.RemoteProtocolError, trio.BrokenResourceError):
+                self.gone = True
+                return {"type": "http.disconnect"}
+            if isinstance(event, h11.Data):
+                return {"type": "http.request", "body": bytes(event.data), "more_body": True}
+            if isinstance(event, h11.EndOfMessage):
+                self.body_done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            self.gone = True  # ConnectionClosed before the body ended
+            return {"type": "http.disconnect"}
+        return await self._wait_disconnect()
+
+    async def _wait_disconnect(self) -> Message:
+        connection = self.connection
+        while not self.gone and not self.complete:
+            if self.waiting > connection.server.max_header_bytes + _READ:
+                # A pipelining client sent more than one request head ahead: stop reading.
+                await trio.sleep_forever()
+            try:
+                data = await connection.stream.receive_some(_READ)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.gone = True
+                break
+            self.waiting += len(data)
+            connection.conn.receive_data(data)  # the next pipelined request, kept for later
+        return {"type": "http.disconnect"}
+
+    async def _send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        connection = self.connection
+        server = connection.server
+        if server.extra_headers:
+            headers = [*headers, *server.extra_headers]
+        if server.stopping:
+            headers = [*headers, (b"connection", b"close")]
+        self.started = True
+        self.head = connection.conn.send(h11.Response(status_code=status, headers=headers))
+
+    async def send(self, message: Message) -> None:
+        if self.gone:
+            return  # the client went away: what is left to say goes nowhere
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            await self._send_head(message["status"], list(message.get("headers", ())))
+            return
+        if kind != "http.response.body":
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        if not self.started or self.complete:
+            raise RuntimeError("http.response.body outside a response")
+        conn = self.connection.conn
+        body = message.get("body", b"")
+        data = conn.send(h11.Data(data=body)) if body else b""
+        if not message.get("more_body", False):
+            self.complete = True
+            data += conn.send(h11.EndOfMessage()) or b""
+        if self.head is not None:
+            data = self.head + (data or b"")
+            self.head = None
+        if data:
+            try:
+                await self.connection.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.gone = True
+
+
+# --- HTTP/2 refused -------------------------------------------------------------------------
+
+
+async def _refuse_http2(app: App, stream: trio.SocketStream, data: bytes) -> None:
+    """Answer a prior-knowledge HTTP/2 connection's first request with the application's answer
+    to HTTP/2 (a 505), in the smallest valid HTTP/2 exchange, then close."""
+    messages: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "http_version": "2", "method": "PRI", "path": "*", "headers": []}
+    await app(scope, receive, send)
+    status, headers, body = 505, [], b""
+    for message in messages:
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", ()))
+        elif message["type"] == "http.response.body":
+            body += message.get("body", b"")
+    buffer = data[len(_H2_PREFACE) :]
+    await stream.send_all(_frame(4, 0, 0, b""))  # our SETTINGS: the defaults
+    with trio.move_on_after(5):
+        while True:
+            while len(buffer) >= 9:
+                length = int.from_bytes(buffer[:3], "big")
+                if len(buffer) < 9 + length:
+                    break
+                kind, flags = buffer[3], buffer[4]
+                stream_id = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+                buffer = buffer[9 + length :]
+                if kind == 4 and not flags & 1:
+                    await stream.send_all(_frame(4, 1, 0, b""))  # SETTINGS ACK
+                elif kind == 1:  # HEADERS: the request; answer it, then say goodbye
+                    block = _hpack([(b":status", str(status).encode()), *headers])
+                    await stream.send_all(
+                        _frame(1, 4, stream_id, block)
+                        + _frame(0, 1, stream_id, body)
+                        + _frame(7, 0, 0, stream_id.to_bytes(4, "big") + bytes(4))
+                    )
+                    # Read what the client still sends until it closes, so that closing does
+                    # not reset the connection under the answer.
+                    while await stream.receive_some(_READ):
+                        pass
+                    return
+            more = await stream.receive_some(_READ)
+            if not more:
+                return
+            buffer += more
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def _hpack(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Headers as HPACK literals without indexing (no table, no Huffman: always valid)."""
+
+    def integer(value: int) -> bytes:  # a 7-bit-prefix integer
+        if value < 127:
+            return bytes((value,))
+        out, value = bytearray((127,)), value - 127
+        while value >= 128:
+            out.append(value % 128 + 128)
+            value //= 128
+        out.append(value)
+        return bytes(out)
+
+    return b"".join(
+        b"\x00" + integer(len(name)) + name.lower() + integer(len(value)) + value
+        for name, value in headers
+    )
