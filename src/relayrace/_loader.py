@@ -40,6 +40,7 @@ from ._config import (
     STRATEGIES,
     Budgets,
     Config,
+    Hedge,
     ProviderConfig,
     Route,
     name_problems,
@@ -360,9 +361,31 @@ def _route(data: Any, index: int, problems: Problems) -> Route:
         model=table.text("model"),
         chain=table.strings("chain"),
         strategy=table.choice("strategy", STRATEGIES, "priority"),
+        exploration=table.number("exploration", 0.05, maximum=1.0),
+        hedge=_hedge(table) if table.has("hedge") else None,
     )
     table.done()
     return route
+
+
+def _hedge(route: Table) -> Hedge | None:
+    """``hedge = { after = "p95" | seconds, max = 1, fallback = 1.0 }``."""
+    table = route.table("hedge")
+    after = table.raw("after", "p95")
+    try:
+        Hedge(after=after)
+    except ConfigError:
+        after = table.mistake(
+            table.at("after"), 'a percentile ("p50".."p99") or positive seconds', after, fallback=None
+        )
+    most = table.integer("max", 1, minimum=1)
+    if most != 1:
+        most = table.mistake(table.at("max"), "1 (one hedge per request)", most, fallback=None)
+    fallback = table.number("fallback", 1.0, positive=True)
+    table.done()
+    if after is None or most is None:
+        return None
+    return Hedge(after=after, max=most, fallback=fallback)
 
 
 def _capabilities(data: Any, path: str, problems: Problems, client: Any) -> Capabilities:

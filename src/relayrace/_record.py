@@ -88,6 +88,10 @@ class Action(enum.Enum):
     FAILOVER = "failover"
     SKIP = "skip"
     STOP = "stop"
+    #: a strategy chose the first actor to try (``latency``: with the estimates it used)
+    PICK = "pick"
+    #: a second attempt started beside the first, which had produced nothing yet
+    HEDGE = "hedge"
 
 
 @attrs.frozen(kw_only=True)

@@ -5,7 +5,7 @@ the actors that lack a capability the request needs (``capability_skips``)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .._config import Route
 from .._decide import (
@@ -45,6 +45,7 @@ def plan_route(
     turn: int,
     rng: random.Random,
     policy: HealthPolicy,
+    latency: Callable[[list[ProviderActor]], tuple[list[ProviderActor], Decision]] | None = None,
 ) -> RoutePlan:
     """Order ``actors`` (the route's chain, resolved) for one request.
 
@@ -55,6 +56,7 @@ def plan_route(
         turn: a per-route counter for round-robin.
         rng: randomness for the weighted strategy.
         policy: the health policy (what to do when every actor is benched).
+        latency: the ``latency`` strategy's ordering of the healthy actors (and its decision).
     """
     ranked = sorted(
         ((a.priority + a.demotion, i, a) for i, a in enumerate(actors) if not a.terminus),
@@ -69,7 +71,11 @@ def plan_route(
             healthy.append(actor)
         else:
             benched.append(actor)
-    healthy = _apply_strategy(route.strategy, healthy, turn, rng)
+    if route.strategy == "latency" and latency is not None and len(healthy) > 1:
+        healthy, picked = latency(healthy)
+        decisions.append(picked)
+    else:
+        healthy = _apply_strategy(route.strategy, healthy, turn, rng)
     for actor in benched:
         decisions.append(_skip(actor, now))
     if healthy or not benched:
@@ -108,7 +114,7 @@ def _skip(actor: ProviderActor, now: float) -> Decision:
 def _apply_strategy(
     strategy: str, healthy: list[ProviderActor], turn: int, rng: random.Random
 ) -> list[ProviderActor]:
-    if len(healthy) < 2 or strategy == "priority":
+    if len(healthy) < 2 or strategy in ("priority", "latency"):
         return healthy
     if strategy == "round_robin":
         k = turn % len(healthy)

@@ -48,6 +48,7 @@ from .._values import (
     tool_calls_of,
 )
 from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
+from ._latency import ordering
 from ._ledger import Ledger
 from ._observer import RequestInfo
 from ._routing import capability_skips, plan_route
@@ -226,6 +227,7 @@ class Run:
             turn=ledger.turns[model],
             rng=ledger.rng,
             policy=policies.health,
+            latency=ordering(ledger.latency, self.request, self.route, ledger.rng),
         )
         self.decisions.extend(plan.decisions)
         ledger.decided(self, *plan.decisions)
@@ -383,6 +385,8 @@ class Run:
         assert outcome is not None
         self.attempts.append(job.record(actor.name, number, started, outcome, continuation=continuation))
         self.ledger.attempt_ended(self, self.attempts[-1])
+        if job.first_delta_at is not None and self.embed is None:
+            self.ledger.latency.learn(actor, self.request, self.attempts[-1])
         if outcome is Outcome.OK and held and not self._caught_up(held):
             # The restarted answer ended without a tool call the caller already holds.
             self._diverged = True
