@@ -30,6 +30,9 @@ RESERVOIR = 64
 MIN_SAMPLES = 8
 #: prompt tokens that count as one unit in the normalisation of the time to first token
 PROMPT_UNIT = 1000
+#: the shortest answer that teaches a speed (tokens, seconds from first token to end): the
+#: speed of a few tokens sent in one burst is noise, and would outweigh the time to first token
+MIN_TOKENS, MIN_SPAN = 8, 0.05
 #: the output assumed when a request sets no ``max_tokens`` (to weigh tokens per second)
 OUTPUT_GUESS = 256
 
@@ -96,7 +99,7 @@ class LatencyBook:
         track.samples += 1
         usage = attempt.usage
         spent = attempt.ended_at - first
-        if usage is not None and usage.completion_tokens > 1 and spent > 0:
+        if usage is not None and usage.completion_tokens > MIN_TOKENS and spent >= MIN_SPAN:
             track.tps = _ewma(track.tps, (usage.completion_tokens - 1) / spent)
 
     def learn(self, actor: ProviderActor, request: Request, attempt: Attempt) -> None:
