@@ -10,19 +10,24 @@ import trio
 
 from relayrace import (
     Action,
+    Budgets,
     Category,
     Config,
     ConfigError,
     Hedge,
     Outcome,
     Policies,
+    ProviderConfig,
+    Request,
     RetryBudgetPolicy,
     RetryPolicy,
     Route,
+    ToolCall,
     load_config,
 )
 from relayrace import open_supervisor as open_sup
-from relayrace.testing import Answer, Fail
+from relayrace.actors import OpenAIClient
+from relayrace.testing import Answer, Fail, serve_mock_provider
 
 from .support import client, request, scripted_provider
 
@@ -84,6 +89,20 @@ async def test_a_stream_gets_only_the_winners_deltas(autojump_clock):
         assert [a.outcome for a in b] == [Outcome.CANCELLED]
         assert client(cfg, "b").calls[0].outcome == "cancelled"
         assert client(cfg, "b").calls[0].chunks_sent == 0
+
+
+async def test_a_tool_call_is_output_that_wins_the_race(autojump_clock):
+    call = ToolCall(index=0, id="call_1", name="lookup", arguments='{"q": "fox"}')
+    # a answers with only a tool call at 1.5 s; b, hedged at 1.0 s, would answer at 2.0 s.
+    tool_only = Answer(text="", first_delay=1.5, tool_calls=(call,))
+    cfg = hedged([tool_only], [Answer(chunks=3, first_delay=1.0)])
+    async with open_sup(cfg) as sup:
+        start = trio.current_time()
+        reply = await sup.complete(request())
+    assert reply.provider == "a" and reply.text == ""
+    assert reply.tool_calls == (call,)
+    [b_call] = client(cfg, "b").calls
+    assert b_call.outcome == "cancelled" and b_call.ended_at - start == pytest.approx(1.5)
 
 
 async def test_no_hedge_once_the_first_token_has_come(autojump_clock):
@@ -151,6 +170,50 @@ async def test_after_both_fail_normal_failover_resumes(autojump_clock):
         assert [x.actor for x in reply.attempts] == ["a", "b", "c"]
         assert len(client(cfg, "b").calls) == 1  # not tried again after the hedge
         assert sup.statistics().completed == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_over_http_the_losers_upstream_call_is_closed_when_the_winner_speaks(
+    autojump_clock, stream
+):
+    """Through the mock provider on loopback: the stalled first provider's request is closed
+    by the client in the instant the hedged one's first token arrives."""
+    stalled, quick = "ok,first_delay=5,chunks=4", "ok,first_delay=0.2,chunks=4,delay=0.01"
+    async with serve_mock_provider() as mock:
+        providers = [
+            ProviderConfig(
+                name=name,
+                client=OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=4),
+                model=model,
+                budgets=Budgets(first_token=30.0),
+            )
+            for name, model in (("a", stalled), ("b", quick))
+        ]
+        cfg = Config(
+            providers=providers,
+            routes=[Route(model="chat", chain=["a", "b"], hedge=Hedge(after=1.0))],
+            policies=NO_RETRY,
+        )
+        async with open_sup(cfg) as sup:
+            request = Request("chat", [{"role": "user", "content": "hi"}])
+            if stream:
+                async with sup.stream(request) as s:
+                    deltas = [d async for d in s]
+                reply = s.reply
+                assert deltas and {d.provider for d in deltas} == {"b"}
+            else:
+                reply = await sup.complete(request)
+            await trio.testing.wait_all_tasks_blocked()  # let the mock see the close
+        assert reply.provider == "b" and reply.text
+        (lost,) = mock.attempts(stalled)
+        (won,) = mock.attempts(quick)
+        assert lost.outcome == "cancelled" and lost.chunks == 0
+        assert won.outcome != "cancelled"
+        winner = next(x for x in reply.attempts if x.actor == "b")
+        loser = next(x for x in reply.attempts if x.actor == "a")
+        assert loser.outcome is Outcome.CANCELLED
+        assert winner.started_at == pytest.approx(1.0 + lost.started_at, abs=0.01)
+        assert lost.client_closed_at == winner.first_delta_at == loser.ended_at
 
 
 def test_the_hedge_is_read_from_config_and_checked():
