@@ -136,3 +136,30 @@ def test_the_gateway_workload_is_skipped_without_wrk(
     assert results["gateway"]["summary"] is None
     out = capsys.readouterr().out
     assert "wrk not found on PATH" in out and "Skipped: wrk not found" in out
+
+
+def test_quick_routing_bench_reports_each_run(tmp_path: Path) -> None:
+    """The routing workload: latency and hedging vs priority, every request answered, the
+    figures in the JSON and the Markdown (speeds are reported, not asserted)."""
+    args = ["--quick", "--only", "routing", "--requests", "16", "--out", str(tmp_path)]
+    assert main([*args, "--no-plots"]) == 0
+    (json_path,) = tmp_path.glob("*-quick.json")
+    results = json.loads(json_path.read_text())
+    assert results["errors"] == []
+    rows = results["routing"]["summary"]
+    assert [(r["scenario"], r["strategy"], r["hedge"]) for r in rows] == [
+        ("slow", "priority", None),
+        ("slow", "latency", None),
+        ("stalls", "priority", None),
+        ("stalls", "priority", "p95"),
+    ]
+    for row in rows:
+        assert row["failed"] == 0 and row["requests"] == 16
+        assert row["ttft_ms"]["p50"] > 0 and row["ttft_ms"]["p99"] >= row["ttft_ms"]["p50"]
+        assert row["upstream_per_request"] >= 1.0
+        assert sum(row["served_by"].values()) == 16
+    assert rows[0]["served_by"] == {"p0": 16}  # priority never leaves the slow first provider
+    assert rows[0]["hedges"] == rows[1]["hedges"] == rows[2]["hedges"] == 0
+    markdown = (tmp_path / "latest-quick.md").read_text()
+    assert "## 6. Routing: latency strategy and hedged first tokens" in markdown
+    assert "| stalls | priority + hedge p95 |" in markdown

@@ -422,5 +422,10 @@ def test_the_supervisor_uses_only_public_names_of_the_actors():
         "RequestTiming",
         "SupervisorView",
         "Reloaded",  # what Supervisor.reload changed (issue #14)
+        # the latency strategy's estimates and picker (issue #15)
+        "Estimate",
+        "LatencyBook",
+        "Pick",
+        "power_of_two",
     }
     assert all(hasattr(relayrace.supervisor, name) for name in relayrace.supervisor.__all__)

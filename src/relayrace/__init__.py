@@ -3,6 +3,7 @@
 from ._client import Capabilities as Capabilities
 from ._config import Budgets as Budgets
 from ._config import Config as Config
+from ._config import Hedge as Hedge
 from ._config import ProviderConfig as ProviderConfig
 from ._config import Route as Route
 from ._embedding import Embedding as Embedding
@@ -84,6 +85,7 @@ __all__ = [
     "GatewayConfig",
     "HealthPolicy",
     "HealthSnapshot",
+    "Hedge",
     "Match",
     "MidStream",
     "Observer",

@@ -17,7 +17,7 @@ from ._client import Capabilities, ProviderClient
 from ._errors import ConfigError, raise_config_errors
 from ._policy import Policies
 
-STRATEGIES = ("priority", "round_robin", "weighted", "least_busy")
+STRATEGIES = ("priority", "round_robin", "weighted", "least_busy", "latency")
 
 #: What a route's ``affinity`` may key on (``header:NAME`` names a header of the request).
 AFFINITIES = ("user", "prefix")
@@ -118,6 +118,36 @@ def _routes(items: Iterable[Route]) -> tuple[Route, ...]:
     return tuple(items)
 
 
+def _hedge_after(_instance: Any, _attribute: Any, value: Any) -> None:
+    if isinstance(value, str):
+        if value[:1] == "p" and value[1:].isdigit() and 0 < int(value[1:]) < 100:
+            return
+    elif not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0:
+        return
+    raise ConfigError("hedge.after", 'a percentile ("p50".."p99") or positive seconds', value)
+
+
+@attrs.frozen(kw_only=True)
+class Hedge:
+    """Hedging of a route's first attempt before its first token.
+
+    Attributes:
+        after: the delay: ``"pNN"``, that percentile of the first actor's own time to first
+            token (its recent samples), or a fixed number of seconds.
+        max: hedges per request (1: one extra attempt at most).
+        fallback: the delay of a percentile while the actor has too few samples.
+    """
+
+    after: str | float = attrs.field(default="p95", validator=_hedge_after)
+    max: int = attrs.field(default=1)
+    fallback: float = attrs.field(default=1.0, validator=_positive("hedge"))
+
+    @max.validator
+    def _max(self, _attribute: Any, value: Any) -> None:
+        if value != 1 or isinstance(value, bool):
+            raise ConfigError("hedge.max", "1 (one hedge per request)", value)
+
+
 @attrs.frozen(kw_only=True)
 class Route:
     """A model name callers ask for, and the providers that serve it.
@@ -134,6 +164,10 @@ class Route:
     strategy: str = "priority"
     affinity: str | None = None
     affinity_ttl: float = 300.0
+    #: the ``latency`` strategy's share of picks that explore (not the best of the two drawn).
+    exploration: float = 0.05
+    #: hedge the first attempt before its first token (``None``: never).
+    hedge: Hedge | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -258,6 +292,10 @@ def route_problems(routes: Sequence[Route | None], names: Collection[str]) -> li
         ttl = route.affinity_ttl
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
             problems.append(ConfigError(f"routes[{i}].affinity_ttl", "a positive number", ttl))
+        if not 0.0 <= route.exploration <= 1.0:
+            problems.append(
+                ConfigError(f"routes[{i}].exploration", "a share from 0 to 1", route.exploration)
+            )
     return problems
 
 

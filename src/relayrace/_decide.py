@@ -549,3 +549,40 @@ def rate_limited_locally(wait: float) -> Failure:
         message=f"every provider of the route is at its rate limit; the first is whole again in {wait:.3g}s",
         retry_after=wait,
     )
+
+
+def latency_pick(chosen: str, *, best: str, other: str, explored: bool, share: float) -> Decision:
+    """The ``latency`` strategy's pick: the two candidates drawn, with their estimates."""
+    if explored:
+        reason = f"exploring {chosen} ({share:.0%} of picks); best of two was {best} over {other}"
+    else:
+        reason = f"fastest of two: {best} over {other}"
+    return Decision(
+        scope=Scope.REQUEST,
+        action=Action.PICK,
+        reason=reason,
+        rule=Rule("config", "route", "strategy", "latency"),
+        actor=chosen,
+    )
+
+
+def hedge_decision(first: str, second: str | None, *, delay: float, after: str, budget: bool) -> Decision:
+    """A hedge at ``delay`` after ``first`` started with nothing from it: on ``second``, or
+    none (no actor left, or the retry budget is spent)."""
+    rule = Rule("config", "route", "hedge.after", after)
+    if second is not None and budget:
+        return Decision(
+            scope=Scope.NEXT_ACTOR,
+            action=Action.HEDGE,
+            reason=f"{first} produced nothing in {delay:.3g}s: hedging on {second}",
+            rule=rule,
+            actor=second,
+        )
+    why = "the retry budget is spent" if second is not None else "no other provider to hedge on"
+    return Decision(
+        scope=Scope.REQUEST,
+        action=Action.SKIP,
+        reason=f"{first} produced nothing in {delay:.3g}s, but no hedge: {why}",
+        rule=rule if second is None else Rule("default", "retry_budget", "hedge", "spent"),
+        actor=second,
+    )

@@ -90,6 +90,10 @@ class Action(enum.Enum):
     STOP = "stop"
     #: routing put an actor first (prompt-cache affinity), before any attempt
     PREFER = "prefer"
+    #: a strategy chose the first actor to try (``latency``: with the estimates it used)
+    PICK = "pick"
+    #: a second attempt started beside the first, which had produced nothing yet
+    HEDGE = "hedge"
 
 
 @attrs.frozen(kw_only=True)

@@ -23,8 +23,9 @@ from ._common import MODES, BenchError, cpu_seconds_of, machine, median
 from ._procs import Runner, mock_process
 from ._progress import Progress
 from ._report import targets, write_reports
+from ._routing_bench import routing_params, routing_weight, run_routing_workload
 
-WORKLOADS = ("overhead", "compare", "gateway", "scale", "faults")
+WORKLOADS = ("overhead", "compare", "gateway", "scale", "faults", "routing")
 
 # Rough seconds per request of each peer, for the progress bar's weights only.
 _COST = {"httpx": 0.0012, "relayrace": 0.0016, "litellm": 0.012}
@@ -110,6 +111,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "chunks": args.chunks,
             "litellm": litellm,
         },
+        "routing": routing_params(quick, args.requests),
         "peers": ["httpx", "relayrace"] + (["litellm"] if litellm else []),
         "litellm_available": litellm,
     }
@@ -176,6 +178,8 @@ def _weight(params: dict[str, Any]) -> float:
         total += sum(max(2.0, n * 0.01) * 1.5 + 1 for n in params["scale"]) * 2
     if "faults" in workloads:
         total += params["faults"]["seconds"] * len(params["faults"]["modes"]) + 1
+    if "routing" in workloads:
+        total += routing_weight(params["routing"])
     return total
 
 
@@ -386,6 +390,11 @@ class _Runner(Runner):
             [f"faults: {mode}, one of three half failing, one benched" for mode in p["modes"]],
         )
         return {"summary": [r for r in results if r is not None and "error" not in r]}
+
+    # --- workload 6 ---
+
+    def routing(self) -> dict[str, Any]:
+        return run_routing_workload(self)
 
 
 def dump(results: dict[str, Any]) -> str:

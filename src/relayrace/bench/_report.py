@@ -10,6 +10,7 @@ from typing import Any
 
 from ._common import MODES
 from ._gwreport import gateway_markdown, gateway_plot, gateway_targets
+from ._routing_bench import routing_markdown, routing_plot
 
 
 def _get(data: Any, *path: Any) -> Any:
@@ -323,6 +324,7 @@ def markdown(results: dict[str, Any]) -> str:
                 for r in faults
             ],
         )
+    lines += routing_markdown(results.get("routing"))
     goals = results.get("targets")
     if goals:
         lines += ["## Targets (reported, not asserted)", ""]
@@ -394,6 +396,7 @@ def plots(results: dict[str, Any], out: Path, suffix: str) -> list[str]:
     gw = _get(results, "gateway", "summary")
     if gw:
         written += gateway_plot(gw, pyplot, out, suffix, results["run"])
+    written += routing_plot(results.get("routing"), pyplot, out, suffix)
     scale = _get(results, "scale", "summary") or []
     if scale:
         figure, ax = pyplot.subplots(figsize=(6, 4))

@@ -26,6 +26,7 @@ from .._values import Request
 from ..actors import POOL_SHARD, OpenAIClient, sharded_transport
 from ..supervisor import Supervisor, open_supervisor
 from ._common import API_KEY, MESSAGES, ROUTE, rss_bytes, summarise_ms
+from ._routing_bench import routing_job
 
 #: Returns the ``perf_counter`` time of the first delta (streams) or ``None``.
 OneRequest = Callable[[], Awaitable[float | None]]
@@ -559,6 +560,7 @@ JOBS: dict[str, Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "overhead": overhead_job,
     "scale": scale_job,
     "faults": faults_job,
+    "routing": routing_job,
 }
 
 

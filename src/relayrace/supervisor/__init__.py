@@ -1,5 +1,9 @@
 """The supervisor: routing, the failover loop, streaming to callers, actor supervision."""
 
+from ._latency import Estimate as Estimate
+from ._latency import LatencyBook as LatencyBook
+from ._latency import Pick as Pick
+from ._latency import power_of_two as power_of_two
 from ._ledger import SupervisorStatistics as SupervisorStatistics
 from ._observer import SURFACES as SURFACES
 from ._observer import Observer as Observer
@@ -15,17 +19,21 @@ from ._supervisor import Supervisor as Supervisor
 from ._supervisor import open_supervisor as open_supervisor
 
 __all__ = [
+    "Estimate",
+    "LatencyBook",
     "MAX_RESTARTS",
-    "RESTART_WINDOW",
-    "STREAM_BUFFER",
-    "SURFACES",
     "Observer",
+    "Pick",
+    "RESTART_WINDOW",
+    "Reloaded",
     "RequestInfo",
     "RequestStream",
-    "Reloaded",
     "RequestTiming",
+    "STREAM_BUFFER",
+    "SURFACES",
     "Supervisor",
     "SupervisorStatistics",
     "SupervisorView",
     "open_supervisor",
+    "power_of_two",
 ]

@@ -19,6 +19,7 @@ from .._values import Reply, Request
 from ._admission import Admission
 from ._affinity import AffinityMap
 from ._budget import RetryBudget
+from ._latency import LatencyBook
 from ._observer import Hooks, RequestInfo, request_timing
 from ._steer import Steering
 
@@ -82,6 +83,7 @@ class Ledger:
         "policies",
         "rng",
         "budget",
+        "latency",
         "turns",
         "running",
         "closed",
@@ -109,6 +111,8 @@ class Ledger:
         self.policies = policies
         self.rng = rng
         self.budget = RetryBudget(policies.retry_budget)
+        #: the latency estimates of every deployment (the ``latency`` strategy, hedging)
+        self.latency = LatencyBook()
         self.turns = dict.fromkeys(routes, 0)
         #: every request running, so that a shutdown can end them (``complete`` runs outside
         #: the supervisor's nursery, in its caller's task).

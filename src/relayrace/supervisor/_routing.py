@@ -5,7 +5,7 @@ the actors that lack a capability the request needs (``capability_skips``)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .._config import Route
 from .._decide import (
@@ -46,6 +46,7 @@ def plan_route(
     rng: random.Random,
     policy: HealthPolicy,
     model: str | None = None,
+    latency: Callable[[list[ProviderActor]], tuple[list[ProviderActor], Decision]] | None = None,
 ) -> RoutePlan:
     """Order ``actors`` (the route's chain, resolved) for one request.
 
@@ -58,6 +59,7 @@ def plan_route(
         policy: the health policy (what to do when every actor is benched).
         model: the request's model: each actor is asked whether the deployment it would use
             for it (its own model, or this one passed through) is available.
+        latency: the ``latency`` strategy's ordering of the healthy actors (and its decision).
     """
     ranked = sorted(
         ((a.priority + a.demotion, i, a) for i, a in enumerate(actors) if not a.terminus),
@@ -72,7 +74,11 @@ def plan_route(
             healthy.append(actor)
         else:
             benched.append(actor)
-    healthy = _apply_strategy(route.strategy, healthy, turn, rng)
+    if route.strategy == "latency" and latency is not None and len(healthy) > 1:
+        healthy, picked = latency(healthy)
+        decisions.append(picked)
+    else:
+        healthy = _apply_strategy(route.strategy, healthy, turn, rng)
     for actor in benched:
         decisions.append(_skip(actor, now, model))
     if healthy or not benched:
@@ -113,7 +119,7 @@ def _skip(actor: ProviderActor, now: float, model: str | None) -> Decision:
 def _apply_strategy(
     strategy: str, healthy: list[ProviderActor], turn: int, rng: random.Random
 ) -> list[ProviderActor]:
-    if len(healthy) < 2 or strategy == "priority":
+    if len(healthy) < 2 or strategy in ("priority", "latency"):
         return healthy
     if strategy == "round_robin":
         k = turn % len(healthy)

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from .._client import Completion
 from .._config import Route
 from .._decide import (
     Situation,
@@ -37,7 +36,6 @@ from .._failure import Category, Failure
 from .._values import (
     Action,
     Attempt,
-    Choice,
     Decision,
     Delta,
     Outcome,
@@ -48,6 +46,9 @@ from .._values import (
     tool_calls_of,
 )
 from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
+from ._answer import caught_up, choices_of
+from ._hedge import EmitTools, Leg, hedge_first
+from ._latency import ordering
 from ._ledger import Ledger, supervisor_closed
 from ._observer import RequestInfo
 from ._routing import capability_skips, plan_route
@@ -83,7 +84,7 @@ class Run:
         "_again",
         "_lacking",
         "_held",
-        "_tools_actor",
+        "tools_actor",
         "embed",
         "embeddings",
         "steer",
@@ -132,7 +133,7 @@ class Run:
         self._again: dict[int, list[str]] = {}
         #: the tool calls the caller held when this attempt (a restart) started
         self._held: tuple[ToolCall, ...] = ()
-        self._tools_actor = ""
+        self.tools_actor = ""  # the actor whose tool calls a stream passes on
         #: a restarted attempt's answer differed from what the caller holds.
         self._diverged = False
         self.steer = ledger.steering(self.route, request)  # affinity pin, rate-limit admission
@@ -219,6 +220,7 @@ class Run:
             rng=ledger.rng,
             policy=policies.health,
             model=self.request.model,
+            latency=ordering(ledger.latency, self.request, self.route, ledger.rng),
         )
         order, lacking = self.steer.order(plan, self.chain, self._lacking, now)
         self.decisions.extend(plan.decisions)
@@ -234,7 +236,10 @@ class Run:
         midstream_failure: Failure | None = None
         tried = 0
         max_providers = policies.failover.max_providers
+        hedged: ProviderActor | bool = False  # the actor a hedge tried beside the first
         for actor in order:
+            if actor is hedged:
+                continue
             if lacking and actor.name in lacking:
                 self.decisions.append(lacking[actor.name])
                 continue
@@ -255,9 +260,13 @@ class Run:
             tries = 0
             while True:
                 tries += 1
-                outcome = await self._attempt(
-                    actor, tries, released, continuation, forced=actor in forced or tries > 1
-                )
+                if tried == tries == 1 and self.route.hedge and not released and not self.embed:
+                    actor, outcome, spent = await self._hedged(actor, order, forced)
+                    hedged = spent and actor
+                else:
+                    outcome = await self._attempt(
+                        actor, tries, released, continuation, forced=actor in forced or tries > 1
+                    )
                 if isinstance(outcome, Reply):
                     return outcome
                 if ledger.shut_down:
@@ -324,20 +333,24 @@ class Run:
         continuation: bool,
         *,
         forced: bool = False,
+        leg: Leg | None = None,
     ) -> Reply | Failure:
-        """Run one attempt on ``actor`` and record it."""
+        """Run one attempt on ``actor`` and record it (``leg``: one of two hedged attempts)."""
         parts = self.parts
         parts_before = 0 if parts is None else len(parts)
         tools_before = len(self.tools)
         prefill = "".join(parts) if continuation and parts is not None else None
         skip = 0 if continuation else released
         emit, emit_nowait = self._emitter(actor.name, skip=skip)
+        take_tools: EmitTools = self._take_tools
+        if leg is not None:
+            emit, emit_nowait, take_tools = leg.gate(emit, emit_nowait, take_tools)
         # A restart (the caller holds output, no continuation) must give back what it holds.
         held = (
             tool_calls_of(self.tools) if self.tools and self.streaming and not continuation else ()
         )
         self._held = held
-        self._tools_actor = actor.name
+        self.tools_actor = actor.name
         if held:
             self._again = {}
         call = ClientCall(
@@ -354,7 +367,7 @@ class Run:
             emit_nowait=emit_nowait,
             request_id=self.request_id,
             forced=forced,
-            emit_tools=self._take_tools,
+            emit_tools=take_tools,
         )
         self._job = job
         self._diverged = False
@@ -379,7 +392,9 @@ class Run:
         assert outcome is not None
         self.attempts.append(job.record(actor.name, number, started, outcome, continuation=continuation))
         self.ledger.attempt_ended(self, self.attempts[-1])
-        if outcome is Outcome.OK and held and not self._caught_up(held):
+        if job.first_delta_at is not None and self.embed is None:
+            self.ledger.latency.learn(actor, self.request, self.attempts[-1])
+        if outcome is Outcome.OK and held and not caught_up(self._again, held):
             # The restarted answer ended without a tool call the caller already holds.
             self._diverged = True
             outcome = Outcome.FAILED
@@ -408,9 +423,9 @@ class Run:
                 tool_calls=tool_calls_of(self.tools) if self.tools else (),
                 refusal=completion.refusal,
                 logprobs=completion.logprobs,
-                choices=self._choices(completion),
+                choices=choices_of(completion, self.parts, self.tools),
             )
-        if not self.streaming:
+        if not self.streaming and (leg is None or leg.won):
             # Nothing reached the caller: forget the partial answer.
             if parts is not None:
                 del parts[parts_before:]
@@ -435,6 +450,18 @@ class Run:
             EventKind.ATTEMPT_FAILED, request_id=self.request_id, actor=actor.name, failure=failure
         )
         return failure
+
+    async def _hedged(
+        self, first: ProviderActor, plan: list[ProviderActor], forced: set[ProviderActor]
+    ) -> tuple[ProviderActor, Reply | Failure, bool]:
+        """The first attempt, hedged (``Route.hedge``) on the next actor that may serve."""
+        rest = (a for a in plan[plan.index(first) + 1 :] if a.name not in self._lacking)
+        return await hedge_first(
+            self,
+            first,
+            None if self.ledger.policies.failover.max_providers == 1 else next(rest, None),
+            lambda actor, leg: self._attempt(actor, 1, 0, False, forced=actor in forced, leg=leg),
+        )
 
     def _emitter(self, actor: str, *, skip: int) -> tuple[Emit, EmitNowait]:
         """What the actor's sink calls with each piece of the answer: an async send and a
@@ -556,33 +583,9 @@ class Run:
         if out:
             send = self.emit
             assert send is not None
-            await send(Delta(self.seq, "", self._tools_actor, tuple(out)))
+            await send(Delta(self.seq, "", self.tools_actor, tuple(out)))
             self.seq += 1
             self.tools.extend(out)
-
-    def _choices(self, completion: Completion) -> tuple[Choice, ...]:
-        """Every choice of an answer with several; ``()`` for one choice."""
-        if not completion.choices:
-            return ()
-        first = Choice(
-            index=0,
-            text="".join(self.parts or ()),
-            tool_calls=tool_calls_of(self.tools),
-            finish_reason=completion.finish_reason,
-            refusal=completion.refusal,
-            logprobs=completion.logprobs,
-        )
-        return (first, *completion.choices)
-
-    def _caught_up(self, held: tuple[ToolCall, ...]) -> bool:
-        """Whether a restarted answer gave back every held call whole (it may add more)."""
-        again = self._again
-        return all(
-            call.index in again
-            and again[call.index][0] == call.name
-            and again[call.index][1].startswith(call.arguments)
-            for call in held
-        )
 
     def _diverge(self) -> None:
         self._diverged = True
