@@ -4,6 +4,11 @@ trio-websocket writes each frame with its own ``send_all`` (a syscall per frame)
 ``wrap_server_stream`` takes any ``trio.abc.Stream``: handing it this one lets the connection's
 writer ``hold`` the socket, send a batch of frames with the public ``send_message`` (each only
 appended here), then ``release`` them in one ``send_all``.
+
+It also lets the endpoint wait for a connection's first bytes (``receive_first``) before it
+hands the stream to trio-websocket: a connection that never sends a byte (a flood of idle
+sockets) then costs one sleeping task, not a ``WebSocketConnection`` with its reader task,
+channels and events, and its end (a timeout, the peer's close) is one ``close``.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ class HeldStream(trio.abc.Stream):
         stream: the accepted TCP stream; closed by ``aclose``.
     """
 
-    __slots__ = ("_stream", "_held", "_lock", "handshake_scope")
+    __slots__ = ("_stream", "_held", "_first", "_lock", "handshake_scope")
 
     def __init__(self, stream: trio.SocketStream):
         self._stream = stream
         self._held: list[bytes] | None = None
+        # What ``receive_first`` received, returned by the next ``receive_some``.
+        self._first: bytes | bytearray = b""
         #: Cancelled when the peer closes (or trio-websocket closes the stream) before the
         #: opening handshake is done: trio-websocket would wait for the handshake regardless.
         self.handshake_scope: trio.CancelScope | None = None
@@ -60,7 +67,31 @@ class HeldStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
+    async def receive_first(self) -> bool:
+        """Wait for the peer's first bytes and keep them for the next ``receive_some``.
+
+        Returns:
+            True once bytes came; False if the peer closed or broke the connection first.
+        """
+        # Readable first, then read: a receive tried at once on an idle socket fails with
+        # EAGAIN, and trio's path for that (an exception through a context manager) was a fifth
+        # of the gateway's CPU under a flood of idle sockets (py-spy).
+        await trio.lowlevel.wait_readable(self._stream.socket)
+        try:
+            self._first = await self._stream.receive_some()
+        except trio.BrokenResourceError:
+            return False
+        return bool(self._first)
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        first = self._first
+        if first:
+            await trio.lowlevel.checkpoint()
+            if max_bytes is None or len(first) <= max_bytes:
+                self._first = b""
+                return first
+            self._first = first[max_bytes:]
+            return first[:max_bytes]
         try:
             data = await self._stream.receive_some(max_bytes)
         except trio.BrokenResourceError:

@@ -161,16 +161,25 @@ class WebsocketEndpoint:
         self._open += 1  # counted from the accept: unfinished handshakes count too
         try:
             held = HeldStream(stream)
-            async with held, trio.open_nursery() as nursery:
-                request = None
-                with trio.move_on_after(self.settings.handshake_timeout) as held.handshake_scope:
-                    request = await wrap_server_stream(
-                        nursery, held, max_message_size=self.settings.max_frame_bytes
-                    )
-                held.handshake_scope = None
-                if request is not None:
-                    await self._handshake(request, held, _remote(stream))
-                nursery.cancel_scope.cancel()
+            async with held:
+                deadline = trio.current_time() + self.settings.handshake_timeout
+                # Nothing of trio-websocket's is built until the client sends a byte: an idle
+                # socket (a flood of them) costs this sleeping task, and its end one close.
+                opened = False
+                with trio.move_on_at(deadline):
+                    opened = await held.receive_first()
+                if not opened:
+                    return
+                async with trio.open_nursery() as nursery:
+                    request = None
+                    with trio.move_on_at(deadline) as held.handshake_scope:
+                        request = await wrap_server_stream(
+                            nursery, held, max_message_size=self.settings.max_frame_bytes
+                        )
+                    held.handshake_scope = None
+                    if request is not None:
+                        await self._handshake(request, held, _remote(stream))
+                    nursery.cancel_scope.cancel()
         except Exception:
             # Whatever went wrong belongs to this connection only, never to the server.
             log.exception("websocket connection failed")
