@@ -11,7 +11,8 @@ their baseline, and no actor gives up.
 
 The default run is small (500 idle connections per port, a 64 MiB alarm on the hostile server);
 ``--chaos`` runs 20 000 per port and lets the hostile bodies run to gigabytes. The figures are
-printed (``-s``).
+printed (``-s``), the p99s per surface too. ``--chaos`` floods the websocket port alone (held to
+the bound) and both ports (an expected failure while the HTTP endpoint runs on hypercorn).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``HeldStream``: the websocket server's TCP stream, able to hold writes and send them at once.
+"""``HeldStream``: the websocket server's TCP stream, able to hold writes and send them at once;
+``IdleSockets``: the handshake deadlines of the sockets that have not sent a byte yet.
 
 trio-websocket writes each frame with its own ``send_all`` (a syscall per frame). Its public
 ``wrap_server_stream`` takes any ``trio.abc.Stream``: handing it this one lets the connection's
@@ -13,7 +14,13 @@ channels and events, and its end (a timeout, the peer's close) is one ``close``.
 
 from __future__ import annotations
 
+import collections
+
 import trio
+
+# Idle sockets whose handshake time is up, ended per scheduling round: a flood's timeouts come in
+# bursts (as its connects did) and would otherwise crowd out the established connections.
+_ENDED_PER_ROUND = 16
 
 
 class HeldStream(trio.abc.Stream):
@@ -109,3 +116,47 @@ class HeldStream(trio.abc.Stream):
         self._held = None
         self._ended()
         await self._stream.aclose()
+
+
+class IdleSockets:
+    """One timer for the handshake deadline of every socket that has not sent a byte yet.
+
+    A cancel scope per socket with its own deadline would let trio end a whole burst of them in
+    one scheduling round (a flood's timeouts come as its connects did: thousands a second), and
+    the established connections would wait behind them. Here ``run`` ends at most
+    ``_ENDED_PER_ROUND`` per round, in deadline order; a socket may so outlive its deadline by a
+    few rounds.
+
+    Args:
+        timeout: seconds from ``watch`` to the deadline.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        # (deadline, scope) in ``watch`` order, so in deadline order. A scope whose wait ended
+        # first stays until its deadline: cancelling an exited scope does nothing.
+        self._due: collections.deque[tuple[float, trio.CancelScope]] = collections.deque()
+
+    def watch(self) -> tuple[float, trio.CancelScope]:
+        """A new socket's deadline, and the scope (to wait in) that ``run`` cancels at it."""
+        deadline, scope = trio.current_time() + self.timeout, trio.CancelScope()
+        self._due.append((deadline, scope))
+        return deadline, scope
+
+    async def run(self) -> None:
+        """Cancel each watched scope at its deadline, until cancelled."""
+        due = self._due
+        while True:
+            if not due:
+                # A socket watched from now on is due no sooner than this sleep's end.
+                await trio.sleep(self.timeout)
+                continue
+            now = trio.current_time()
+            if due[0][0] > now:
+                await trio.sleep_until(due[0][0])
+                continue
+            for _ in range(_ENDED_PER_ROUND):
+                if not due or due[0][0] > now:
+                    break
+                due.popleft()[1].cancel()
+            await trio.lowlevel.checkpoint()

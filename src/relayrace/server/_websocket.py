@@ -27,7 +27,7 @@ from .. import BadRequest, Event, Request, RequestFailed, RequestStream, Supervi
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str
 from ._settings import ServerSettings
-from ._stream import HeldStream
+from ._stream import HeldStream, IdleSockets
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
 log = logging.getLogger("relayrace.server")
@@ -106,6 +106,7 @@ class WebsocketEndpoint:
         self._listen_scope = trio.CancelScope()
         self._sockets = trio.Semaphore(max_sockets)
         self._open = 0
+        self._idle = IdleSockets(settings.handshake_timeout)
         # Set when shutdown begins: connections close once their requests have ended.
         self.stopping = trio.Event()
 
@@ -129,6 +130,7 @@ class WebsocketEndpoint:
         try:
             with self._listen_scope:
                 async with trio.open_nursery() as accepting:
+                    accepting.start_soon(self._idle.run)
                     for listener in listeners:
                         accepting.start_soon(self._accept, listener, connections)
                     task_status.started(listeners[0].socket.getsockname()[1])
@@ -162,11 +164,11 @@ class WebsocketEndpoint:
         try:
             held = HeldStream(stream)
             async with held:
-                deadline = trio.current_time() + self.settings.handshake_timeout
                 # Nothing of trio-websocket's is built until the client sends a byte: an idle
                 # socket (a flood of them) costs this sleeping task, and its end one close.
+                deadline, waiting = self._idle.watch()
                 opened = False
-                with trio.move_on_at(deadline):
+                with waiting:
                     opened = await held.receive_first()
                 if not opened:
                     return
