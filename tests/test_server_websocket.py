@@ -587,6 +587,19 @@ async def test_graceful_shutdown_with_nothing_in_flight_is_immediate(autojump_cl
     assert caught.value.reason.code == 1001
 
 
+async def test_graceful_shutdown_closes_sockets_that_sent_nothing_at_once(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    settings = ServerSettings(ws_port=0, http_port=None, shutdown_grace=10)
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, sup, settings)
+            async with await idle_socket(server) as idle:
+                await trio.testing.wait_all_tasks_blocked()
+                server.shutdown()
+                assert await idle.receive_some() == b""
+        assert trio.current_time() == 0
+
+
 async def test_frames_are_exactly_the_json_of_their_objects(autojump_clock):
     # Delta frames are formatted around the encoded text rather than built as a dict and
     # encoded: byte for byte what ``json.dumps`` writes (compact, unescaped non-ASCII).

@@ -136,12 +136,22 @@ class IdleSockets:
         # (deadline, scope) in ``watch`` order, so in deadline order. A scope whose wait ended
         # first stays until its deadline: cancelling an exited scope does nothing.
         self._due: collections.deque[tuple[float, trio.CancelScope]] = collections.deque()
+        self._closed = False
 
     def watch(self) -> tuple[float, trio.CancelScope]:
         """A new socket's deadline, and the scope (to wait in) that ``run`` cancels at it."""
         deadline, scope = trio.current_time() + self.timeout, trio.CancelScope()
-        self._due.append((deadline, scope))
+        if self._closed:
+            scope.cancel()
+        else:
+            self._due.append((deadline, scope))
         return deadline, scope
+
+    def close(self) -> None:
+        """End every wait now and any later one at once (the server is shutting down)."""
+        self._closed = True
+        while self._due:
+            self._due.popleft()[1].cancel()
 
     async def run(self) -> None:
         """Cancel each watched scope at its deadline, until cancelled."""

@@ -114,6 +114,7 @@ class WebsocketEndpoint:
         """Close the listener; connections already open finish their requests, then close."""
         self.stopping.set()
         self._listen_scope.cancel()
+        self._idle.close()  # a socket that sent nothing has nothing to finish
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, and serve connections until ``stop_accepting`` and every connection ended."""
