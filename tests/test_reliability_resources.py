@@ -11,7 +11,8 @@ their baseline, and no actor gives up.
 
 The default run is small (500 idle connections per port, a 64 MiB alarm on the hostile server);
 ``--chaos`` runs 20 000 per port and lets the hostile bodies run to gigabytes. The figures are
-printed (``-s``).
+printed (``-s``), the p99s per surface too. ``--chaos`` floods the websocket port alone (held to
+the bound) and both ports (an expected failure while the HTTP endpoint runs on hypercorn).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -132,16 +134,28 @@ async def ws_stream(ws: WebSocketConnection, n: int, model: str = "chat") -> tup
     return time.perf_counter() - start, reply
 
 
+@attrs.define
+class Durations:
+    """The normal requests' durations (seconds), by surface, filled in as they come."""
+
+    http: list[float] = attrs.Factory(list)
+    websocket: list[float] = attrs.Factory(list)
+
+    @property
+    def every(self) -> list[float]:
+        return self.http + self.websocket
+
+
 @asynccontextmanager
 async def normal_traffic(
     gateway: Any, stop: trio.Event | None, count: int, go: trio.Event | None = None
-) -> AsyncIterator[list[float]]:
+) -> AsyncIterator[Durations]:
     """Two HTTP and two websocket callers, each on its own connection, sending streamed
     requests one after another: ``count`` each, or (``stop`` given) until it is set. With
     ``go``, the callers connect (and send one request) at once, then wait for ``go`` before
     the requests that count. Yields the durations, filled in as they come; the block's end
     waits for the callers."""
-    durations: list[float] = []
+    durations = Durations()
 
     def more(n: int) -> bool:
         return n < count if stop is None else not stop.is_set()
@@ -153,7 +167,7 @@ async def normal_traffic(
                 await go.wait()
             n = 0
             while more(n):
-                durations.append(await http_stream(client))
+                durations.http.append(await http_stream(client))
                 n += 1
 
     async def over_websocket() -> None:
@@ -165,13 +179,27 @@ async def normal_traffic(
             while more(n):
                 took, done = await ws_stream(ws, n)
                 assert done["provider"] == "good", done
-                durations.append(took)
+                durations.websocket.append(took)
                 n += 1
 
     async with trio.open_nursery() as nursery:
         for caller in (over_http, over_http, over_websocket, over_websocket):
             nursery.start_soon(caller)
         yield durations
+
+
+def p99_figures(unloaded: Durations, loaded: Durations) -> str:
+    """The p99s, unloaded and loaded, of every request and of each surface, for the output."""
+    figures = []
+    for name in ("every", "http", "websocket"):
+        before, after = getattr(unloaded, name), getattr(loaded, name)
+        if before and after:
+            p99_before, p99_after = percentile(before, 0.99), percentile(after, 0.99)
+            figures.append(
+                f"{name} {len(before)} unloaded p99 {p99_before * 1000:.1f} ms, {len(after)} "
+                f"loaded p99 {p99_after * 1000:.1f} ms (×{p99_after / p99_before:.2f})"
+            )
+    return "; ".join(figures)
 
 
 async def health(gateway: Any) -> dict[str, Any]:
@@ -200,10 +228,15 @@ async def wait_for_fds(pid: int, at_most: int, seconds: float) -> int:
 
 
 @pytest.mark.parametrize(
-    "chaos_size", [pytest.param(False, id="small"), pytest.param(True, id="full", marks=pytest.mark.chaos)]
+    ("chaos_size", "flooded"),
+    [
+        pytest.param(False, ("websocket", "http"), id="small"),
+        pytest.param(True, ("websocket",), id="full-websocket", marks=pytest.mark.chaos),
+        pytest.param(True, ("websocket", "http"), id="full", marks=pytest.mark.chaos),
+    ],
 )
 async def test_idle_connection_flood_leaves_normal_traffic_and_the_actors_alone(
-    chaos_size: bool, tmp_path: Path
+    chaos_size: bool, flooded: tuple[str, ...], tmp_path: Path
 ) -> None:
     per_port = 20_000 if chaos_size else 500
     requests = 150 if chaos_size else 40
@@ -215,15 +248,21 @@ async def test_idle_connection_flood_leaves_normal_traffic_and_the_actors_alone(
             async with normal_traffic(gateway, None, requests) as unloaded:
                 pass
             baseline = process_fds(gateway.pid)
-            ws_port = int(gateway.ws_url.rsplit(":", 1)[1].split("/")[0])
-            http_port = int(gateway.http_url.rsplit(":", 1)[1].split("/")[0])
+            ports = {
+                "websocket": int(gateway.ws_url.rsplit(":", 1)[1].split("/")[0]),
+                "http": int(gateway.http_url.rsplit(":", 1)[1].split("/")[0]),
+            }
             stop, go = trio.Event(), trio.Event()
             # The callers' connections are open before the flood: while unfinished handshakes
             # fill ``max_connections``, a new websocket connection is refused (503).
             async with normal_traffic(gateway, stop, 0, go) as loaded:
-                async with idle_connections(
-                    ws_port, per_port, settle=settle
-                ) as ws_held, idle_connections(http_port, per_port, settle=settle) as http_held:
+                async with AsyncExitStack() as floods:
+                    held = {
+                        name: await floods.enter_async_context(
+                            idle_connections(ports[name], per_port, settle=settle)
+                        )
+                        for name in flooded
+                    }
                     # Measured once every connection is open (or waits in an accept queue): the
                     # children's start-up is the test's cost, not the gateway's.
                     peak_fds = process_fds(gateway.pid)
@@ -232,32 +271,35 @@ async def test_idle_connection_flood_leaves_normal_traffic_and_the_actors_alone(
                         await trio.sleep(0.1)
                         peak_fds = max(peak_fds, process_fds(gateway.pid))
                     during = await health(gateway)
-                    stop.set()
+                # The flood's sockets close (thousands of EOFs at once): the callers go on
+                # through it and a second past it.
+                await trio.sleep(1.0)
+                stop.set()
             after = await wait_for_fds(gateway.pid, baseline + 8, 60)
             report = await health(gateway)
             rss, hwm = process_memory(gateway.pid)
-    p99_unloaded = percentile(unloaded, 0.99)
-    p99_loaded = percentile(loaded, 0.99)
+    p99_unloaded = percentile(unloaded.every, 0.99)
+    p99_loaded = percentile(loaded.every, 0.99)
     print(
-        f"\nidle flood: {per_port} connections per port asked, held ws {sum(ws_held)}, "
-        f"http {sum(http_held)}; normal streams: {len(unloaded)} unloaded p99 "
-        f"{p99_unloaded * 1000:.1f} ms, {len(loaded)} loaded p99 {p99_loaded * 1000:.1f} ms "
-        f"(×{p99_loaded / p99_unloaded:.2f}); gateway fds {baseline} before, {peak_fds} peak, "
-        f"{after} after; RSS peak {hwm / MiB:.0f} MiB, now {rss / MiB:.0f} MiB"
+        f"\nidle flood: {per_port} connections asked on each of {', '.join(flooded)}, held "
+        + ", ".join(f"{name} {sum(counts)}" for name, counts in held.items())
+        + f"; normal streams: {p99_figures(unloaded, loaded)}; gateway fds {baseline} before, "
+        f"{peak_fds} peak, {after} after; RSS peak {hwm / MiB:.0f} MiB, now {rss / MiB:.0f} MiB"
     )
-    assert len(loaded) >= 4, "no normal traffic ran during the flood"
+    assert len(loaded.every) >= 4, "no normal traffic ran during the flood"
     # Past the listener's socket cap and accept queue, connects wait (SYN dropped): a port
     # holds ~max_sockets + somaxconn at most.
-    assert min(sum(ws_held), sum(http_held)) >= min(per_port, 2000), "the flood did not take"
+    assert min(sum(counts) for counts in held.values()) >= min(per_port, 2000), "no flood"
     assert after <= baseline + 8
     assert hwm <= RSS_BOUND
     no_actor_gave_up(during)
     no_actor_gave_up(report)
     assert report["status"] == "ok", report
-    if chaos_size and p99_loaded > p99_bound(p99_unloaded, chaos_size):
-        # Known (issue #11's resource run): the listeners accept and hold ~10 000 sockets each
-        # (max_sockets), and accepting them and timing their handshakes out takes the CPU the
-        # normal requests need; the server's accept path is being rebuilt (h11 core).
+    if chaos_size and "http" in flooded and p99_loaded > p99_bound(p99_unloaded, chaos_size):
+        # Known (issue #11's resource run): the HTTP endpoint's hypercorn core builds a whole
+        # connection for each idle socket it accepts, on the event loop both endpoints share;
+        # the websocket endpoint waits for a connection's first byte first (``full-websocket``
+        # holds the bound). Being replaced by an h11 core of our own.
         pytest.xfail(f"normal p99 {p99_loaded / p99_unloaded:.1f}× its unloaded p99 under the flood")
     assert p99_loaded <= p99_bound(p99_unloaded, chaos_size)
 
@@ -318,13 +360,11 @@ async def test_hostile_upstreams_fail_over_while_others_stream(
             after = await wait_for_fds(gateway.pid, baseline + 8, 30)
             report = await health(gateway)
             rss, hwm = process_memory(gateway.pid)
-    p99_unloaded = percentile(unloaded, 0.99)
-    p99_loaded = percentile(loaded, 0.99)
+    p99_unloaded = percentile(unloaded.every, 0.99)
+    p99_loaded = percentile(loaded.every, 0.99)
     print(
         f"\nhostile upstreams: {len(codes)} hostile requests failed over ({sorted(set(codes))}), "
-        f"normal streams: "
-        f"{len(unloaded)} unloaded p99 {p99_unloaded * 1000:.1f} ms, {len(loaded)} loaded p99 "
-        f"{p99_loaded * 1000:.1f} ms (×{p99_loaded / p99_unloaded:.2f}); gateway fds {baseline} "
+        f"normal streams: {p99_figures(unloaded, loaded)}; gateway fds {baseline} "
         f"before, {after} after; RSS peak {hwm / MiB:.0f} MiB, now {rss / MiB:.0f} MiB"
     )
     assert len(codes) == 3 * hostile_callers * hostile_each

@@ -25,6 +25,7 @@ from relayrace.server import Server, ServerSettings, serve
 from relayrace.server._common import dumps
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Fail, Hang, split_text
 
+from .reliability import live_tasks
 from .support import client, config, scripted_provider
 
 C = Category
@@ -586,6 +587,19 @@ async def test_graceful_shutdown_with_nothing_in_flight_is_immediate(autojump_cl
     assert caught.value.reason.code == 1001
 
 
+async def test_graceful_shutdown_closes_sockets_that_sent_nothing_at_once(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    settings = ServerSettings(ws_port=0, http_port=None, shutdown_grace=10)
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, sup, settings)
+            async with await idle_socket(server) as idle:
+                await trio.testing.wait_all_tasks_blocked()
+                server.shutdown()
+                assert await idle.receive_some() == b""
+        assert trio.current_time() == 0
+
+
 async def test_frames_are_exactly_the_json_of_their_objects(autojump_clock):
     # Delta frames are formatted around the encoded text rather than built as a dict and
     # encoded: byte for byte what ``json.dumps`` writes (compact, unescaped non-ASCII).
@@ -705,6 +719,52 @@ async def test_sockets_over_the_cap_wait_in_the_accept_queue(autojump_clock):
             start = trio.current_time()
             assert await handshake_status(server) == 101
             assert trio.current_time() - start == 5.0
+
+
+async def test_an_idle_socket_costs_one_task_until_it_sends_a_byte(autojump_clock):
+    # A flood of sockets that never send a byte (issue #11) must cost the event loop as little
+    # as possible: no websocket connection (its reader task, channels, events) is built for
+    # them, and their timeout or close is one ``close``. The handshake still works when the
+    # first bytes come alone, and the timeout counts from the accept.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, handshake_timeout=5.0) as (_, server):
+        await trio.testing.wait_all_tasks_blocked()
+        before = len(live_tasks())
+        idle = [await idle_socket(server) for _ in range(50)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(live_tasks()) - before == 50  # one per socket: its connection's task
+        start = trio.current_time()
+        async with idle[0] as slow:
+            await trio.sleep(4.0)
+            await slow.send_all(b"G")  # a byte, then the rest within the handshake timeout
+            await trio.sleep(0.5)
+            await slow.send_all(
+                b"ET / HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+                b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"sec-websocket-version: 13\r\n\r\n"
+            )
+            assert (await slow.receive_some()).startswith(b"HTTP/1.1 101 ")
+            for sock in idle[1:]:
+                assert await sock.receive_some() == b""  # closed by the handshake timeout
+                await sock.aclose()
+            assert trio.current_time() - start == 5.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(live_tasks()) == before
+        async with connect(server) as ws:  # the server goes on
+            await assert_usable(ws)
+
+
+async def test_a_handshake_longer_than_one_read_arrives_whole(autojump_clock):
+    # The first bytes (here 9 KiB at once) are read before trio-websocket reads in 4 KiB steps.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg) as (_, server):
+        async with await idle_socket(server) as stream:
+            await stream.send_all(
+                b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+                b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"sec-websocket-version: 13\r\nx-padding: " + b"p" * 9000 + b"\r\n\r\n"
+            )
+            assert (await stream.receive_some()).startswith(b"HTTP/1.1 101 ")
 
 
 async def test_max_sockets_and_handshake_timeout_are_checked():

@@ -27,7 +27,7 @@ from .. import BadRequest, Event, Request, RequestFailed, RequestStream, Supervi
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str
 from ._settings import ServerSettings
-from ._stream import HeldStream
+from ._stream import HeldStream, IdleSockets
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
 log = logging.getLogger("relayrace.server")
@@ -109,6 +109,7 @@ class WebsocketEndpoint:
         self._listen_scope = trio.CancelScope()
         self._sockets = trio.Semaphore(max_sockets)
         self._open = 0
+        self._idle = IdleSockets(settings.handshake_timeout)
         # Set when shutdown begins: connections close once their requests have ended.
         self.stopping = trio.Event()
 
@@ -116,6 +117,7 @@ class WebsocketEndpoint:
         """Close the listener; connections already open finish their requests, then close."""
         self.stopping.set()
         self._listen_scope.cancel()
+        self._idle.close()  # a socket that sent nothing has nothing to finish
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, and serve connections until ``stop_accepting`` and every connection ended."""
@@ -132,6 +134,7 @@ class WebsocketEndpoint:
         try:
             with self._listen_scope:
                 async with trio.open_nursery() as accepting:
+                    accepting.start_soon(self._idle.run)
                     for listener in listeners:
                         accepting.start_soon(self._accept, listener, connections)
                     task_status.started(listeners[0].socket.getsockname()[1])
@@ -164,16 +167,25 @@ class WebsocketEndpoint:
         self._open += 1  # counted from the accept: unfinished handshakes count too
         try:
             held = HeldStream(stream)
-            async with held, trio.open_nursery() as nursery:
-                request = None
-                with trio.move_on_after(self.settings.handshake_timeout) as held.handshake_scope:
-                    request = await wrap_server_stream(
-                        nursery, held, max_message_size=self.settings.max_frame_bytes
-                    )
-                held.handshake_scope = None
-                if request is not None:
-                    await self._handshake(request, held, _remote(stream))
-                nursery.cancel_scope.cancel()
+            async with held:
+                # Nothing of trio-websocket's is built until the client sends a byte: an idle
+                # socket (a flood of them) costs this sleeping task, and its end one close.
+                deadline, waiting = self._idle.watch()
+                opened = False
+                with waiting:
+                    opened = await held.receive_first()
+                if not opened:
+                    return
+                async with trio.open_nursery() as nursery:
+                    request = None
+                    with trio.move_on_at(deadline) as held.handshake_scope:
+                        request = await wrap_server_stream(
+                            nursery, held, max_message_size=self.settings.max_frame_bytes
+                        )
+                    held.handshake_scope = None
+                    if request is not None:
+                        await self._handshake(request, held, _remote(stream))
+                    nursery.cancel_scope.cancel()
         except Exception:
             # Whatever went wrong belongs to this connection only, never to the server.
             log.exception("websocket connection failed")
