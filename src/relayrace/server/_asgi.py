@@ -68,3 +68,40 @@ async def watch_disconnect(receive: Receive, ticket: Ticket) -> None:
         if message["type"] == "http.disconnect":
             ticket.cancel(Stop.CLIENT_GONE)
             return
+
+
+async def send_whole(
+    send: Send,
+    status: int,
+    data: bytes,
+    headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    """A whole JSON response: ``data`` is the encoded body."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def start_event_stream(send: Send, provider: str) -> None:
+    """The head of a server-sent-events answer, sent with its first delta: it names the provider
+    that serves it (before it, failover is invisible to the client)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-relayrace-provider", provider.encode()),
+            ],
+        }
+    )

@@ -26,7 +26,7 @@ import trio
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor, ToolCallDelta
 from ..providers import openai
 from ._admin import AdminAPI, Operations
-from ._asgi import Body, watch_disconnect
+from ._asgi import Body, send_whole, start_event_stream, watch_disconnect
 from ._common import (
     Gate,
     ShuttingDown,
@@ -185,18 +185,7 @@ class OpenAIApp:
             body = body.http_body()
         text = self.encode_json(body)
         data = (text if encodable(text) else safe_dumps(body)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                    *(headers or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": data, "more_body": False})
+        await send_whole(send, status, data, headers or ())
 
     def _event(self, body: dict[str, Any]) -> str:
         text = self.encode_json(body)
@@ -436,17 +425,7 @@ class OpenAIApp:
         async def start(provider: str) -> None:
             nonlocal started
             started = True
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-relayrace-provider", provider.encode()),
-                    ],
-                }
-            )
+            await start_event_stream(send, provider)
 
         reply: Reply | None = None
         failure: RequestFailed | None = None

@@ -23,7 +23,7 @@ import trio
 
 from .. import BadRequest, Reply, Request, RequestFailed, Supervisor, Usage
 from ..providers import anthropic, anthropic_inbound, encode_event
-from ._asgi import watch_disconnect
+from ._asgi import send_whole, start_event_stream, watch_disconnect
 from ._common import Gate, ShuttingDown, Stop, Ticket, reply_trace
 from ._wire import WireError, encodable, safe_dumps
 
@@ -107,18 +107,7 @@ class MessagesEndpoint:
         self, send: Send, status: int, body: Any, headers: tuple[tuple[bytes, bytes], ...] = ()
     ) -> None:
         data = self._json(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                    *headers,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": data, "more_body": False})
+        await send_whole(send, status, data, headers)
 
     async def send_error(self, send: Send, error: WireError) -> None:
         """Answer with ``error`` in Anthropic's shape and status."""
@@ -203,17 +192,7 @@ class MessagesEndpoint:
         async def start(provider: str, model: str) -> None:
             nonlocal started
             started = True
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-relayrace-provider", provider.encode()),
-                    ],
-                }
-            )
+            await start_event_stream(send, provider)
             await _write(send, anthropic.opening(id=message_id, model=model, prompt_tokens=0))
 
         reply: Reply | None = None
