@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 import attrs
@@ -23,10 +24,13 @@ from .._embedding import Embedding, EmbeddingsReply, EmbedRequest
 from .._errors import BadRequest
 from .._events import Event, EventKind, Subscribers
 from .._values import Reply, Request
-from ..actors import HealthSnapshot, ProviderActor
+from ..actors import UNSHARED, HealthSnapshot, ProviderActor, SharedHealth
+from ..state import StateBackend, StateEvent
+from ._budget import RetryBudget
 from ._ledger import Ledger, SupervisorStatistics
 from ._observer import SURFACES, Hooks
 from ._run import Run
+from ._shared import shared_state, state_event
 from ._stream import RequestStream
 
 log = logging.getLogger("relayrace")
@@ -68,8 +72,16 @@ class Reloaded:
 class Supervisor:
     """The handle on a running supervisor; get one from ``open_supervisor``."""
 
-    def __init__(self, config: Config, nursery: trio.Nursery, observers: Iterable[object] = ()):
+    def __init__(
+        self,
+        config: Config,
+        nursery: trio.Nursery,
+        observers: Iterable[object] = (),
+        state: StateBackend | None = None,
+    ):
         self.config = config
+        #: the state shared with other processes (``None``: ``[state] backend = "local"``).
+        self.shared_state = state
         self._nursery = nursery
         self._policies = config.policies
         self._events = Subscribers()
@@ -84,6 +96,8 @@ class Supervisor:
         self._ledger = Ledger(
             config.policies, random.Random(config.seed), list(self._routes), self._hooks
         )
+        if state is not None:
+            self._ledger.budget = RetryBudget(config.policies.retry_budget, shared=state)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -178,10 +192,13 @@ class Supervisor:
         now = trio.current_time()
         return {name: actor.snapshot(now) for name, actor in self._actors.items()}
 
-    def bench(self, name: str, seconds: float | None = None, *, model: str | None = None) -> None:
+    def bench(
+        self, name: str, seconds: float | None = None, *, model: str | None = None, fleet: bool = True
+    ) -> None:
         """Bench an actor by hand for ``seconds`` (``None``: until ``unbench``): every
         deployment of it, or only ``model``'s (an upstream model). Automatic logic never
-        shortens a manual bench.
+        shortens a manual bench. With a shared state backend the bench is the fleet's (every
+        process sharing the state honours it) unless ``fleet=False`` (this process only).
 
         Raises:
             KeyError: no actor has that name.
@@ -190,17 +207,18 @@ class Supervisor:
         """
         if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError("seconds must be a positive number or None")
-        self._actors[name].bench(seconds, model)
+        self._actors[name].bench(seconds, model, share=fleet)
 
-    def unbench(self, name: str, *, model: str | None = None) -> None:
+    def unbench(self, name: str, *, model: str | None = None, fleet: bool = True) -> None:
         """Lift every bench of an actor and its deployments and reset their counters, or
-        (``model``) those of one deployment.
+        (``model``) those of one deployment; with a shared state backend, fleet-wide unless
+        ``fleet=False`` (a bench the fleet shares then still holds here).
 
         Raises:
             KeyError: no actor has that name.
             ValueError: the actor is configured with another model than ``model``.
         """
-        self._actors[name].unbench(model)
+        self._actors[name].unbench(model, share=fleet)
 
     @asynccontextmanager
     async def subscribe(
@@ -288,7 +306,7 @@ class Supervisor:
             ledger = self._ledger
             ledger.policies = config.policies
             if old.policies.retry_budget != config.policies.retry_budget:
-                ledger.budget = type(ledger.budget)(config.policies.retry_budget)
+                ledger.budget = RetryBudget(config.policies.retry_budget, self.shared_state)
             for model in self._routes:
                 ledger.turns.setdefault(model, 0)
             for actor in gone:
@@ -327,6 +345,7 @@ class Supervisor:
             weight=p.weight,
             publish=self._actor_event,
             may_bench=self._may_bench,
+            shared=UNSHARED if self.shared_state is None else SharedHealth(self.shared_state, p.name),
         )
 
     async def _run_actor(
@@ -508,7 +527,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 @asynccontextmanager
 async def open_supervisor(
-    config: Config, *, observers: Iterable[object] = ()
+    config: Config, *, observers: Iterable[object] = (), wall_clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Supervisor]:
     """Start a supervisor: one actor task per provider, in a nursery this block owns.
 
@@ -519,11 +538,29 @@ async def open_supervisor(
     Leaving the block cancels every request still in flight (each ends with ``RequestFailed``)
     and every actor, closes the provider clients, and leaves no task behind. Call
     ``await sup.drain()`` first to let requests in flight finish.
+
+    The shared state's backend (``config.state``) is open for the supervisor's lifetime;
+    ``wall_clock`` is its deadlines' time (MockClock tests pass one that follows the clock).
     """
+    sup: Supervisor | None = None
+
+    def on_event(event: StateEvent) -> None:  # the shared state's store went away / is back
+        if sup is not None:
+            sup._announce(state_event(event), actor=None, detail=event.reason)
+
+    async with shared_state(config, on_event, wall_clock) as state:
+        async with _supervisor(config, observers, state) as sup:
+            yield sup
+
+
+@asynccontextmanager
+async def _supervisor(
+    config: Config, observers: Iterable[object], state: StateBackend | None
+) -> AsyncIterator[Supervisor]:
     sup: Supervisor | None = None
     try:
         async with trio.open_nursery() as nursery:
-            sup = Supervisor(config, nursery, observers)
+            sup = Supervisor(config, nursery, observers, state)
             try:
                 # Connection pools and TLS contexts are built now, not on a first request
                 # (building one is synchronous and blocks every task for up to ~100 ms).
