@@ -9,7 +9,15 @@ from contextlib import asynccontextmanager
 
 from .._config import Config
 from .._events import EventKind
-from ..state import EventHook, StateBackend, StateEvent, StateEventKind, open_state
+from ..state import (
+    BenchRecord,
+    Deployment,
+    EventHook,
+    StateBackend,
+    StateEvent,
+    StateEventKind,
+    open_state,
+)
 
 log = logging.getLogger("relayrace.state")
 
@@ -39,3 +47,17 @@ def state_event(event: StateEvent) -> EventKind:
         return EventKind.STATE_DEGRADED
     log.warning("shared state restored (%s)", event.reason)
     return EventKind.STATE_RESTORED
+
+
+def fleet_benches(state: StateBackend | None, provider: str) -> dict[str, BenchRecord] | None:
+    """The benches the fleet shares of ``provider``'s deployments, by upstream model (``""``:
+    the provider as a whole), as this process's mirror has them; ``None``: nothing shared."""
+    if state is None:
+        return None
+    now = state.now()
+    found: dict[str, BenchRecord] = {}
+    for field, record in list(state.mirror.benches.items()):
+        deployment = Deployment.from_field(field)
+        if deployment.provider == provider and record.active(now):
+            found[deployment.model or ""] = record
+    return found

@@ -25,12 +25,12 @@ from .._errors import BadRequest
 from .._events import Event, EventKind, Subscribers
 from .._values import Reply, Request
 from ..actors import UNSHARED, HealthSnapshot, ProviderActor, SharedHealth
-from ..state import StateBackend, StateEvent
+from ..state import BenchRecord, StateBackend, StateEvent
 from ._budget import RetryBudget
 from ._ledger import Ledger, SupervisorStatistics
 from ._observer import SURFACES, Hooks
 from ._run import Run
-from ._shared import shared_state, state_event
+from ._shared import fleet_benches, shared_state, state_event
 from ._stream import RequestStream
 
 log = logging.getLogger("relayrace")
@@ -80,8 +80,7 @@ class Supervisor:
         state: StateBackend | None = None,
     ):
         self.config = config
-        #: the state shared with other processes (``None``: ``[state] backend = "local"``).
-        self.shared_state = state
+        self.shared_state = state  #: the state shared between processes (``None``: local)
         self._nursery = nursery
         self._policies = config.policies
         self._events = Subscribers()
@@ -249,6 +248,10 @@ class Supervisor:
     def inbox_depths(self) -> dict[str, int]:
         """Jobs waiting in each actor's inbox for a free slot, by name."""
         return {name: actor.queued for name, actor in self._actors.items()}
+
+    def fleet_benches(self, name: str) -> dict[str, BenchRecord] | None:
+        """Actor ``name``'s benches the fleet shares, by model (``""``: provider-wide)."""
+        return fleet_benches(self.shared_state, name)
 
     def record_admin(self, action: str, *, actor: str | None = None) -> None:
         """Publish that an operator acted (``bench``, ``unbench``, ``drain``, ``reload``,
