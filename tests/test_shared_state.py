@@ -236,3 +236,35 @@ async def test_redis_away_is_an_event_and_a_metric_and_no_request_fails(
                 await eventually(
                     lambda: redis_server.command("HLEN", f"{state.prefix}:bench") == b":1\r\n"
                 )
+
+
+async def test_only_the_probe_lease_holder_probes(redis_server: RedisServer) -> None:
+    state = state_config(redis_server, f"t{uuid.uuid4().hex[:8]}")
+    health = HealthPolicy(failure_threshold=1, cooldown_base=0.5, probe_interval=5.0)
+
+    def config(mock: MockProvider) -> Config:
+        client = OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=8, probe="completion")
+        return Config(
+            providers=[
+                ProviderConfig(name="primary", client=client, model=DOWN),
+                ProviderConfig(
+                    name="backup", client=OpenAIClient(base_url=f"{mock.base_url}/v1"), model=UP
+                ),
+            ],
+            routes=[Route(model="chat", chain=["primary", "backup"])],
+            policies=Policies(retry=RetryPolicy(max_attempts=1), health=health),
+            state=state,
+        )
+
+    async with serve_mock_provider() as mock_a, serve_mock_provider() as mock_b:
+        async with instance(config(mock_a)) as a, instance(config(mock_b)) as b:
+            # Both fail at once: each benches the primary on its own failure.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, a, 1)
+                nursery.start_soon(ask, b, 1)
+            assert sent(mock_a, DOWN) == 1 and sent(mock_b, DOWN) == 1
+            # The bench ends after 0.5 s; the probe (a 503) benches for 1 s more. Only one of
+            # the two instances sent it.
+            await trio.sleep(1.2)
+            assert sent(mock_a, DOWN) + sent(mock_b, DOWN) == 3
+            assert benched(a) and benched(b)
