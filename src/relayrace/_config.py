@@ -16,6 +16,7 @@ import attrs
 from ._client import Capabilities, ProviderClient
 from ._errors import ConfigError, raise_config_errors
 from ._policy import Policies
+from .state import StateConfig
 
 STRATEGIES = ("priority", "round_robin", "weighted", "least_busy", "latency")
 
@@ -185,6 +186,8 @@ class Config:
     routes: tuple[Route, ...] = attrs.field(default=(), converter=_routes)
     policies: Policies = Policies()
     seed: int | None = None
+    #: where the state shared between processes lives (``[state]``; see ``relayrace.state``).
+    state: StateConfig = StateConfig()
 
     def __attrs_post_init__(self) -> None:
         _validate(self)

@@ -32,6 +32,10 @@ class EventKind(enum.Enum):
     #: an operator acted through the admin API or a signal: ``detail`` says what (``bench``,
     #: ``unbench``, ``drain``, ``reload``, ``reload_refused``), ``actor`` on whom.
     ADMIN_ACTION = "admin_action"
+    #: the shared state's store (Redis) went away / came back: ``detail`` says why
+    #: (an exception's class name or ``timeout``); requests go on on local state meanwhile.
+    STATE_DEGRADED = "state_degraded"
+    STATE_RESTORED = "state_restored"
 
 
 @attrs.frozen(kw_only=True)

@@ -62,6 +62,7 @@ from ._policy import (
 )
 from ._server_table import server_settings
 from ._table import Problems, Table, nearest
+from .state import parse_state_config
 
 if TYPE_CHECKING:
     from .server._settings import ServerSettings
@@ -276,8 +277,9 @@ def _config(
     ]
     policies = _unit(problems, _policies, root.table("policies"))
     seed = root.integer("seed", None, minimum=0)
+    state = _unit(problems, parse_state_config, root.table("state"))
     root.done()
-    unread = [p for p in (*providers, *routes, policies) if p is None]
+    unread = [p for p in (*providers, *routes, policies, state) if p is None]
     if problems.errors or unread:
         # The file's own mistakes first; then what can still be checked across them.
         if given == []:
@@ -291,6 +293,7 @@ def _config(
             routes=[r for r in routes if r is not None],
             policies=policies,
             seed=seed,
+            state=state,
         )
     except ConfigError as exc:
         problems.add(exc)

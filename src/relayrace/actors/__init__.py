@@ -23,11 +23,17 @@ from ._job import EmitNowait as EmitNowait
 from ._job import EmitTools as EmitTools
 from ._job import Job as Job
 from ._openai import OpenAIClient as OpenAIClient
+from ._shared import UNSHARED as UNSHARED
+from ._shared import SharedHealth as SharedHealth
+from ._shared import Unshared as Unshared
 from ._transport import POOL_SHARD as POOL_SHARD
 from ._transport import ShardedTransport as ShardedTransport
 from ._transport import sharded_transport as sharded_transport
 
 __all__ = [
+    "UNSHARED",
+    "SharedHealth",
+    "Unshared",
     "DEFAULT_MAX_DEPLOYMENTS",
     "POOL_SHARD",
     "PROBE_MODES",

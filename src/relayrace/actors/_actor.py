@@ -40,6 +40,7 @@ from ._health import Health, HealthSnapshot, State
 from ._inbox import Inbox
 from ._job import Job, JobSink, refusal
 from ._probe import Probe, run_probe
+from ._shared import UNSHARED, Unshared
 
 
 class ProviderActor:
@@ -57,6 +58,7 @@ class ProviderActor:
         may_bench: asked before a bench, with the actor's name and the deployment (``None``:
             provider-wide): the supervisor's cap on benched actors.
         max_deployments: the most deployments whose health the actor keeps (``Deployments``).
+        shared: the benches, probe leases and failure counts shared with other processes.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class ProviderActor:
         publish: Callable[[Event], None] = lambda event: None,
         may_bench: Callable[[str, str | None], bool] = lambda name, model: True,
         max_deployments: int = DEFAULT_MAX_DEPLOYMENTS,
+        shared: Unshared = UNSHARED,
     ):
         self.name = name
         self.client = client
@@ -115,6 +118,7 @@ class ProviderActor:
         self._probe_timeout = policies.health.probe_timeout
         self._publish = publish
         self._may_bench = may_bench
+        self._shared = shared
         self._call = client.call
         self._inbox = Inbox()  # by the request's priority (metadata), then first in first out
         self._running: set[Job] = set()
@@ -168,8 +172,11 @@ class ProviderActor:
         """May a request for ``model`` be routed here (``None``: the provider as a whole)."""
         if not self.alive or self.restarting or not self.health.available(now):
             return False
-        record = self.deployments.get(self.model if self.model is not None else model)
-        return record is None or record.available(now)
+        deployment = self.model if self.model is not None else model
+        record = self.deployments.get(deployment)
+        if record is not None and not record.available(now):
+            return False
+        return not self._shared.held_elsewhere(deployment)
 
     def unavailable_record(self, now: float, model: str | None) -> tuple[str | None, State]:
         """Why ``available(now, model)`` is false: the deployment whose record says so
@@ -182,11 +189,14 @@ class ProviderActor:
 
     def manually_benched(self, now: float, model: str | None) -> bool:
         """A manual bench of the provider, or of the deployment ``model`` uses, is running."""
-        return self.deployments.benched(now, self.deployment(model), manual=True)
+        deployment = self.deployment(model)
+        benched = self.deployments.benched(now, deployment, manual=True)
+        return benched or self._shared.manually_benched(deployment)
 
     def next_change(self, now: float, model: str | None) -> float:
         """When the bench that keeps ``model``'s deployment unavailable ends, or ``math.inf``."""
-        return self.deployments.next_change(now, self.deployment(model))
+        deployment = self.deployment(model)
+        return self._shared.next_change(deployment, self.deployments.next_change(now, deployment))
 
     @property
     def queued(self) -> int:
@@ -206,7 +216,7 @@ class ProviderActor:
             )
         return snapshot
 
-    def bench(self, seconds: float | None, model: str | None = None) -> None:
+    def bench(self, seconds: float | None, model: str | None = None, *, share: bool = True) -> None:
         """Bench by hand, the whole provider or (``model``) one deployment; automatic logic
         never shortens it.
 
@@ -219,9 +229,11 @@ class ProviderActor:
         record.bench(now, seconds)
         self._wake_timer.set()
         until = math.inf if seconds is None else now + seconds
+        if share and not self.deployments.provider.exempt:  # (``share``: with the fleet)
+            self._shared.bench(key, until, "manual", manual=True)
         self._emit(EventKind.ACTOR_BENCHED, until=until, detail="manual", model=key)
 
-    def unbench(self, model: str | None = None) -> None:
+    def unbench(self, model: str | None = None, *, share: bool = True) -> None:
         """Lift every bench of the provider and its deployments, or (``model``) of one
         deployment, and reset their counters.
 
@@ -238,6 +250,8 @@ class ProviderActor:
             kept = self.deployments.get(key)
             if kept is not None:
                 kept.unbench()
+        if share:
+            self._shared.unbench(key, manual=True)
         self._wake_timer.set()
         self._emit(EventKind.ACTOR_RECOVERED, detail="manual", model=key)
 
@@ -299,7 +313,8 @@ class ProviderActor:
             if self._probe is not None:
                 due = self._due_probe(now)
                 if due is not None:
-                    await self._active_probe(self._probe, *due)
+                    # Shared: only the probe lease's holder probes; the others await its verdict.
+                    await self._shared.leased(self._active_probe, self._probe, *due)
                     continue
             self._wake_timer = trio.Event()
             records: list[tuple[str | None, Health]] = [(None, self.health), *self.deployments]
@@ -338,6 +353,7 @@ class ProviderActor:
             if health.record_success(now, probe=True):
                 self.demotion = 0
                 self._emit(EventKind.ACTOR_RECOVERED, detail="probe", model=model)
+                self._shared.record_success(model, recovered=True)
         else:  # reachable, not proven (a model list), or nothing sent: the next job decides
             health.record_reachable(probe=True)
 
@@ -362,10 +378,12 @@ class ProviderActor:
         else:
             self.health.record_reachable(probe=wide_probe)
             record, key = health, model
-        until = record.record_failure(
-            failure, now, probe=probe, may_bench=self._may_bench(self.name, key)
-        )
+        shared = self._shared
+        counted = shared.counter(key)  # the fleet's count, when shared
+        may_bench = self._may_bench(self.name, key)
+        until = record.record_failure(failure, now, probe=probe, may_bench=may_bench, counted=counted)
         if until is not None:
+            shared.bench(key, until, failure.category.value, manual=False)
             self._wake_timer.set()
             self._emit(EventKind.ACTOR_BENCHED, until=until, failure=failure, detail=detail, model=key)
 
@@ -536,8 +554,11 @@ class ProviderActor:
                 wide_probe or wide_state is not State.OK or wide.consecutive_failures
             ) and wide.record_success(now, probe=wide_probe):
                 self._emit(EventKind.ACTOR_RECOVERED)
-            if health.record_success(now, probe=probe):
+                self._shared.record_success(None, recovered=True)
+            recovered = health.record_success(now, probe=probe)
+            if recovered:
                 self._emit(EventKind.ACTOR_RECOVERED, model=model)
+            self._shared.record_success(model, recovered=recovered)
             self.demotion = 0
             job.finish(Outcome.OK, completion=completion)
             return

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -312,7 +312,13 @@ class Health:
         return was_probing
 
     def record_failure(
-        self, failure: Failure, now: float, *, probe: bool, may_bench: bool = True
+        self,
+        failure: Failure,
+        now: float,
+        *,
+        probe: bool,
+        may_bench: bool = True,
+        counted: Callable[[], int] | None = None,
     ) -> float | None:
         """Record a failed attempt and bench the actor if the policy says so.
 
@@ -322,6 +328,9 @@ class Health:
             probe: the attempt was the half-open probe (``begin_attempt`` returned ``True``).
             may_bench: ``False`` to count the failure without benching (the supervisor's cap on
                 the share of benched actors).
+            counted: for a failure that counts towards the threshold, counts it elsewhere too
+                and returns the count there (the fleet's, through the shared state); the
+                record's count becomes the larger of its own and that.
 
         Returns:
             The end of the automatic bench if this failure started or extended it, else ``None``.
@@ -349,6 +358,8 @@ class Health:
         else:
             own = None
             self._consecutive_failures += 1
+            if counted is not None:
+                self._consecutive_failures = max(self._consecutive_failures, counted())
 
         if self.exempt or not may_bench:
             return None

@@ -190,6 +190,7 @@ class Metrics(Observer):
         self._admin_actions: dict[str, int] = {}
         self._models: frozenset[str] = frozenset()
         self._deployment_events: dict[tuple[str, str, str], int] = {}
+        self._state_degraded = 0  # the shared state's store is away (state_degraded)
         self.registry.register(_Collector(self))
 
     def render(self) -> bytes:
@@ -264,6 +265,9 @@ class Metrics(Observer):
         if event.kind is EventKind.ADMIN_ACTION:
             action = event.detail if event.detail in ADMIN_ACTIONS else OTHER
             self._admin_actions[action] = self._admin_actions.get(action, 0) + 1
+            return
+        if event.kind in (EventKind.STATE_DEGRADED, EventKind.STATE_RESTORED):
+            self._state_degraded = int(event.kind is EventKind.STATE_DEGRADED)
             return
         key = (self._provider(event.actor or ""), event.kind.value)
         self._health_events[key] = self._health_events.get(key, 0) + 1
@@ -381,6 +385,12 @@ class _Collector(Collector):
         for ekey, n in sorted(m._deployment_events.items()):
             deployment_events.add_metric(list(ekey), n)
         yield deployment_events
+        yield GaugeMetricFamily(
+            "relayrace_state_degraded",
+            "1 while the shared state's store (Redis) is away and this process serves on local "
+            "state ([state] backend = \"redis\"), else 0.",
+            value=m._state_degraded,
+        )
         if m._supervisor is not None:
             yield from self._live(m._supervisor)
 

@@ -4,12 +4,18 @@ Routes (each needs a bearer token of ``ServerSettings.admin_tokens``; with none 
 ``/admin/`` path answers 404, as if it did not exist):
 
 - ``GET /admin/providers``: each provider's health, bench deadline (wall-clock ISO 8601),
-  attempts in flight, inbox depth and recent failure categories.
+  attempts in flight, inbox depth and recent failure categories; with a shared state backend,
+  ``fleet_benches``: the benches the fleet shares, by deployment (``""``: provider-wide).
 - ``POST /admin/providers/{name}/bench``: body ``{"seconds": N}``, or none / ``{}`` for a
   bench until unbench.
 - ``POST /admin/providers/{name}/unbench``.
+
+  With ``[state] backend = "redis"`` both act fleet-wide (every process sharing the state
+  honours the bench, or its lifting); ``?scope=instance`` acts on this process only. The answer
+  says which (``"scope": "fleet"`` or ``"instance"``).
 - ``POST /admin/drain``: refuse new requests on both surfaces, answer once those in flight
-  have ended (``/readyz`` says 503 from the start).
+  have ended (``/readyz`` says 503 from the start). Always this process only: each instance
+  is drained on its own (its load balancer must stop sending it traffic).
 - ``POST /admin/reload``: read the config file again, validated as ``relayrace check`` does; on
   any mistake nothing changes and every problem is answered (400); otherwise the new
   providers, routes and policies are swapped in (``Supervisor.reload``).
@@ -26,6 +32,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -178,20 +185,24 @@ class AdminAPI:
             name = parts[1]
             if name not in self.sup.health():
                 raise _AdminError(404, "unknown_provider", f"no provider named {name[:100]!r}")
+            fleet = _fleet(scope) and self.sup.shared_state is not None
+            where = "fleet" if fleet else "instance"
+            note = "" if self.sup.shared_state is None else f" ({where})"
             if parts[2] == "unbench":
-                self.sup.unbench(name)
+                self.sup.unbench(name, fleet=fleet)
                 self.sup.record_admin("unbench", actor=name)
-                log.info("admin: unbenched provider %s", name)
-                return 200, {"provider": self.providers_one(name)}
+                log.info("admin: unbenched provider %s%s", name, note)
+                return 200, {"provider": self.providers_one(name), "scope": where}
             seconds = _seconds(await _read_json(receive))
-            self.sup.bench(name, seconds)
+            self.sup.bench(name, seconds, fleet=fleet)
             self.sup.record_admin("bench", actor=name)
             log.warning(
-                "admin: benched provider %s %s",
+                "admin: benched provider %s %s%s",
                 name,
                 "until unbenched" if seconds is None else f"for {seconds:g}s",
+                note,
             )
-            return 200, {"provider": self.providers_one(name)}
+            return 200, {"provider": self.providers_one(name), "scope": where}
         if parts == ["drain"]:
             _allow(method, "POST")
             self.sup.record_admin("drain")
@@ -245,12 +256,36 @@ class AdminAPI:
             "in_flight": snapshot.in_flight,
             "queued": self.sup.inbox_depths().get(name, 0),
             "recent_failures": [] if recent is None else recent.of(name),
+            "fleet_benches": self._fleet_benches(name),
+        }
+
+    def _fleet_benches(self, name: str) -> dict[str, Any] | None:
+        """The shared benches of provider ``name``'s deployments (``None``: nothing shared)."""
+        benches = self.sup.fleet_benches(name)
+        if benches is None:
+            return None
+        return {
+            model: {
+                "until": None if record.manual else iso_utc(record.until),
+                "reason": record.reason,
+                "manual": record.manual,
+            }
+            for model, record in benches.items()
         }
 
 
 def _allow(method: str, allowed: str) -> None:
     if method != allowed:
         raise _AdminError(405, "method_not_allowed", f"{method} is not allowed; use {allowed}")
+
+
+def _fleet(scope: Scope) -> bool:
+    """``?scope=instance`` (this process only) or ``fleet`` (the default)."""
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    value = query.get("scope", ["fleet"])[-1]
+    if value not in ("fleet", "instance"):
+        raise _AdminError(400, "invalid_scope", "'scope' must be 'fleet' or 'instance'")
+    return value == "fleet"
 
 
 def _seconds(body: Any) -> float | None:

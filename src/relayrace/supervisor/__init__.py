@@ -10,11 +10,11 @@ from ._observer import Observer as Observer
 from ._observer import RequestInfo as RequestInfo
 from ._observer import RequestTiming as RequestTiming
 from ._observer import SupervisorView as SupervisorView
+from ._reload import Reloaded as Reloaded
 from ._stream import STREAM_BUFFER as STREAM_BUFFER
 from ._stream import RequestStream as RequestStream
 from ._supervisor import MAX_RESTARTS as MAX_RESTARTS
 from ._supervisor import RESTART_WINDOW as RESTART_WINDOW
-from ._supervisor import Reloaded as Reloaded
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import open_supervisor as open_supervisor
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 import attrs
@@ -23,10 +24,14 @@ from .._embedding import Embedding, EmbeddingsReply, EmbedRequest
 from .._errors import BadRequest
 from .._events import Event, EventKind, Subscribers
 from .._values import Reply, Request
-from ..actors import HealthSnapshot, ProviderActor
+from ..actors import UNSHARED, HealthSnapshot, ProviderActor, SharedHealth
+from ..state import BenchRecord, StateBackend, StateEvent
+from ._budget import RetryBudget
 from ._ledger import Ledger, SupervisorStatistics
 from ._observer import SURFACES, Hooks
+from ._reload import Reloaded, same_provider
 from ._run import Run
+from ._shared import fleet_benches, shared_state, state_event
 from ._stream import RequestStream
 
 log = logging.getLogger("relayrace")
@@ -43,33 +48,18 @@ _EVENT_BUFFER = 1024
 _DRAIN_POLL = 0.1
 
 
-@attrs.frozen(kw_only=True)
-class Reloaded:
-    """What ``Supervisor.reload`` changed, by provider name.
-
-    Attributes:
-        added: providers that are new; their actors started.
-        removed: providers that are gone; their actors drain (attempts in flight finish),
-            then stop and their clients close.
-        replaced: providers whose settings changed: a new actor (fresh health) took over and
-            the old one drains as a removed one does.
-        kept: unchanged providers; their actors keep their health and connections.
-    """
-
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    replaced: tuple[str, ...] = ()
-    kept: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, list[str]]:
-        return {k: list(v) for k, v in attrs.asdict(self).items()}
-
-
 class Supervisor:
     """The handle on a running supervisor; get one from ``open_supervisor``."""
 
-    def __init__(self, config: Config, nursery: trio.Nursery, observers: Iterable[object] = ()):
+    def __init__(
+        self,
+        config: Config,
+        nursery: trio.Nursery,
+        observers: Iterable[object] = (),
+        state: StateBackend | None = None,
+    ):
         self.config = config
+        self.shared_state = state  #: the state shared between processes (``None``: local)
         self._nursery = nursery
         self._policies = config.policies
         self._events = Subscribers()
@@ -85,6 +75,8 @@ class Supervisor:
             config.policies, random.Random(config.seed), list(self._routes), self._hooks
         )
         self._ledger.admission.configure(config.providers)
+        if state is not None:
+            self._ledger.budget = RetryBudget(config.policies.retry_budget, shared=state)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -179,10 +171,13 @@ class Supervisor:
         now = trio.current_time()
         return {name: actor.snapshot(now) for name, actor in self._actors.items()}
 
-    def bench(self, name: str, seconds: float | None = None, *, model: str | None = None) -> None:
+    def bench(
+        self, name: str, seconds: float | None = None, *, model: str | None = None, fleet: bool = True
+    ) -> None:
         """Bench an actor by hand for ``seconds`` (``None``: until ``unbench``): every
         deployment of it, or only ``model``'s (an upstream model). Automatic logic never
-        shortens a manual bench.
+        shortens a manual bench. With a shared state backend the bench is the fleet's (every
+        process sharing the state honours it) unless ``fleet=False`` (this process only).
 
         Raises:
             KeyError: no actor has that name.
@@ -191,17 +186,18 @@ class Supervisor:
         """
         if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError("seconds must be a positive number or None")
-        self._actors[name].bench(seconds, model)
+        self._actors[name].bench(seconds, model, share=fleet)
 
-    def unbench(self, name: str, *, model: str | None = None) -> None:
+    def unbench(self, name: str, *, model: str | None = None, fleet: bool = True) -> None:
         """Lift every bench of an actor and its deployments and reset their counters, or
-        (``model``) those of one deployment.
+        (``model``) those of one deployment; with a shared state backend, fleet-wide unless
+        ``fleet=False`` (a bench the fleet shares then still holds here).
 
         Raises:
             KeyError: no actor has that name.
             ValueError: the actor is configured with another model than ``model``.
         """
-        self._actors[name].unbench(model)
+        self._actors[name].unbench(model, share=fleet)
 
     @asynccontextmanager
     async def subscribe(
@@ -232,6 +228,10 @@ class Supervisor:
     def inbox_depths(self) -> dict[str, int]:
         """Jobs waiting in each actor's inbox for a free slot, by name."""
         return {name: actor.queued for name, actor in self._actors.items()}
+
+    def fleet_benches(self, name: str) -> dict[str, BenchRecord] | None:
+        """Actor ``name``'s benches the fleet shares, by model (``""``: provider-wide)."""
+        return fleet_benches(self.shared_state, name)
 
     def record_admin(self, action: str, *, actor: str | None = None) -> None:
         """Publish that an operator acted (``bench``, ``unbench``, ``drain``, ``reload``,
@@ -267,7 +267,7 @@ class Supervisor:
             unused = []
             for p in config.providers:
                 before = previous.get(p.name)
-                if before is not None and same_policies and _same_provider(before, p):
+                if before is not None and same_policies and same_provider(before, p):
                     providers.append(before)  # the running client, not the new unopened one
                     actors[p.name] = self._actors[p.name]
                     unused.append(p.client)
@@ -290,7 +290,7 @@ class Supervisor:
             ledger.policies = config.policies
             ledger.admission.configure(config.providers)
             if old.policies.retry_budget != config.policies.retry_budget:
-                ledger.budget = type(ledger.budget)(config.policies.retry_budget)
+                ledger.budget = RetryBudget(config.policies.retry_budget, self.shared_state)
             for model in self._routes:
                 ledger.turns.setdefault(model, 0)
             for actor in gone:
@@ -329,6 +329,7 @@ class Supervisor:
             weight=p.weight,
             publish=self._actor_event,
             may_bench=self._may_bench,
+            shared=UNSHARED if self.shared_state is None else SharedHealth(self.shared_state, p.name),
         )
 
     async def _run_actor(
@@ -465,37 +466,6 @@ def _routes(
     return routes
 
 
-def _same_provider(old: ProviderConfig, new: ProviderConfig) -> bool:
-    """Whether a reload may keep ``old``'s actor for ``new``: every setting equal, and the
-    clients the same, or HTTP clients of one type with equal public settings
-    (``_CLIENT_SETTINGS``: where they point, their options).
-
-    A client's secrets and headers are private and are not compared: a changed API key value
-    alone (under the same variable name) takes effect at a restart.
-    """
-    if attrs.evolve(old, client=None) != attrs.evolve(new, client=None):  # type: ignore[arg-type]
-        return False
-    a, b = old.client, new.client
-    if a is b:
-        return True
-    if type(a) is not type(b) or not hasattr(a, "base_url"):
-        return False
-    return all(getattr(a, k, None) == getattr(b, k, None) for k in _CLIENT_SETTINGS)
-
-
-#: The public settings of an HTTP provider client a reload compares.
-_CLIENT_SETTINGS = (
-    "base_url",
-    "query",
-    "extra_body",
-    "accepts_continuation",
-    "probe_mode",
-    "max_body_bytes",
-    "max_sse_line_bytes",
-    "max_event_bytes",
-)
-
-
 def _surface(surface: str) -> str:
     if surface not in SURFACES:
         raise ValueError(f"surface must be one of {', '.join(SURFACES)}, not {surface!r}")
@@ -510,7 +480,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 @asynccontextmanager
 async def open_supervisor(
-    config: Config, *, observers: Iterable[object] = ()
+    config: Config, *, observers: Iterable[object] = (), wall_clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Supervisor]:
     """Start a supervisor: one actor task per provider, in a nursery this block owns.
 
@@ -521,11 +491,29 @@ async def open_supervisor(
     Leaving the block cancels every request still in flight (each ends with ``RequestFailed``)
     and every actor, closes the provider clients, and leaves no task behind. Call
     ``await sup.drain()`` first to let requests in flight finish.
+
+    The shared state's backend (``config.state``) is open for the supervisor's lifetime;
+    ``wall_clock`` is its deadlines' time (MockClock tests pass one that follows the clock).
     """
+    sup: Supervisor | None = None
+
+    def on_event(event: StateEvent) -> None:  # the shared state's store went away / is back
+        if sup is not None:
+            sup._announce(state_event(event), actor=None, detail=event.reason)
+
+    async with shared_state(config, on_event, wall_clock) as state:
+        async with _supervisor(config, observers, state) as sup:
+            yield sup
+
+
+@asynccontextmanager
+async def _supervisor(
+    config: Config, observers: Iterable[object], state: StateBackend | None
+) -> AsyncIterator[Supervisor]:
     sup: Supervisor | None = None
     try:
         async with trio.open_nursery() as nursery:
-            sup = Supervisor(config, nursery, observers)
+            sup = Supervisor(config, nursery, observers, state)
             try:
                 # Connection pools and TLS contexts are built now, not on a first request
                 # (building one is synchronous and blocks every task for up to ~100 ms).

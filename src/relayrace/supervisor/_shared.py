@@ -1,0 +1,63 @@
+"""The supervisor's side of the state shared between processes (``relayrace.state``): the
+backend opened for its lifetime, and what a ``StateEvent`` becomes (a log line and an event)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from .._config import Config
+from .._events import EventKind
+from ..state import (
+    BenchRecord,
+    Deployment,
+    EventHook,
+    StateBackend,
+    StateEvent,
+    StateEventKind,
+    open_state,
+)
+
+log = logging.getLogger("relayrace.state")
+
+
+@asynccontextmanager
+async def shared_state(
+    config: Config, on_event: EventHook, wall_clock: Callable[[], float]
+) -> AsyncIterator[StateBackend | None]:
+    """Open ``config.state``'s backend; yield it, or ``None`` for ``"local"`` (nothing shared:
+    the actors' own records and the supervisor's own retry budget are today's behaviour)."""
+    async with open_state(
+        config.state,
+        retry_budget=config.policies.retry_budget,
+        on_event=on_event,
+        wall_clock=wall_clock,
+    ) as state:
+        yield None if config.state.backend == "local" else state
+
+
+def state_event(event: StateEvent) -> EventKind:
+    """Log a ``state_degraded`` / ``state_restored`` and return the supervisor event's kind.
+
+    The reason is an exception's class name or ``timeout``: never the URL (it may carry a
+    password)."""
+    if event.kind is StateEventKind.DEGRADED:
+        log.warning("shared state degraded (%s): serving on local state", event.reason)
+        return EventKind.STATE_DEGRADED
+    log.warning("shared state restored (%s)", event.reason)
+    return EventKind.STATE_RESTORED
+
+
+def fleet_benches(state: StateBackend | None, provider: str) -> dict[str, BenchRecord] | None:
+    """The benches the fleet shares of ``provider``'s deployments, by upstream model (``""``:
+    the provider as a whole), as this process's mirror has them; ``None``: nothing shared."""
+    if state is None:
+        return None
+    now = state.now()
+    found: dict[str, BenchRecord] = {}
+    for field, record in list(state.mirror.benches.items()):
+        deployment = Deployment.from_field(field)
+        if deployment.provider == provider and record.active(now):
+            found[deployment.model or ""] = record
+    return found
