@@ -50,6 +50,9 @@ def test_quick_bench_writes_results(tmp_path: Path, capsys: pytest.CaptureFixtur
         for key in ("httpx_cpu_us", "relayrace_cpu_us", "httpx_wall_us", "relayrace_wall_us"):
             assert row[key] > 0
         assert math.isfinite(row["cpu_overhead_pct"])
+        # The supervisor with a Metrics observer ran beside it, in the same rounds.
+        assert row["metrics_cpu_us"] > 0
+        assert math.isfinite(row["metrics_cost_pct"]) and row["scrape_cpu_us"] > 0
 
     rows = results["compare"]["summary"]
     assert {(r["peer"], r["mode"], r["concurrency"]) for r in rows} == {
@@ -70,6 +73,9 @@ def test_quick_bench_writes_results(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     targets = {t["target"]: t for t in results["targets"]}
     assert any("supervisor CPU" in name for name in targets)
+    metrics_targets = [t for name, t in targets.items() if name.startswith("metrics CPU")]
+    assert len(metrics_targets) == 2
+    assert all(t["goal"] == "< 3 %" and t["measured"] is not None for t in metrics_targets)
 
     markdown = (tmp_path / "latest-quick.md").read_text()
     assert "## 1. In-process overhead" in markdown

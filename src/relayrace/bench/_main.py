@@ -166,7 +166,7 @@ def _weight(params: dict[str, Any]) -> float:
     total = 0.0
     workloads = params["workloads"]
     if "overhead" in workloads:
-        total += params["overhead"]["requests"] * 2 * 2 * 0.0015
+        total += params["overhead"]["requests"] * 2 * 3 * 0.0015
     if "compare" in workloads:
         per = params["requests"] * 1.2 * len(MODES) * len(params["concurrency"])
         total += params["repeats"] * sum(per * _COST[p] for p in params["peers"])
@@ -202,7 +202,7 @@ class _Runner(Runner):
             (result,) = self.run(
                 "trio",
                 [job | {"tag": self.tag("ovh")}],
-                [p["requests"] * 4 * 0.0015],
+                [p["requests"] * 6 * 0.0015],
                 [f"overhead: supervisor vs bare httpx, repeat {repeat + 1}"],
             )
             if result is not None and "error" not in result:
@@ -229,6 +229,27 @@ class _Runner(Runner):
             row["cpu_overhead_pct"] = (cpu_ratio - 1) * 100 if cpu_ratio is not None else None
             row["wall_overhead_pct"] = (wall_ratio - 1) * 100 if wall_ratio is not None else None
             row["rounds"] = len(ratios)
+            # The metrics' cost: the observed supervisor over the bare one, per round.
+            costs = [
+                (m["cpu_us_per_request"] / s["cpu_us_per_request"] - 1) * 100
+                for run in runs
+                for s, m in zip(run[mode]["relayrace"], run[mode].get("metrics", []), strict=False)
+            ]
+            row["metrics_cpu_us"] = median(
+                [r["cpu_us_per_request"] for run in runs for r in run[mode].get("metrics", [])]
+            )
+            row["metrics_cost_pct"] = median(costs)
+            row["scrape_cpu_us"] = median([run.get(f"{mode}_scrape_cpu_us") for run in runs])
+            row["scrape_every"] = runs[0]["requests_per_round"] if runs else None
+            row["metrics_cost_us"] = median(
+                [
+                    m["cpu_us_per_request"] - s["cpu_us_per_request"]
+                    for run in runs
+                    for s, m in zip(
+                        run[mode]["relayrace"], run[mode].get("metrics", []), strict=False
+                    )
+                ]
+            )
             summary[mode] = row
         return {"runs": runs, "summary": summary}
 

@@ -63,6 +63,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "%",
             value is not None and value <= 5.0,
         )
+    for mode, label in (("complete", "non-streamed"), ("stream", "streamed")):
+        value = _get(ovh, mode, "metrics_cost_pct")
+        add(
+            f"metrics CPU per {label} request, share of the supervisor's (over HTTP)",
+            "< 3 %",
+            value,
+            "%",
+            value is not None and value < 3.0,
+        )
     lt = _row(results, "complete", 1, "litellm")
     add(
         "LiteLLM Router CPU per non-streamed request, c=1",
@@ -185,6 +194,8 @@ def markdown(results: dict[str, Any]) -> str:
                     _fmt(r["httpx_wall_us"]),
                     _fmt(r["relayrace_wall_us"]),
                     _fmt(r["wall_overhead_pct"], 1),
+                    _fmt(r.get("metrics_cpu_us")),
+                    _fmt(r.get("metrics_cost_pct"), 1),
                 ]
             )
         lines += _table(
@@ -196,9 +207,19 @@ def markdown(results: dict[str, Any]) -> str:
                 "httpx wall µs",
                 "relayrace wall µs",
                 "wall +%",
+                "relayrace + metrics CPU µs",
+                "metrics +%",
             ],
             rows,
         )
+        lines += [
+            "`relayrace + metrics`: the supervisor again with a `Metrics` observer and one "
+            f"scrape per round (every {_get(ovh, 'complete', 'scrape_every')} requests), "
+            "interleaved in the same rounds; `metrics +%` is the median per-round share of "
+            "relayrace's own CPU per request (target < 3 %). One scrape (`generate_latest`) "
+            f"costs {_fmt(_get(ovh, 'complete', 'scrape_cpu_us'))} µs CPU.",
+            "",
+        ]
     summary = _get(results, "compare", "summary")
     if summary:
         lines += [

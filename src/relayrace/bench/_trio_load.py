@@ -24,6 +24,7 @@ from .._events import EventKind
 from .._policy import HealthPolicy, Policies, RetryPolicy
 from .._values import Request
 from ..actors import POOL_SHARD, OpenAIClient, sharded_transport
+from ..observe import Metrics
 from ..supervisor import Supervisor, open_supervisor
 from ._common import API_KEY, MESSAGES, ROUTE, rss_bytes, summarise_ms
 from ._routing_bench import routing_job
@@ -318,9 +319,27 @@ async def load_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def scraped(one: OneRequest, metrics: Metrics, every: int) -> OneRequest:
+    """``one``, and a scrape of ``metrics`` (``generate_latest``) once per ``every`` calls."""
+    count = 0
+
+    async def wrapped() -> float | None:
+        nonlocal count
+        count += 1
+        if count % every == 0:
+            metrics.render()
+        return await one()
+
+    return wrapped
+
+
 async def overhead_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
     """Workload 1: supervisor vs bare httpx in one process, at concurrency 1, interleaved in
-    rounds so that drifting noise hits both alike; per-round figures, the caller takes medians."""
+    rounds so that drifting noise hits both alike; per-round figures, the caller takes medians.
+
+    A third peer, ``metrics``, is the supervisor again with a ``Metrics`` observer and one
+    scrape per round (so every round pays it alike): what the metrics cost (issue #14). A
+    scrape's own CPU is measured apart (``scrape_cpu_us``), to rescale to any interval."""
     requests, rounds, chunks = job["requests"], job["rounds"], job["chunks"]
     per_round = max(1, requests // rounds)
     out: dict[str, Any] = {"rounds": rounds, "requests_per_round": per_round}
@@ -328,18 +347,30 @@ async def overhead_job(url: str, job: dict[str, Any]) -> dict[str, Any]:
         stream = mode == "stream"
         primary, secondary = models_for(mode, chunks, f"{job['tag']}-{mode}")
         config = relay_config(url, [primary, secondary], 1)
-        samples: dict[str, list[dict[str, Any]]] = {"httpx": [], "relayrace": []}
-        async with httpx_client(1) as client, open_supervisor(config) as sup:
+        metrics_config = relay_config(url, [primary, secondary], 1)
+        metrics = Metrics()
+        samples: dict[str, list[dict[str, Any]]] = {"httpx": [], "relayrace": [], "metrics": []}
+        async with (
+            httpx_client(1) as client,
+            open_supervisor(config) as sup,
+            open_supervisor(metrics_config, observers=[metrics]) as observed,
+        ):
             peers = {
                 "httpx": httpx_request(client, url, primary, secondary, stream),
                 "relayrace": relay_request(sup, stream),
+                "metrics": scraped(relay_request(observed, stream), metrics, per_round),
             }
             for one in peers.values():
-                await drive(one, max(20, per_round // 4), 1)  # warm up both
+                await drive(one, max(20, per_round // 4), 1)  # warm up every peer
             for r in range(rounds):
-                order = list(peers) if r % 2 == 0 else list(reversed(peers))
+                names = list(peers)  # rotated: each peer runs first, middle and last
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     samples[name].append(await drive(peers[name], per_round, 1))
+            cpu = time.process_time()
+            for _ in range(10):
+                metrics.render()
+            out[f"{mode}_scrape_cpu_us"] = (time.process_time() - cpu) / 10 * 1e6
         out[mode] = samples
     return out
 

@@ -232,7 +232,8 @@ class Metrics(Observer):
         latency, first, provider_time, backoff = timing
         duration = stats.duration
         duration.add(latency)
-        stats.overhead.add(max(0.0, latency - provider_time - backoff))
+        own = latency - provider_time - backoff  # ``RequestTiming.overhead``, inlined
+        stats.overhead.add(own if own > 0.0 else 0.0)
         if reply is not None:
             if first is not None:
                 stats.ttft.add(first)
