@@ -137,14 +137,17 @@ class HTTPServer:
         try:
             async with stream:
                 # Nothing is built nor read until the client sends something (or closes): an
-                # idle socket (a flood of them) costs this sleeping task, and its end one close.
-                # A receive tried at once would fail with EAGAIN, a costly path in trio.
+                # idle socket (a flood of them) costs this sleeping task, and its end (its
+                # deadline, its close) one close. A receive tried at once would fail with
+                # EAGAIN, a costly path in trio.
                 _, waiting = self._silent.watch()
                 with waiting:
                     await trio.lowlevel.wait_readable(stream.socket)
                 if waiting.cancelled_caught:
                     return  # silent until its deadline, or the server is stopping
-                await _Connection(self, stream).run()
+                first = await stream.receive_some(_READ)
+                if first:
+                    await _Connection(self, stream).run(first)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:
@@ -168,16 +171,16 @@ class _Connection:
         except (OSError, ValueError):
             self.client = None
 
-    async def run(self) -> None:
+    async def run(self, first: bytes) -> None:
+        """Serve the requests that begin with ``first``, the connection's first bytes."""
         server, conn = self.server, self.conn
-        first = True
         while not server.stopping:
             try:
                 request = await self._next_request(first)
             except h11.RemoteProtocolError as exc:
                 await self._refuse(exc)
                 return
-            first = False
+            first = b""
             if request is None:
                 return
             # h11 limits a head that arrives in pieces; one that came in a single read is
@@ -200,21 +203,27 @@ class _Connection:
                 return  # Connection: close, an HTTP/1.0 client, a response cut short
             conn.start_next_cycle()
 
-    async def _next_request(self, first: bool) -> h11.Request | None:
-        """The next request's head, or ``None``: the client closed, or stayed idle too long."""
+    async def _next_request(self, first: bytes) -> h11.Request | None:
+        """The next request's head, or ``None``: the client closed, or stayed idle too long.
+        ``first``: the connection's first bytes, for its first request (else empty)."""
         server, conn, stream = self.server, self.conn, self.stream
-        idle = trio.CancelScope(deadline=trio.current_time() + server.keep_alive_timeout)
-        server._idle.add(idle)
+        if first.startswith(_H2_PREFACE[:14]):
+            await _refuse_http2(server.app, stream, first)
+            return None
+        idle = trio.CancelScope()
+        if first:
+            # The head has begun: it gets the read timeout, and shutdown waits.
+            conn.receive_data(first)
+            idle.deadline = trio.current_time() + server.read_timeout
+        else:
+            idle.deadline = trio.current_time() + server.keep_alive_timeout
+            server._idle.add(idle)
         try:
             with idle:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         data = await stream.receive_some(_READ)
-                        if first and data.startswith(_H2_PREFACE[:14]):
-                            await _refuse_http2(server.app, stream, data)
-                            return None
-                        first = False
                         if data and idle in server._idle:
                             # The head has begun: it gets the read timeout, and shutdown waits.
                             server._idle.discard(idle)
