@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import httpx
 import openai
 import pytest
@@ -21,6 +22,7 @@ from relayrace import Category, Config, Supervisor, open_supervisor
 from relayrace.server import Server, ServerSettings, serve
 from relayrace.testing import SCRIPTED_ANSWER, Answer, Fail, Hang, split_text
 
+from .reliability import live_tasks
 from .support import client, config, scripted_provider
 
 C = Category
@@ -830,3 +832,76 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(autojum
         received, closed = await exchange(server, post(body()))
     assert received.startswith(b"HTTP/1.1 200 ")
     assert closed == 7
+
+
+# --- an idle-connection flood (issue #11) -------------------------------------------------------
+
+
+async def idle_socket(server: Server) -> trio.SocketStream:
+    assert server.http_port is not None
+    return await trio.open_tcp_stream("127.0.0.1", server.http_port)
+
+
+def h11_connections() -> int:
+    """How many ``h11.Connection`` objects are alive (the HTTP server's per-connection state)."""
+    gc.collect()
+    return sum(isinstance(thing, h11.Connection) for thing in gc.get_objects())
+
+
+async def test_an_idle_socket_costs_one_task_until_it_sends_a_byte(autojump_clock):
+    # A flood of sockets that never send a byte must cost the event loop as little as possible:
+    # nothing is built nor read for them, and their first request's idle deadline (from the
+    # accept) ends them. One that sends a request in time is served.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, tokens=[], keep_alive_timeout=5.0) as (_, server, _):
+        await trio.testing.wait_all_tasks_blocked()
+        before = len(live_tasks())
+        idle = [await idle_socket(server) for _ in range(50)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(live_tasks()) - before == 50  # one per socket: its connection's task
+        assert h11_connections() == 0  # nothing built for them
+        start = trio.current_time()
+        async with idle[0] as late:
+            await trio.sleep(4.5)
+            await late.send_all(b"GET /v1/models HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            answer = b""
+            while data := await late.receive_some():
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 200 ") and b'"object":"list"' in answer
+            for sock in idle[1:]:
+                assert await sock.receive_some() == b""  # closed at the idle deadline
+                await sock.aclose()
+            assert trio.current_time() - start == 5.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(live_tasks()) == before
+        received, _ = await exchange(server, b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_graceful_shutdown_closes_http_sockets_that_sent_nothing_at_once(autojump_clock):
+    cfg = config(scripted_provider("a"))
+    settings = ServerSettings(ws_port=None, http_port=0, shutdown_grace=10)
+    async with open_supervisor(cfg) as sup:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, sup, settings)
+            async with await idle_socket(server) as idle:
+                await trio.testing.wait_all_tasks_blocked()
+                server.shutdown()
+                assert await idle.receive_some() == b""
+        assert trio.current_time() == 0
+
+
+async def test_http_sockets_over_the_cap_wait_in_the_accept_queue(autojump_clock):
+    # Two idle sockets hold the listener's two places: a third connection is accepted (and
+    # answered) only when the idle deadline has closed them.
+    cfg = config(scripted_provider("a"))
+    async with running(cfg, tokens=[], max_sockets=2, keep_alive_timeout=5.0) as (_, server, _):
+        first, second = await idle_socket(server), await idle_socket(server)
+        async with first, second:
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            received, _ = await exchange(
+                server, b"GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+            )
+            assert received.startswith(b"HTTP/1.1 200 ")
+            assert trio.current_time() - start == 5.0

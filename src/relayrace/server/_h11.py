@@ -11,9 +11,14 @@ routes can be written without knowing this module. What the server does on its o
 - a header-size limit (431), request smuggling refused (conflicting ``content-length`` /
   ``transfer-encoding``: h11 refuses them, 400), a read timeout on a request's head and body
   (a slowloris client is cut), an idle keep-alive timeout;
+- an idle-connection flood costs little: nothing is built nor read for a connection until it is
+  readable (it is one sleeping task, its first request's idle deadline one entry on a timer
+  shared by all, ``IdleSockets``), and a socket cap keeps the rest of the process's descriptors
+  free (connections past it wait in the kernel's accept queue);
 - client disconnect detection: once the body is read, ``receive`` waits for the client to go away
   and returns ``http.disconnect`` (a pipelined next request is buffered, not a disconnect);
-- graceful shutdown: ``stop_accepting`` closes the listeners and idle connections; requests in
+- graceful shutdown: ``stop_accepting`` closes the listeners and idle connections (those that
+  never sent a byte at once); requests in
   flight finish, their connections close after the response;
 - HTTP/2 is not served: a prior-knowledge HTTP/2 connection gets the application's answer to an
   ``http_version`` of ``"2"`` (its 505), written as one HTTP/2 response, and is closed.
@@ -29,6 +34,8 @@ from typing import Any
 
 import h11
 import trio
+
+from ._stream import IdleSockets
 
 log = logging.getLogger("relayrace.server.http")
 
@@ -52,7 +59,9 @@ class HTTPServer:
         max_header_bytes: the largest request head; a larger one gets 431.
         read_timeout: seconds a request's head (from its first byte) and its body may take to
             arrive; then the connection is closed.
-        keep_alive_timeout: seconds an idle connection is kept for its next request.
+        keep_alive_timeout: seconds an idle connection is kept for its next request (and a new
+            one for its first).
+        max_sockets: connections open at once; the next one waits in the kernel's accept queue.
         extra_headers: added to every response (``x-relayrace-worker``).
     """
 
@@ -63,6 +72,7 @@ class HTTPServer:
         max_header_bytes: int,
         read_timeout: float,
         keep_alive_timeout: float,
+        max_sockets: int,
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ):
         self.app = app
@@ -73,6 +83,9 @@ class HTTPServer:
         self.stopping = False
         self._listen_scope = trio.CancelScope()
         self._idle: set[trio.CancelScope] = set()
+        # New connections that have not sent a byte yet: one timer for all their deadlines.
+        self._silent = IdleSockets(keep_alive_timeout)
+        self._sockets = trio.Semaphore(max_sockets)
 
     def stop_accepting(self) -> None:
         """Close the listeners and the idle connections; requests in flight finish."""
@@ -80,6 +93,7 @@ class HTTPServer:
         self._listen_scope.cancel()
         for scope in self._idle:
             scope.cancel()
+        self._silent.close()
 
     async def run(
         self,
@@ -92,6 +106,7 @@ class HTTPServer:
             try:
                 with self._listen_scope:
                     async with trio.open_nursery() as accepting:
+                        accepting.start_soon(self._silent.run)
                         for listener in listeners:
                             accepting.start_soon(self._accept, listener, connections)
                         task_status.started()
@@ -101,24 +116,44 @@ class HTTPServer:
                         await listener.aclose()
 
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        sockets = self._sockets
         while True:
+            # At the cap, new connections wait in the kernel's queue and cost us no descriptor.
+            await sockets.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:
+                sockets.release()
                 # Out of descriptors or buffers: the connection waits in the kernel's queue.
                 log.error("HTTP accept failed (%s): waiting 100 ms", exc)
                 await trio.sleep(0.1)
                 continue
+            except BaseException:
+                sockets.release()
+                raise
             connections.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
             async with stream:
-                await _Connection(self, stream).run()
+                # Nothing is built nor read until the client sends something (or closes): an
+                # idle socket (a flood of them) costs this sleeping task, and its end (its
+                # deadline, its close) one close. A receive tried at once would fail with
+                # EAGAIN, a costly path in trio.
+                _, waiting = self._silent.watch()
+                with waiting:
+                    await trio.lowlevel.wait_readable(stream.socket)
+                if waiting.cancelled_caught:
+                    return  # silent until its deadline, or the server is stopping
+                first = await stream.receive_some(_READ)
+                if first:
+                    await _Connection(self, stream).run(first)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:
             log.exception("HTTP connection failed")
+        finally:
+            self._sockets.release()
 
 
 class _Connection:
@@ -136,16 +171,16 @@ class _Connection:
         except (OSError, ValueError):
             self.client = None
 
-    async def run(self) -> None:
+    async def run(self, first: bytes) -> None:
+        """Serve the requests that begin with ``first``, the connection's first bytes."""
         server, conn = self.server, self.conn
-        first = True
         while not server.stopping:
             try:
                 request = await self._next_request(first)
             except h11.RemoteProtocolError as exc:
                 await self._refuse(exc)
                 return
-            first = False
+            first = b""
             if request is None:
                 return
             # h11 limits a head that arrives in pieces; one that came in a single read is
@@ -168,21 +203,27 @@ class _Connection:
                 return  # Connection: close, an HTTP/1.0 client, a response cut short
             conn.start_next_cycle()
 
-    async def _next_request(self, first: bool) -> h11.Request | None:
-        """The next request's head, or ``None``: the client closed, or stayed idle too long."""
+    async def _next_request(self, first: bytes) -> h11.Request | None:
+        """The next request's head, or ``None``: the client closed, or stayed idle too long.
+        ``first``: the connection's first bytes, for its first request (else empty)."""
         server, conn, stream = self.server, self.conn, self.stream
-        idle = trio.CancelScope(deadline=trio.current_time() + server.keep_alive_timeout)
-        server._idle.add(idle)
+        if first.startswith(_H2_PREFACE[:14]):
+            await _refuse_http2(server.app, stream, first)
+            return None
+        idle = trio.CancelScope()
+        if first:
+            # The head has begun: it gets the read timeout, and shutdown waits.
+            conn.receive_data(first)
+            idle.deadline = trio.current_time() + server.read_timeout
+        else:
+            idle.deadline = trio.current_time() + server.keep_alive_timeout
+            server._idle.add(idle)
         try:
             with idle:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         data = await stream.receive_some(_READ)
-                        if first and data.startswith(_H2_PREFACE[:14]):
-                            await _refuse_http2(server.app, stream, data)
-                            return None
-                        first = False
                         if data and idle in server._idle:
                             # The head has begun: it gets the read timeout, and shutdown waits.
                             server._idle.discard(idle)

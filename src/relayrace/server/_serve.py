@@ -111,8 +111,11 @@ async def serve(
     async with trio.open_nursery() as nursery:
         websocket: WebsocketEndpoint | None = None
         ws_port = http_port = None
+        # Half the descriptors for the listeners, shared between them; the rest stays free
+        # for upstream calls.
+        listening = (settings.ws_port is not None) + (settings.http_port is not None)
+        max_sockets = settings.max_sockets or max(16, _open_file_limit() // 2 // max(1, listening))
         if settings.ws_port is not None:
-            max_sockets = settings.max_sockets or max(16, _open_file_limit() // 2)
             websocket = WebsocketEndpoint(
                 sup,
                 settings,
@@ -130,6 +133,7 @@ async def serve(
                 max_header_bytes=settings.max_header_bytes,
                 read_timeout=settings.read_timeout,
                 keep_alive_timeout=settings.keep_alive_timeout,
+                max_sockets=max_sockets,
                 extra_headers=(
                     [] if http_socket is None else [(b"x-relayrace-worker", b"%d" % os.getpid())]
                 ),

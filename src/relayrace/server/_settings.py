@@ -82,10 +82,11 @@ class ServerSettings:
             handshake included; one more is refused at the handshake with HTTP 503.
         handshake_timeout: seconds a new websocket connection may take to finish its opening
             handshake; then it is closed (an idle socket holds a descriptor no longer).
-        max_sockets: TCP connections the websocket listener keeps open at once (handshakes
-            included); more wait in the kernel's accept queue, costing no descriptor.
-            ``None``: half of the process's open-file limit (``RLIMIT_NOFILE``, raised to its
-            hard limit at start), so that the rest stays free for upstream calls.
+        max_sockets: TCP connections each listener (websocket, HTTP) keeps open at once
+            (handshakes and idle connections included); more wait in the kernel's accept
+            queue, costing no descriptor. ``None``: half of the process's open-file limit
+            (``RLIMIT_NOFILE``, raised to its hard limit at start), shared between the
+            listeners, so that the rest stays free for upstream calls.
         send_queue_frames: frames queued for one websocket connection before the requests on
             it wait for the client to read (a slow reader slows its own requests only).
         max_body_bytes: the largest HTTP request body; a larger one gets HTTP 413.
