@@ -23,7 +23,7 @@ class Body:
     """The content chunks of one streamed response, written by a task of their own.
 
     Chunks that became ready while a write was in progress go out together in one body message
-    (hypercorn's cost is per message, not per byte): when the deltas come faster than they can
+    (the server's cost is per message, not per byte): when the deltas come faster than they can
     be written, the writes get bigger instead of falling behind. At most ``QUEUE`` chunks wait.
     """
 

@@ -3,7 +3,7 @@
 Request tasks ``put`` encoded pieces (websocket frames, SSE events) into a bounded queue; one
 writer task takes every piece already waiting at once and hands the batch to ``write``. Idle,
 the batches are one piece; under load they grow instead of falling behind, and the cost that
-is per write (a syscall, one hypercorn body message) is paid once per batch.
+is per write (a syscall, one HTTP body message) is paid once per batch.
 """
 
 from __future__ import annotations
