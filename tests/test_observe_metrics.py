@@ -32,7 +32,7 @@ from relayrace import (
 from relayrace.actors import OpenAIClient
 from relayrace.observe import OTHER, Metrics, serve_metrics
 from relayrace.supervisor import Observer, RequestInfo
-from relayrace.testing import Answer, Fail, MockProvider, ScriptedClient, serve_mock_provider
+from relayrace.testing import Answer, Fail, Hang, MockProvider, ScriptedClient, serve_mock_provider
 
 KEY = "sk-mock-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "what does the quick fox do"}]
@@ -316,3 +316,23 @@ def test_label_sets_stay_bounded_whatever_the_models_and_messages(
     values = {v for _, ls in samples for _, v in ls}
     texts = {t for t in models + messages if len(t) > 3} - {"chat", "none", "other"}
     assert not texts & values
+
+
+async def test_in_flight_and_inbox_depth_per_provider_are_gauges(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # One slot: the first request holds it (the provider hangs), the second waits in the inbox.
+    hanging = ScriptedClient([Hang(), Hang()])
+    cfg = Config(
+        providers=[ProviderConfig(name="a", client=hanging, max_concurrency=1)],
+        routes=[Route(model="chat", chain=["a"])],
+    )
+    metrics = Metrics()
+    async with open_supervisor(cfg, observers=[metrics]) as sup, trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(sup.complete, Request("chat", MESSAGES))
+        await trio.testing.wait_all_tasks_blocked()
+        samples = parse(metrics.render().decode())
+        nursery.cancel_scope.cancel()
+    assert value(samples, "relayrace_provider_in_flight", provider="a") == 1
+    assert value(samples, "relayrace_provider_inbox_depth", provider="a") == 1

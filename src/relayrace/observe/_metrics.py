@@ -451,6 +451,7 @@ class _Collector(Collector):
         try:
             health = sup.health()
             stats = sup.statistics()
+            depths = sup.inbox_depths()
         except RuntimeError:  # scraped from outside the supervisor's trio run
             return
         state = GaugeMetricFamily(
@@ -479,9 +480,15 @@ class _Collector(Collector):
             "provider and model; the worst of those counted as other).",
             labels=("provider", "model"),
         )
+        inbox = GaugeMetricFamily(
+            "relayrace_provider_inbox_depth",
+            "Attempts waiting in each provider's inbox for a free slot.",
+            labels=("provider",),
+        )
         for name, snap in sorted(health.items()):
             state.add_metric([name], HEALTH_VALUES.get(snap.state, 0))
             in_flight.add_metric([name], snap.in_flight)
+            inbox.add_metric([name], depths.get(name, 0))
             benches.add_metric([name], snap.bench_count)
             failures.add_metric([name], snap.consecutive_failures)
             worst: dict[str, int] = {}
@@ -490,7 +497,7 @@ class _Collector(Collector):
                 worst[label] = max(worst.get(label, 0), HEALTH_VALUES.get(d.state, 0))
             for label, v in sorted(worst.items()):
                 deployments.add_metric([name, label], v)
-        yield from (state, in_flight, benches, failures, deployments)
+        yield from (state, in_flight, inbox, benches, failures, deployments)
         yield GaugeMetricFamily(
             "relayrace_requests_in_flight", "Requests in flight.", value=stats.in_flight
         )
