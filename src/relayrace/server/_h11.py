@@ -35,7 +35,7 @@ from typing import Any
 import h11
 import trio
 
-from ._stream import IdleSockets
+from ._stream import IdleSockets, accept_capped
 
 log = logging.getLogger("relayrace.server.http")
 
@@ -116,22 +116,7 @@ class HTTPServer:
                         await listener.aclose()
 
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        sockets = self._sockets
-        while True:
-            # At the cap, new connections wait in the kernel's queue and cost us no descriptor.
-            await sockets.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                sockets.release()
-                # Out of descriptors or buffers: the connection waits in the kernel's queue.
-                log.error("HTTP accept failed (%s): waiting 100 ms", exc)
-                await trio.sleep(0.1)
-                continue
-            except BaseException:
-                sockets.release()
-                raise
-            connections.start_soon(self._connection, stream)
+        await accept_capped(listener, self._sockets, connections, self._connection, "HTTP")
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:

@@ -15,8 +15,13 @@ channels and events, and its end (a timeout, the peer's close) is one ``close``.
 from __future__ import annotations
 
 import collections
+import errno
+import logging
+from collections.abc import Awaitable, Callable
 
 import trio
+
+log = logging.getLogger("relayrace.server")
 
 # Idle sockets whose handshake time is up, ended per scheduling round: a flood's timeouts come in
 # bursts (as its connects did) and would otherwise crowd out the established connections.
@@ -170,3 +175,40 @@ class IdleSockets:
                     break
                 due.popleft()[1].cancel()
             await trio.lowlevel.checkpoint()
+
+
+#: ``accept`` failures that mean "out of descriptors or buffers": the connection waits in the
+#: kernel's queue until something is freed.
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def accept_capped(
+    listener: trio.SocketListener,
+    sockets: trio.Semaphore,
+    connections: trio.Nursery,
+    serve: Callable[[trio.SocketStream], Awaitable[None]],
+    surface: str,
+) -> None:
+    """Accept on ``listener`` for ever, each connection served by ``serve`` in ``connections``,
+    holding one of ``sockets`` (which ``serve`` releases when it ends): at the cap, new
+    connections wait in the kernel's queue and cost no descriptor. An ``accept`` that fails for
+    lack of descriptors or buffers waits 100 ms; any other failure is logged and waits 1 s —
+    a listener's trouble never ends the server."""
+    while True:
+        await sockets.acquire()
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            sockets.release()
+            name = errno.errorcode.get(exc.errno or 0, str(exc))
+            if exc.errno in _CAPACITY_ERRNOS:
+                log.error("%s accept failed (%s): waiting 100 ms", surface, name)
+                await trio.sleep(0.1)
+            else:
+                log.error("%s accept failed (%s): waiting 1 s", surface, name)
+                await trio.sleep(1.0)
+            continue
+        except BaseException:
+            sockets.release()
+            raise
+        connections.start_soon(serve, stream)

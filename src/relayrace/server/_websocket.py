@@ -9,7 +9,6 @@ else. The wire protocol is described in ``docs/servers.md``.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -27,7 +26,7 @@ from .. import BadRequest, Event, Request, RequestFailed, RequestStream, Supervi
 from ._batch import Batcher
 from ._common import Gate, ShuttingDown, Stop, Ticket, authorized, dumps, dumps_str
 from ._settings import ServerSettings
-from ._stream import HeldStream, IdleSockets
+from ._stream import HeldStream, IdleSockets, accept_capped
 from ._wire import WireError, encodable, safe_dumps, unencodable_field
 
 log = logging.getLogger("relayrace.server")
@@ -43,8 +42,6 @@ _INTERNAL_ERROR = 1011
 # How long a closing handshake may take before the TCP connection is cut.
 _CLOSE_SECONDS = 10.0
 # accept() errors that mean "out of file descriptors or memory for now": wait, then go on.
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-
 RequestId = str | int
 
 
@@ -144,23 +141,7 @@ class WebsocketEndpoint:
                     await listener.aclose()
 
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        sockets = self._sockets
-        while True:
-            # At the cap, new connections wait in the kernel's queue and cost us no descriptor.
-            await sockets.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                sockets.release()
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("websocket accept failed (%s): waiting 100 ms", errno.errorcode[exc.errno])
-                await trio.sleep(0.1)
-                continue
-            except BaseException:
-                sockets.release()
-                raise
-            connections.start_soon(self._connection, stream)
+        await accept_capped(listener, self._sockets, connections, self._connection, "websocket")
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         """One TCP connection: its handshake (bounded in time), then its websocket."""
