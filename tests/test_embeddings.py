@@ -23,15 +23,11 @@ from relayrace import (
     Category,
     Config,
     EmbedRequest,
-    Policies,
-    ProviderConfig,
     RequestFailed,
-    RetryPolicy,
     Route,
     Supervisor,
     open_supervisor,
 )
-from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
 from relayrace.providers import MalformedStream, UpstreamErrorBody, embeddings
 from relayrace.server import ServerSettings, serve
 from relayrace.testing import (
@@ -42,6 +38,8 @@ from relayrace.testing import (
     mock_vector,
     serve_mock_provider,
 )
+
+from .support import mock_client, mock_config
 
 KEY = "sk-mock-0123456789abcdef"
 TOKEN = "embed-s3cret-token"
@@ -158,28 +156,12 @@ async def mock() -> AsyncIterator[MockProvider]:
 
 
 def client_for(mock: MockProvider, fmt: str) -> Any:
-    if fmt == "openai":
-        return OpenAIClient(base_url=f"{mock.base_url}/v1", api_key=KEY)
-    if fmt == "anthropic":
-        return AnthropicClient(base_url=mock.base_url, api_key=KEY)
-    if fmt == "gemini":
-        return GeminiClient(base_url=mock.base_url, api_key=KEY)
-    return ScriptedClient([Answer()] * 4)
+    return mock_client(mock, fmt) if fmt in ("openai", "anthropic", "gemini") else ScriptedClient([Answer()] * 4)
 
 
 def config(mock: MockProvider, *providers: tuple[str, str, str]) -> Config:
-    """Providers ``(name, format, model)``, one route ``m`` over them in order."""
-    return Config(
-        providers=[
-            ProviderConfig(
-                name=name, client=client_for(mock, fmt), model=f"{model},tag={name}", budgets=BUDGETS
-            )
-            for name, fmt, model in providers
-        ],
-        routes=[Route(model="m", chain=[name for name, _, _ in providers])],
-        policies=Policies(retry=RetryPolicy(max_attempts=1)),
-        seed=7,
-    )
+    """Providers ``(name, format, mock model)``, one route ``m`` over them in order."""
+    return mock_config(mock, *providers, budgets=BUDGETS, client=client_for)
 
 
 @pytest.mark.parametrize("fmt", ["openai", "gemini"])

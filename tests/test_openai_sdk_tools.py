@@ -21,10 +21,11 @@ import pytest
 import trio
 import trio.testing
 
-from relayrace import Budgets, Config, Policies, ProviderConfig, RetryPolicy, Route, open_supervisor
-from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
+from relayrace import Budgets, Config, open_supervisor
 from relayrace.server import ServerSettings, serve
 from relayrace.testing import MockProvider, mock_model, serve_mock_provider
+
+from .support import mock_config
 
 FORMATS = ("openai", "anthropic", "gemini")
 KEY = "sk-mock-0123456789abcdef"
@@ -51,27 +52,9 @@ async def mock() -> AsyncIterator[MockProvider]:
         assert provider.errors == []
 
 
-def _client(mock: MockProvider, fmt: str) -> Any:
-    if fmt == "openai":
-        return OpenAIClient(base_url=f"{mock.base_url}/v1", api_key=KEY)
-    if fmt == "anthropic":
-        return AnthropicClient(base_url=mock.base_url, api_key=KEY)
-    return GeminiClient(base_url=mock.base_url, api_key=KEY)
-
-
 def config(mock: MockProvider, *providers: tuple[str, str, str]) -> Config:
     """Providers ``(name, format, mock model)``, one route ``m`` over them in order."""
-    return Config(
-        providers=[
-            ProviderConfig(
-                name=name, client=_client(mock, fmt), model=f"{model},tag={name}", budgets=BUDGETS
-            )
-            for name, fmt, model in providers
-        ],
-        routes=[Route(model="m", chain=[name for name, _, _ in providers])],
-        policies=Policies(retry=RetryPolicy(max_attempts=1)),
-        seed=7,
-    )
+    return mock_config(mock, *providers, budgets=BUDGETS)
 
 
 @asynccontextmanager

@@ -21,19 +21,18 @@ from relayrace import (
     ConfigError,
     MidStream,
     Policies,
-    ProviderConfig,
     Reply,
     Request,
     RequestFailed,
     RetryPolicy,
-    Route,
     StreamPolicy,
     Supervisor,
     load_config,
     open_supervisor,
 )
-from relayrace.actors import AnthropicClient, GeminiClient, OpenAIClient
 from relayrace.testing import SCRIPTED_ANSWER, MockProvider, mock_model, serve_mock_provider
+
+from .support import mock_config
 
 FORMATS = ("openai", "anthropic", "gemini")
 KEY = "sk-mock-0123456789abcdef"
@@ -60,30 +59,9 @@ async def mock() -> AsyncIterator[MockProvider]:
         assert provider.errors == []
 
 
-def client_for(mock: MockProvider, fmt: str) -> Any:
-    if fmt == "openai":
-        return OpenAIClient(base_url=f"{mock.base_url}/v1", api_key=KEY)
-    if fmt == "anthropic":
-        return AnthropicClient(base_url=mock.base_url, api_key=KEY)
-    return GeminiClient(base_url=mock.base_url, api_key=KEY)
-
-
 def config(mock: MockProvider, *providers: tuple[str, str, str]) -> Config:
-    """Providers ``(name, format, model)``, one route ``m`` over them in order."""
-    return Config(
-        providers=[
-            ProviderConfig(
-                name=name,
-                client=client_for(mock, fmt),
-                model=f"{model},tag={name}",
-                budgets=BUDGETS,
-            )
-            for name, fmt, model in providers
-        ],
-        routes=[Route(model="m", chain=[name for name, _, _ in providers])],
-        policies=Policies(retry=RetryPolicy(max_attempts=1)),
-        seed=7,
-    )
+    """Providers ``(name, format, mock model)``, one route ``m`` over them in order."""
+    return mock_config(mock, *providers, budgets=BUDGETS)
 
 
 async def ask(sup: Supervisor, messages: list[dict[str, Any]], stream: bool) -> Reply:

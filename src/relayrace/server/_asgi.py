@@ -105,3 +105,19 @@ async def start_event_stream(send: Send, provider: str) -> None:
             ],
         }
     )
+
+
+class TrackedSend:
+    """A ``send`` that remembers whether the response has begun (its head is out): a fault after
+    that is answered with an error event in the body, before it with a whole error response."""
+
+    __slots__ = ("_send", "started")
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)

@@ -26,7 +26,7 @@ import trio
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor, ToolCallDelta
 from ..providers import openai
 from ._admin import AdminAPI, Operations
-from ._asgi import Body, send_whole, start_event_stream, watch_disconnect
+from ._asgi import Body, TrackedSend, send_whole, start_event_stream, watch_disconnect
 from ._common import (
     Gate,
     ShuttingDown,
@@ -143,14 +143,7 @@ class OpenAIApp:
                 send, 505, _error(505, "only HTTP/1.1 is served", code="http_version").error
             )
             return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
             await self._route(scope, receive, tracked)
         except _HTTPError as exc:
@@ -166,7 +159,7 @@ class OpenAIApp:
             log.exception("HTTP request %s %s failed", scope.get("method"), scope.get("path"))
             error = WireError.internal()
             try:
-                if started:
+                if tracked.started:
                     await _send_event(send, safe_dumps(error.http_body()), more=False)
                 else:
                     await self._send_json(send, 500, error)

@@ -23,7 +23,7 @@ import trio
 
 from .. import BadRequest, Reply, Request, RequestFailed, Supervisor, Usage
 from ..providers import anthropic, anthropic_inbound, encode_event
-from ._asgi import send_whole, start_event_stream, watch_disconnect
+from ._asgi import TrackedSend, send_whole, start_event_stream, watch_disconnect
 from ._common import Gate, ShuttingDown, Stop, Ticket, reply_trace
 from ._wire import WireError, encodable, safe_dumps
 
@@ -73,14 +73,7 @@ class MessagesEndpoint:
         self._models = models
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
             await self._serve(scope, receive, tracked)
         except Exception as exc:
@@ -90,7 +83,7 @@ class MessagesEndpoint:
                 log.exception("POST %s failed", PATH)
                 error = WireError.internal()
             try:
-                if started:
+                if tracked.started:
                     await self._send_error_event(send, error)
                 else:
                     await self.send_error(send, error)
