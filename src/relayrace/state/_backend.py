@@ -83,6 +83,10 @@ class StateBackend(Protocol):
         """Count a request of ``tokens`` estimated tokens if ``deployment`` has room for it."""
         ...
 
+    def count(self, deployment: Deployment, *, requests: int, tokens: int) -> None:
+        """Count usage the caller admitted by its own check (no check here)."""
+        ...
+
     def reconcile(self, deployment: Deployment, *, estimated: int, actual: int) -> None:
         """Correct an admitted request's token estimate with its real usage."""
         ...
@@ -177,6 +181,9 @@ class LocalState:
             return False
         self._mirror.count(deployment.field, now, requests=1, tokens=tokens)
         return True
+
+    def count(self, deployment: Deployment, *, requests: int, tokens: int) -> None:
+        self._mirror.count(deployment.field, self.now(), requests=requests, tokens=tokens)
 
     def reconcile(self, deployment: Deployment, *, estimated: int, actual: int) -> None:
         self._mirror.count(deployment.field, self.now(), requests=0, tokens=actual - estimated)

@@ -198,6 +198,10 @@ class RedisState:
         self._count_usage(deployment.field, 1, tokens)
         return True
 
+    def count(self, deployment: Deployment, *, requests: int, tokens: int) -> None:
+        self._local.count(deployment, requests=requests, tokens=tokens)
+        self._count_usage(deployment.field, requests, tokens)
+
     def reconcile(self, deployment: Deployment, *, estimated: int, actual: int) -> None:
         self._local.reconcile(deployment, estimated=estimated, actual=actual)
         self._count_usage(deployment.field, 0, actual - estimated)
@@ -430,9 +434,16 @@ class RedisState:
                 self._republished += 1
         minute = minute_of(now)
         for field in set(rpm) | set(tpm):
-            mirror.usage[field] = Usage(
-                minute=minute, requests=int(rpm.get(field, 0)), tokens=int(tpm.get(field, 0))
+            mirror.usage[field] = self._plus_unsent(
+                field, minute, int(rpm.get(field, 0)), int(tpm.get(field, 0))
             )
+
+    def _plus_unsent(self, field: str, minute: int, requests: int, tokens: int) -> Usage:
+        """The fleet's usage as Redis counts it, plus this process's own not yet sent."""
+        unsent = self._usage.get((field, minute))
+        if unsent is not None:
+            requests, tokens = requests + unsent[0], tokens + unsent[1]
+        return Usage(minute=minute, requests=requests, tokens=tokens)
 
     async def _reader(self, pubsub: Any) -> None:
         async for message in pubsub:
@@ -463,11 +474,11 @@ class RedisState:
         elif kind == "unprobe":
             mirror.probes.pop(field, None)
         elif kind == "usage":
-            mirror.usage[field] = Usage(
-                minute=int(value["minute"]),
-                requests=int(value["requests"]),
-                tokens=int(value["tokens"]),
-            )
+            minute, old = int(value["minute"]), mirror.usage.get(field)
+            if old is None or old.minute <= minute:  # a past minute's count comes late: stale
+                mirror.usage[field] = self._plus_unsent(
+                    field, minute, int(value["requests"]), int(value["tokens"])
+                )
         elif kind == "limits":
             mirror.limits[field] = limits_from_json(value)
         elif kind == "pin":

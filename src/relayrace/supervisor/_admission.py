@@ -9,6 +9,12 @@ is replaced by the real usage when the attempt ends.
 
 ``Admission.check`` says which limit an attempt would pass (the rule, and when it is whole
 again); ``_decide.skip_at_rate_limit`` makes the decision of it. Nothing here waits or does I/O.
+
+With a shared state backend (``Admission.share``) the ``rpm`` / ``tpm`` are the fleet's: an
+attempt is also checked against the fleet's count of the current wall-clock minute as this
+process's mirror has it (the others' as last synced, plus this process's own since), and counted
+there (sent to Redis in the background). What the provider's headers say is published, and
+a newer observation from another instance replaces this process's own (``FleetLimits``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .._decide import estimated_tokens
 from .._ratelimit import RateLimits
 from .._values import Request, Rule, Usage
 from ..actors import ProviderActor
+from ..state import Deployment, LearnedLimits, StateBackend
 
 #: the window of ``rpm`` and ``tpm``, in seconds
 WINDOW = 60.0
@@ -69,6 +76,7 @@ class DeploymentLimits:
         "requests_reset_at",
         "remaining_tokens",
         "tokens_reset_at",
+        "observed",
     )
 
     def __init__(self, rpm: int | None = None, tpm: int | None = None):
@@ -79,6 +87,8 @@ class DeploymentLimits:
         self.requests_reset_at = 0.0
         self.remaining_tokens: int | None = None
         self.tokens_reset_at = 0.0
+        #: the wall-clock time of the provider's headers last taken (``FleetLimits``)
+        self.observed = 0.0
 
     @property
     def active(self) -> bool:
@@ -166,7 +176,7 @@ class Admission:
     """The limits of every deployment of one supervisor, by actor: an actor a reload keeps
     keeps its count; a new or replaced one starts afresh with its provider's ``rpm`` / ``tpm``."""
 
-    __slots__ = ("_configured", "_limits", "active")
+    __slots__ = ("_configured", "_limits", "active", "fleet")
 
     def __init__(self) -> None:
         self._configured: dict[str, tuple[int | None, int | None]] = {}
@@ -175,6 +185,13 @@ class Admission:
         )
         #: some deployment has a limit (configured or learned): checks are worth making
         self.active = False
+        #: the fleet's counts and learned limits (``None``: this process alone)
+        self.fleet: FleetLimits | None = None
+
+    def share(self, state: StateBackend | None) -> None:
+        """Count ``rpm`` / ``tpm`` fleet-wide and share learned limits through ``state``."""
+        self.fleet = None if state is None else FleetLimits(state)
+        self.active = self.active or state is not None
 
     def configure(self, providers: Iterable[ProviderConfig]) -> None:
         """Take the providers' configured limits (at start and at each reload)."""
@@ -193,16 +210,29 @@ class Admission:
 
     def check(self, actor: ProviderActor, tokens: int, now: float) -> LimitHit | None:
         limits = self.of(actor)
-        return limits.check(tokens, now) if limits.active else None
+        fleet = self.fleet
+        if fleet is None:
+            return limits.check(tokens, now) if limits.active else None
+        fleet.adopt(actor, limits, now)
+        if not limits.active:
+            return None
+        return limits.check(tokens, now) or fleet.check(actor, limits, tokens, now)
 
     def learn(self, actor: ProviderActor, limits: RateLimits, now: float) -> None:
-        self.of(actor).learn(limits, now)
+        own = self.of(actor)
+        own.learn(limits, now)
         self.active = True
+        if self.fleet is not None:
+            self.fleet.publish(actor, own, limits)
 
     def admit(self, actor: ProviderActor, tokens: int, now: float) -> Ticket | None:
         """Count an attempt sent to ``actor`` now (``None``: the actor has no limit)."""
         limits = self.of(actor)
-        return limits.admit(tokens, now) if limits.active else None
+        if not limits.active:
+            return None
+        if self.fleet is not None and (limits.rpm is not None or limits.tpm is not None):
+            self.fleet.count(actor, 1, tokens)
+        return limits.admit(tokens, now)
 
     def end(
         self,
@@ -215,6 +245,83 @@ class Admission:
         """An attempt ended: reconcile its estimate with its ``usage``, and learn what the
         provider's headers said (``learned``)."""
         if ticket is not None:
-            self.of(actor).settle(ticket, usage)
+            estimated, limits = ticket.tokens, self.of(actor)
+            limits.settle(ticket, usage)
+            if self.fleet is not None and ticket.tokens != estimated and limits.tpm is not None:
+                self.fleet.count(actor, 0, ticket.tokens - estimated)
         if learned is not None:
             self.learn(actor, learned, now)
+
+
+class FleetLimits:
+    """Admission's window on the state the fleet shares (``relayrace.state``): each actor's
+    deployment's requests and tokens in the current wall-clock minute, and the limits providers
+    last reported to any instance. Reads are the mirror's; writes go on in the background."""
+
+    __slots__ = ("_state", "_mirror", "_deployments")
+
+    def __init__(self, state: StateBackend):
+        self._state = state
+        self._mirror = state.mirror
+        self._deployments: dict[tuple[str, str | None], Deployment] = {}
+
+    def deployment(self, actor: ProviderActor) -> Deployment:
+        key = (actor.name, actor.model)
+        found = self._deployments.get(key)
+        if found is None:
+            if len(self._deployments) > 1024:
+                self._deployments.clear()
+            found = self._deployments[key] = Deployment(actor.name, actor.model)
+        return found
+
+    def check(
+        self, actor: ProviderActor, limits: DeploymentLimits, tokens: int, now: float
+    ) -> LimitHit | None:
+        """The configured limit the fleet's count of this minute would pass, if any (whole
+        again when the wall-clock minute ends)."""
+        if limits.rpm is None and limits.tpm is None:
+            return None
+        wall = self._state.now()
+        usage = self._mirror.usage_of(self.deployment(actor), wall)
+        reset_at = now + WINDOW * (usage.minute + 1) - wall
+        if limits.rpm is not None and usage.requests + 1 > limits.rpm:
+            return LimitHit(Rule("config", "providers", "rpm", f"{limits.rpm} fleet-wide"), reset_at)
+        if limits.tpm is not None and usage.tokens > 0 and usage.tokens + tokens > limits.tpm:
+            return LimitHit(Rule("config", "providers", "tpm", f"{limits.tpm} fleet-wide"), reset_at)
+        return None
+
+    def count(self, actor: ProviderActor, requests: int, tokens: int) -> None:
+        self._state.count(self.deployment(actor), requests=requests, tokens=tokens)
+
+    def publish(self, actor: ProviderActor, own: DeploymentLimits, limits: RateLimits) -> None:
+        """Share what the provider's headers said (``learn_limits``; the newer one wins)."""
+        resets = [r for r in (limits.reset_requests, limits.reset_tokens) if r is not None]
+        wall = self._state.now()
+        learned = LearnedLimits(
+            remaining_requests=limits.remaining_requests,
+            remaining_tokens=limits.remaining_tokens,
+            reset_at=wall + (max(resets) if resets else _DEFAULT_RESET),
+            observed_at=wall,
+        )
+        own.observed = wall
+        self._state.learn_limits(self.deployment(actor), learned)
+
+    def adopt(self, actor: ProviderActor, own: DeploymentLimits, now: float) -> None:
+        """Take the limits another instance learned since this one last did (this process
+        spends them down locally from there)."""
+        if not self._mirror.limits:
+            return
+        learned = self._mirror.limits_of(self.deployment(actor))
+        if learned is None or learned.observed_at <= own.observed:
+            return
+        own.observed = learned.observed_at
+        wall = self._state.now()
+        if learned.reset_at is not None and learned.reset_at <= wall:
+            return
+        reset_at = now + (_DEFAULT_RESET if learned.reset_at is None else learned.reset_at - wall)
+        if learned.remaining_requests is not None:
+            own.remaining_requests = int(learned.remaining_requests)
+            own.requests_reset_at = reset_at
+        if learned.remaining_tokens is not None:
+            own.remaining_tokens = int(learned.remaining_tokens)
+            own.tokens_reset_at = reset_at

@@ -75,6 +75,7 @@ class Supervisor:
             config.policies, random.Random(config.seed), list(self._routes), self._hooks
         )
         self._ledger.admission.configure(config.providers)
+        self._ledger.admission.share(state)
         if state is not None:
             self._ledger.budget = RetryBudget(config.policies.retry_budget, shared=state)
 

@@ -1,0 +1,139 @@
+"""Two supervisors in one process sharing one real ``redis-server``: RPM/TPM admission counted
+fleet-wide, learned provider limits, affinity pins, fleet benches in ``health()`` and the
+per-provider drain. Real clock (Redis is real I/O), short policies; each instance talks to its
+own mock provider, so that the mock's log says which instance sent what.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from relayrace import (
+    Config,
+    Policies,
+    ProviderConfig,
+    Reply,
+    Request,
+    RetryPolicy,
+    Route,
+    Supervisor,
+)
+from relayrace.actors import OpenAIClient
+from relayrace.state import Deployment
+from relayrace.testing import MockProvider, serve_mock_provider
+
+from .redis_server import RedisServer
+from .test_shared_state import eventually, instance, redis_server, sent, state_config
+
+__all__ = ["redis_server"]  # the fixture, imported
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function MemoryObject:pytest.PytestUnraisableExceptionWarning"
+)
+
+PRIMARY = "ok,tag=primary"
+BACKUP = "ok,tag=backup"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def make_config(
+    mock: MockProvider,
+    state: Any,
+    *,
+    primary: str = PRIMARY,
+    rpm: int | None = None,
+    affinity: str | None = None,
+) -> Config:
+    client = OpenAIClient(base_url=f"{mock.base_url}/v1", max_connections=8)
+    return Config(
+        providers=[
+            ProviderConfig(name="primary", client=client, model=primary, rpm=rpm),
+            ProviderConfig(name="backup", client=client, model=BACKUP),
+        ],
+        routes=[
+            Route(
+                model="chat",
+                chain=["primary", "backup"],
+                strategy="round_robin" if affinity else "priority",
+                affinity=affinity,
+            )
+        ],
+        policies=Policies(retry=RetryPolicy(max_attempts=1)),
+        state=state,
+    )
+
+
+@asynccontextmanager
+async def two_instances(
+    server: RedisServer, **kwargs: Any
+) -> AsyncIterator[tuple[Supervisor, MockProvider, Supervisor, MockProvider]]:
+    state = state_config(server, f"t{uuid.uuid4().hex[:8]}")
+    async with serve_mock_provider() as mock_a, serve_mock_provider() as mock_b:
+        async with (
+            instance(make_config(mock_a, state, **kwargs)) as a,
+            instance(make_config(mock_b, state, **kwargs)) as b,
+        ):
+            yield a, mock_a, b, mock_b
+
+
+async def same_minute(room: float = 5.0) -> None:
+    """Counts are per wall-clock minute: start a test well inside one."""
+    left = 60.0 - time.time() % 60.0
+    if left < room:
+        await trio.sleep(left + 0.05)
+
+
+async def ask(sup: Supervisor, **metadata: Any) -> Reply:
+    return await sup.complete(Request("chat", MESSAGES, metadata=metadata))
+
+
+def rate_skips(reply: Reply) -> list[str]:
+    return [str(d.rule) for d in reply.decisions if d.actor == "primary" and d.wait is not None]
+
+
+async def test_rpm_is_counted_fleet_wide(redis_server: RedisServer) -> None:
+    await same_minute()
+    async with two_instances(redis_server, rpm=3) as (a, mock_a, b, mock_b):
+        for _ in range(3):
+            assert (await ask(a)).provider == "primary"
+        state_b = b.shared_state
+        assert state_b is not None
+        deployment = Deployment("primary", PRIMARY)
+        await eventually(lambda: state_b.mirror.usage_of(deployment, time.time()).requests == 3)
+        reply = await ask(b)
+        assert reply.provider == "backup"  # the fleet's 3 a minute are spent: skipped, no 429
+        assert rate_skips(reply) == ["config:providers.rpm=3 fleet-wide"]
+        assert sent(mock_b, PRIMARY) == 0
+
+
+async def test_a_limit_learned_by_one_instance_is_honoured_by_the_other(
+    redis_server: RedisServer,
+) -> None:
+    model = "ok,rl_remaining=0,rl_reset=30"  # the provider says: nothing left for 30 s
+    async with two_instances(redis_server, primary=model) as (a, mock_a, b, mock_b):
+        assert (await ask(a)).provider == "primary"
+        state_b = b.shared_state
+        assert state_b is not None
+        await eventually(lambda: state_b.mirror.limits_of(Deployment("primary", model)) is not None)
+        reply = await ask(b)
+        assert reply.provider == "backup"
+        assert rate_skips(reply) == ["provider:headers.x-ratelimit-remaining-requests=0"]
+        assert sent(mock_b, model) == 0
+
+
+async def test_redis_away_admission_counts_locally_and_no_request_fails(
+    redis_server: RedisServer,
+) -> None:
+    await same_minute()
+    async with two_instances(redis_server, rpm=2) as (a, mock_a, b, mock_b):
+        redis_server.kill()
+        providers = [(await ask(a)).provider for _ in range(3)]
+        assert providers == ["primary", "primary", "backup"]
+        assert sent(mock_a, PRIMARY) == 2
