@@ -137,3 +137,21 @@ async def test_redis_away_admission_counts_locally_and_no_request_fails(
         providers = [(await ask(a)).provider for _ in range(3)]
         assert providers == ["primary", "primary", "backup"]
         assert sent(mock_a, PRIMARY) == 2
+
+
+async def test_a_pin_made_by_one_instance_is_honoured_by_the_other(
+    redis_server: RedisServer,
+) -> None:
+    async with two_instances(redis_server, affinity="user") as (a, mock_a, b, mock_b):
+        first = (await ask(a)).provider  # round robin: where each instance's first goes
+        pinned = (await ask(a, user="u1")).provider  # the other one: u1 pinned to it
+        assert pinned != first
+        state_b = b.shared_state
+        assert state_b is not None
+        await eventually(lambda: bool(state_b.mirror.pins))
+        # Alone, B's round robin would start at ``first`` and alternate.
+        replies = [await ask(b, user="u1") for _ in range(3)]
+        assert [r.provider for r in replies] == [pinned] * 3
+        assert all(any("affinity key last" in d.reason for d in r.decisions) for r in replies)
+        # Keys without a pin: round robin as usual.
+        assert {(await ask(b, user=f"u{n}")).provider for n in (2, 3)} == {"primary", "backup"}

@@ -11,6 +11,12 @@ The pin is soft: the pinned actor is put first when it may take the request; whe
 benched, at its rate limit or has a full inbox, the pin yields (a decision says so), routing
 goes on in its usual order, and whoever serves is pinned next. Pins live in a bounded LRU map,
 each for the route's ``affinity_ttl`` seconds from its last use.
+
+With a shared state backend (``AffinityMap.share``) pins are the fleet's: a pin made (or
+renewed) here is published (the backend's ``pin``, in the background), and a key this process
+has no pin for, or a later one, is taken from the mirror. A renewal of the same pin is published
+only once a quarter of the TTL has passed since the last one, so another instance may see a pin
+end up to ``affinity_ttl / 4`` before this one would.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .._config import Route
 from .._decide import affinity_break, affinity_pin
 from .._values import Decision, Request
 from ..actors import ProviderActor
+from ..state import Deployment, StateBackend
 
 #: characters of the system prompt and of the first user message that make a ``prefix`` key
 PREFIX_CHARS = 2048
@@ -84,18 +91,25 @@ class AffinityMap:
     """The pins of one supervisor: (route, key) → the actor that served the key last, until
     its TTL runs out; at most ``size`` of them, the least recently used dropped first."""
 
-    __slots__ = ("_pins", "_size")
+    __slots__ = ("_pins", "_size", "_state")
 
     def __init__(self, size: int = MAX_PINS):
         self._pins: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self._size = size
+        self._state: StateBackend | None = None
 
     def __len__(self) -> int:
         return len(self._pins)
 
+    def share(self, state: StateBackend | None) -> None:
+        """Share the pins with the fleet through ``state`` (``None``: this process's own)."""
+        self._state = state
+
     def pinned(self, route: str, key: str, now: float) -> str | None:
         """The actor ``key`` is pinned to on ``route``, if the pin is still alive."""
         pin = self._pins.get((route, key))
+        if self._state is not None and self._state.mirror.pins:
+            pin = self._fleet_pin(route, key, pin, now)
         if pin is None:
             return None
         if pin[1] <= now:
@@ -103,13 +117,36 @@ class AffinityMap:
             return None
         return pin[0]
 
+    def _fleet_pin(
+        self, route: str, key: str, pin: tuple[str, float] | None, now: float
+    ) -> tuple[str, float] | None:
+        """The fleet's pin of ``key`` when it is later than this process's own (``pin``)."""
+        assert self._state is not None
+        shared = self._state.mirror.pins.get(_shared_key(route, key))
+        if shared is None:
+            return pin
+        until = now + (shared.until - self._state.now())
+        if until <= now or (pin is not None and until <= pin[1]):
+            return pin
+        pin = self._pins[(route, key)] = (shared.deployment.provider, until)
+        self._pins.move_to_end((route, key))
+        while len(self._pins) > self._size:
+            self._pins.popitem(last=False)
+        return pin
+
     def record(self, route: Route, key: str, actor: ProviderActor, now: float) -> None:
         """``actor`` served ``key``: pin it (again), for the route's TTL. The terminus, a last
         resort, is never pinned."""
         if actor.terminus:
             return
         pins = self._pins
-        pins[(route.model, key)] = (actor.name, now + route.affinity_ttl)
+        ttl = route.affinity_ttl
+        if self._state is not None:
+            old = pins.get((route.model, key))
+            if old is None or old[0] != actor.name or old[1] < now + 0.75 * ttl:
+                deployment = Deployment(actor.name, actor.model)
+                self._state.pin(_shared_key(route.model, key), deployment, ttl=ttl)
+        pins[(route.model, key)] = (actor.name, now + ttl)
         pins.move_to_end((route.model, key))
         while len(pins) > self._size:
             pins.popitem(last=False)
@@ -151,3 +188,8 @@ class AffinityMap:
         if order[0] is not actor:
             order = [actor, *(a for a in order if a is not actor)]
         return order, affinity_pin(name, affinity)
+
+
+def _shared_key(route: str, key: str) -> str:
+    """A pin's key in the shared state: the route's name and the affinity key."""
+    return f"{route}\x1f{key}"

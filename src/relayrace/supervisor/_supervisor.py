@@ -76,6 +76,7 @@ class Supervisor:
         )
         self._ledger.admission.configure(config.providers)
         self._ledger.admission.share(state)
+        self._ledger.affinity.share(state)
         if state is not None:
             self._ledger.budget = RetryBudget(config.policies.retry_budget, shared=state)
 
