@@ -187,3 +187,32 @@ async def test_metrics_of_serve_move_by_the_right_labels_after_a_failover(tmp_pa
     assert all('"surface":"http"' in line.replace(" ", "") for line in access)
     starts = [r for r in caplog.records if "serving: websocket" in r.getMessage()]
     assert len(starts) == 1  # the start-up line, once
+
+
+async def test_a_provider_drain_through_the_admin_api(tmp_path) -> None:
+    async with serve_mock_provider() as mock:
+        text = gateway_file(mock.base_url, {"a": "ok,chunks=2", "b": "ok,chunks=2"})
+        async with gateway(tmp_path / "gw.toml", text) as gw:
+            drained = await gw.admin.post("/admin/providers/a/drain?scope=instance")
+            assert drained.status_code == 200, drained.text
+            view = drained.json()["provider"]
+            assert drained.json()["scope"] == "instance"
+            assert (view["state"], view["bench_reason"], view["bench_endless"]) == (
+                "benched",
+                "drained",
+                True,
+            )
+            reply = await gw.api.post("/v1/chat/completions", json=CHAT)
+            assert reply.headers["x-relayrace-provider"] == "b"
+            health = (await gw.api.get("/healthz")).json()
+            assert health["actors"]["a"]["bench_reason"] == "drained"
+            scrape = (await gw.anonymous.get(gw.running.metrics_url)).text
+            assert 'relayrace_provider_drained{provider="a"} 1.0' in scrape
+            assert 'relayrace_provider_drained{provider="b"} 0.0' in scrape
+            assert (await gw.admin.get("/admin/providers/a/drain")).status_code == 405
+            assert (await gw.admin.post("/admin/providers/zz/drain")).status_code == 404
+            assert (await gw.admin.post("/admin/providers/a/unbench")).status_code == 200
+            again = await gw.api.post("/v1/chat/completions", json=CHAT)
+            assert again.headers["x-relayrace-provider"] == "a"
+            scrape = (await gw.anonymous.get(gw.running.metrics_url)).text
+            assert 'relayrace_provider_drained{provider="a"} 0.0' in scrape

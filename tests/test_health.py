@@ -512,6 +512,8 @@ def test_snapshot_and_to_dict() -> None:
         "gave_up_until": None,
         "provider_state": "benched",
         "serving": False,
+        "bench_reason": None,
+        "benched_by": None,
         "deployments": {},
     }
     assert health.snapshot(5.0, "openai", 0).benched_until is None

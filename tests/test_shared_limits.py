@@ -25,10 +25,11 @@ from relayrace import (
     Route,
     Supervisor,
 )
-from relayrace.actors import OpenAIClient
+from relayrace.actors import OpenAIClient, State
 from relayrace.state import Deployment
 from relayrace.testing import MockProvider, serve_mock_provider
 
+from .operating import CHAT, ENV, gateway, gateway_file
 from .redis_server import RedisServer
 from .test_shared_state import eventually, instance, redis_server, sent, state_config
 
@@ -155,3 +156,73 @@ async def test_a_pin_made_by_one_instance_is_honoured_by_the_other(
         assert all(any("affinity key last" in d.reason for d in r.decisions) for r in replies)
         # Keys without a pin: round robin as usual.
         assert {(await ask(b, user=f"u{n}")).provider for n in (2, 3)} == {"primary", "backup"}
+
+
+async def test_a_bench_made_by_one_instance_shows_in_the_others_health(
+    redis_server: RedisServer,
+) -> None:
+    async with two_instances(redis_server) as (a, mock_a, b, mock_b):
+        assert b.health()["primary"].state is State.OK
+        a.bench("primary", 600)
+        await eventually(lambda: b.health()["primary"].state is State.BENCHED)
+        seen = b.health()["primary"]
+        assert (seen.benched_by, seen.bench_reason, seen.manual) == ("fleet", "manual", True)
+        assert not seen.serving and seen.to_dict()["benched_by"] == "fleet"
+        assert a.health()["primary"].benched_by is None  # A's own bench
+        a.drain_provider("primary", fleet=False)  # this instance only
+        assert a.health()["primary"].bench_reason == "drained"
+        a.unbench("primary")
+        await eventually(lambda: b.health()["primary"].state is State.OK)
+        assert b.health()["primary"].bench_reason is None
+        assert a.health()["primary"].bench_reason is None
+
+
+async def test_a_provider_drained_through_one_admin_api_is_avoided_by_every_instance(
+    redis_server: RedisServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    state = f'\n[state]\nbackend = "redis"\nurl = "{redis_server.url}"\nprefix = "{prefix}"\n'
+    slow, fast = "ok,chunks=2,delay=0.3,tag=a", "ok,tag=b"
+
+    async def served(gw: Any) -> str:
+        reply = await gw.api.post("/v1/chat/completions", json=CHAT)
+        assert reply.status_code == 200, reply.text
+        return str(reply.headers["x-relayrace-provider"])
+
+    async with serve_mock_provider() as mock_a, serve_mock_provider() as mock_b:
+        text_a = gateway_file(mock_a.base_url, {"a": slow, "b": fast}) + state
+        text_b = gateway_file(mock_b.base_url, {"a": slow, "b": fast}) + state
+        async with gateway(tmp_path / "a.toml", text_a) as gw_a:
+            async with gateway(tmp_path / "b.toml", text_b) as gw_b:
+                in_flight: list[str] = []
+
+                async def first() -> None:
+                    in_flight.append(await served(gw_a))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(first)
+                    await eventually(lambda: sent(mock_a, slow) == 1)
+                    drained = await gw_a.admin.post("/admin/providers/a/drain")
+                    assert drained.status_code == 200, drained.text
+                    assert drained.json()["scope"] == "fleet"
+                    view = drained.json()["provider"]
+                    assert view["state"] == "benched" and view["bench_reason"] == "drained"
+                assert in_flight == ["a"]  # the request in flight on it finished there
+
+                def drained_on_b() -> bool:
+                    return gw_b.running.sup.health()["a"].bench_reason == "drained"
+
+                await eventually(drained_on_b)
+                assert await served(gw_b) == "b" and await served(gw_a) == "b"
+                assert sent(mock_b, slow) == 0
+                metrics_url = gw_b.running.metrics_url
+                assert metrics_url is not None
+                scrape = (await gw_b.anonymous.get(metrics_url)).text
+                assert 'relayrace_provider_drained{provider="a"} 1.0' in scrape
+
+                lifted = await gw_a.admin.post("/admin/providers/a/unbench")
+                assert lifted.status_code == 200
+                await eventually(lambda: not drained_on_b())
+                assert await served(gw_b) == "a"

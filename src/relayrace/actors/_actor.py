@@ -216,13 +216,13 @@ class ProviderActor:
             )
         return snapshot
 
-    def bench(self, seconds: float | None, model: str | None = None, *, share: bool = True) -> None:
-        """Bench by hand, the whole provider or (``model``) one deployment; automatic logic
-        never shortens it.
-
-        Raises:
-            ValueError: ``model`` is not the model of a provider configured with one.
-        """
+    def bench(
+        self, seconds: float | None, model: str | None = None, *, share: bool = True,
+        reason: str = "manual",
+    ) -> None:
+        """Bench by hand (``reason``: ``manual``, ``drained``) the provider or (``model``) one
+        deployment; automatic logic never shortens it. Raises ``ValueError``: ``model`` is not
+        the model of a provider configured with one."""
         now = trio.current_time()
         key = self._manual_key(model)
         record = self.health if key is None else self.deployments.use(key, now, keep=True)
@@ -230,8 +230,8 @@ class ProviderActor:
         self._wake_timer.set()
         until = math.inf if seconds is None else now + seconds
         if share and not self.deployments.provider.exempt:  # (``share``: with the fleet)
-            self._shared.bench(key, until, "manual", manual=True)
-        self._emit(EventKind.ACTOR_BENCHED, until=until, detail="manual", model=key)
+            self._shared.bench(key, until, reason, manual=True)
+        self._emit(EventKind.ACTOR_BENCHED, until=until, detail=reason, model=key)
 
     def unbench(self, model: str | None = None, *, share: bool = True) -> None:
         """Lift every bench of the provider and its deployments, or (``model``) of one

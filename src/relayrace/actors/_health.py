@@ -70,6 +70,10 @@ class HealthSnapshot:
             ``None`` otherwise.
         deployments: the health of each deployment (upstream model) the actor has served,
             by model; the fields above are the worst of these and the provider-wide record.
+        bench_reason: why it is benched, where known (the fleet's record: a failure category,
+            ``manual``, ``drained``).
+        benched_by: ``"fleet"``: the bench is another instance's, shared (``None``: this
+            process's own, or none).
     """
 
     name: str
@@ -86,6 +90,8 @@ class HealthSnapshot:
     #: the state of the provider-wide record alone (account-level benches, manual benches of
     #: the whole provider, ``gave_up``), where ``state`` is the worst of every record.
     provider_state: State = State.OK
+    bench_reason: str | None = None
+    benched_by: str | None = None
 
     @property
     def serving(self) -> bool:
@@ -117,6 +123,8 @@ class HealthSnapshot:
             "gave_up_until": self.gave_up_until,
             "provider_state": self.provider_state.value,
             "serving": self.serving,
+            "bench_reason": self.bench_reason,
+            "benched_by": self.benched_by,
             "deployments": {model: d.to_dict() for model, d in self.deployments.items()},
         }
 

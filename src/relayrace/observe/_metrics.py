@@ -485,8 +485,14 @@ class _Collector(Collector):
             "Attempts waiting in each provider's inbox for a free slot.",
             labels=("provider",),
         )
+        drained = GaugeMetricFamily(
+            "relayrace_provider_drained",
+            "1 while a provider is drained (POST /admin/providers/{name}/drain), else 0.",
+            labels=("provider",),
+        )
         for name, snap in sorted(health.items()):
             state.add_metric([name], HEALTH_VALUES.get(snap.state, 0))
+            drained.add_metric([name], 1.0 if snap.bench_reason == "drained" else 0.0)
             in_flight.add_metric([name], snap.in_flight)
             inbox.add_metric([name], depths.get(name, 0))
             benches.add_metric([name], snap.bench_count)
@@ -497,7 +503,7 @@ class _Collector(Collector):
                 worst[label] = max(worst.get(label, 0), HEALTH_VALUES.get(d.state, 0))
             for label, v in sorted(worst.items()):
                 deployments.add_metric([name, label], v)
-        yield from (state, in_flight, inbox, benches, failures, deployments)
+        yield from (state, in_flight, inbox, benches, failures, deployments, drained)
         yield GaugeMetricFamily(
             "relayrace_requests_in_flight", "Requests in flight.", value=stats.in_flight
         )

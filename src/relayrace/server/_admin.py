@@ -8,9 +8,12 @@ Routes (each needs a bearer token of ``ServerSettings.admin_tokens``; with none 
   ``fleet_benches``: the benches the fleet shares, by deployment (``""``: provider-wide).
 - ``POST /admin/providers/{name}/bench``: body ``{"seconds": N}``, or none / ``{}`` for a
   bench until unbench.
-- ``POST /admin/providers/{name}/unbench``.
+- ``POST /admin/providers/{name}/unbench``: lifts a bench or a drain.
+- ``POST /admin/providers/{name}/drain``: new requests avoid the provider, those in flight on
+  it finish; a manual bench whose reason is ``drained`` (health's ``bench_reason``, the
+  ``actor_benched`` event's detail, ``relayrace_provider_drained``) until ``unbench``.
 
-  With ``[state] backend = "redis"`` both act fleet-wide (every process sharing the state
+  With ``[state] backend = "redis"`` the three act fleet-wide (every process sharing the state
   honours the bench, or its lifting); ``?scope=instance`` acts on this process only. The answer
   says which (``"scope": "fleet"`` or ``"instance"``).
 - ``POST /admin/drain``: refuse new requests on both surfaces, answer once those in flight
@@ -147,6 +150,9 @@ class _AdminError(Exception):
         self.status, self.code, self.extra = status, code, extra
 
 
+_PROVIDER_ACTIONS = ("bench", "unbench", "drain")
+
+
 @attrs.define(eq=False)
 class AdminAPI:
     """The ``/admin/`` handler of one ``serve`` (ASGI-shaped: ``scope, receive, send``)."""
@@ -180,7 +186,7 @@ class AdminAPI:
         if parts == ["providers"]:
             _allow(method, "GET")
             return 200, self.providers()
-        if len(parts) == 3 and parts[0] == "providers" and parts[2] in ("bench", "unbench"):
+        if len(parts) == 3 and parts[0] == "providers" and parts[2] in _PROVIDER_ACTIONS:
             _allow(method, "POST")
             name = parts[1]
             if name not in self.sup.health():
@@ -192,6 +198,11 @@ class AdminAPI:
                 self.sup.unbench(name, fleet=fleet)
                 self.sup.record_admin("unbench", actor=name)
                 log.info("admin: unbenched provider %s%s", name, note)
+                return 200, {"provider": self.providers_one(name), "scope": where}
+            if parts[2] == "drain":
+                self.sup.drain_provider(name, fleet=fleet)
+                self.sup.record_admin("drain_provider", actor=name)
+                log.warning("admin: drained provider %s until unbenched%s", name, note)
                 return 200, {"provider": self.providers_one(name), "scope": where}
             seconds = _seconds(await _read_json(receive))
             self.sup.bench(name, seconds, fleet=fleet)
@@ -255,6 +266,8 @@ class AdminAPI:
             "bench_count": snapshot.bench_count,
             "in_flight": snapshot.in_flight,
             "queued": self.sup.inbox_depths().get(name, 0),
+            "bench_reason": snapshot.bench_reason,
+            "benched_by": snapshot.benched_by,
             "recent_failures": [] if recent is None else recent.of(name),
             "fleet_benches": self._fleet_benches(name),
         }

@@ -4,11 +4,15 @@ backend opened for its lifetime, and what a ``StateEvent`` becomes (a log line a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import attrs
+
 from .._config import Config
 from .._events import EventKind
+from ..actors import DeploymentSnapshot, HealthSnapshot, State
 from ..state import (
     BenchRecord,
     Deployment,
@@ -61,3 +65,63 @@ def fleet_benches(state: StateBackend | None, provider: str) -> dict[str, BenchR
         if deployment.provider == provider and record.active(now):
             found[deployment.model or ""] = record
     return found
+
+
+def fleet_health(
+    state: StateBackend | None,
+    snapshot: HealthSnapshot,
+    now: float,
+    drained: bool = False,
+) -> HealthSnapshot:
+    """``snapshot`` (this process's records of one actor) with the benches the fleet shares
+    of its provider: a bench made by another instance shows as benched (``benched_by="fleet"``)
+    with its ``reason``, ``manual`` and deadline; ``drained``: drained on this process alone.
+
+    ``now`` is trio's clock; the shared deadlines are wall-clock seconds."""
+    if drained and snapshot.bench_reason is None:
+        snapshot = attrs.evolve(snapshot, bench_reason="drained")
+    if state is None or not state.mirror.benches:
+        return snapshot
+    wall = state.now()
+    for model, record in (fleet_benches(state, snapshot.name) or {}).items():
+        until = math.inf if record.manual else now + (record.until - wall)
+        if not model:
+            if snapshot.provider_state is State.BENCHED:
+                if snapshot.bench_reason is None:
+                    snapshot = attrs.evolve(snapshot, bench_reason=record.reason)
+                continue
+            snapshot = attrs.evolve(
+                snapshot,
+                state=State.BENCHED,
+                provider_state=State.BENCHED,
+                benched_until=until,
+                manual=record.manual,
+                bench_reason=record.reason,
+                benched_by="fleet",
+            )
+            continue
+        own = snapshot.deployments.get(model)
+        if own is not None and own.state is State.BENCHED:
+            if snapshot.bench_reason is None:
+                snapshot = attrs.evolve(snapshot, bench_reason=record.reason)
+            continue
+        deployment = DeploymentSnapshot(
+            model=model,
+            state=State.BENCHED,
+            benched_until=until,
+            consecutive_failures=0 if own is None else own.consecutive_failures,
+            manual=record.manual,
+            probe_in_flight=False,
+            bench_count=0 if own is None else own.bench_count,
+        )
+        changes: dict[str, object] = {"deployments": {**snapshot.deployments, model: deployment}}
+        if snapshot.state is not State.BENCHED:
+            changes.update(
+                state=State.BENCHED,
+                benched_until=until,
+                manual=record.manual,
+                bench_reason=record.reason,
+                benched_by="fleet",
+            )
+        snapshot = attrs.evolve(snapshot, **changes)  # type: ignore[arg-type]
+    return snapshot

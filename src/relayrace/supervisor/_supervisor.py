@@ -31,7 +31,7 @@ from ._ledger import Ledger, SupervisorStatistics
 from ._observer import SURFACES, Hooks
 from ._reload import Reloaded, same_provider
 from ._run import Run
-from ._shared import fleet_benches, shared_state, state_event
+from ._shared import fleet_benches, fleet_health, shared_state, state_event
 from ._stream import RequestStream
 
 log = logging.getLogger("relayrace")
@@ -71,6 +71,8 @@ class Supervisor:
         #: actors a reload removed that are still finishing their attempts.
         self._retiring: set[ProviderActor] = set()
         self._reload_lock = trio.Lock()
+        #: providers drained on this process alone (``drain_provider(fleet=False)``)
+        self._drained: set[str] = set()
         self._ledger = Ledger(
             config.policies, random.Random(config.seed), list(self._routes), self._hooks
         )
@@ -169,9 +171,14 @@ class Supervisor:
 
     def health(self) -> dict[str, HealthSnapshot]:
         """A snapshot of every actor's health, by name: the worst of its provider-wide and
-        deployment records, each deployment's own in ``deployments`` (by upstream model)."""
-        now = trio.current_time()
-        return {name: actor.snapshot(now) for name, actor in self._actors.items()}
+        deployment records, each deployment's own in ``deployments`` (by upstream model). With a
+        shared state backend a bench another instance made shows too (``benched_by="fleet"``,
+        its ``bench_reason``)."""
+        now, state, drained = trio.current_time(), self.shared_state, self._drained
+        return {
+            name: fleet_health(state, actor.snapshot(now), now, name in drained)
+            for name, actor in self._actors.items()
+        }
 
     def bench(
         self, name: str, seconds: float | None = None, *, model: str | None = None, fleet: bool = True
@@ -200,6 +207,22 @@ class Supervisor:
             ValueError: the actor is configured with another model than ``model``.
         """
         self._actors[name].unbench(model, share=fleet)
+        if model is None:
+            self._drained.discard(name)
+
+    def drain_provider(self, name: str, *, model: str | None = None, fleet: bool = True) -> None:
+        """Drain a provider (or ``model``'s deployment of it): new requests avoid it, requests
+        in flight on it finish; a manual bench with the reason ``drained`` (in events, health
+        and metrics) until ``unbench``. Fleet-wide with a shared state backend unless
+        ``fleet=False``.
+
+        Raises:
+            KeyError: no actor has that name.
+            ValueError: the actor is configured with another model than ``model``.
+        """
+        self._actors[name].bench(None, model, share=fleet, reason="drained")
+        if not fleet or self.shared_state is None:
+            self._drained.add(name)
 
     @asynccontextmanager
     async def subscribe(
@@ -236,9 +259,9 @@ class Supervisor:
         return fleet_benches(self.shared_state, name)
 
     def record_admin(self, action: str, *, actor: str | None = None) -> None:
-        """Publish that an operator acted (``bench``, ``unbench``, ``drain``, ``reload``,
-        ``reload_refused``): an ``admin_action`` event with ``detail=action``, which the
-        subscribers and the observers' ``health_changed`` receive."""
+        """Publish that an operator acted (``bench``, ``unbench``, ``drain``, ``drain_provider``,
+        ``reload``, ``reload_refused``): an ``admin_action`` event with ``detail=action``, which
+        the subscribers and the observers' ``health_changed`` receive."""
         self._announce(EventKind.ADMIN_ACTION, actor=actor, detail=action)
 
     async def reload(self, config: Config) -> Reloaded:
