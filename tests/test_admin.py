@@ -216,3 +216,4 @@ async def test_a_provider_drain_through_the_admin_api(tmp_path) -> None:
             assert again.headers["x-relayrace-provider"] == "a"
             scrape = (await gw.anonymous.get(gw.running.metrics_url)).text
             assert 'relayrace_provider_drained{provider="a"} 0.0' in scrape
+            assert 'relayrace_admin_actions_total{action="drain_provider"} 1.0' in scrape

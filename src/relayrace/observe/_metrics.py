@@ -98,7 +98,9 @@ OVERHEAD_BUCKETS = (
 HEALTH_VALUES = {State.OK: 0, State.PROBING: 1, State.BENCHED: 2, State.GAVE_UP: 3}
 
 #: The operator's actions counted by ``relayrace_admin_actions_total`` (``Supervisor.record_admin``).
-ADMIN_ACTIONS = frozenset({"bench", "unbench", "drain", "reload", "reload_refused"})
+ADMIN_ACTIONS = frozenset(
+    {"bench", "unbench", "drain", "drain_provider", "reload", "reload_refused"}
+)
 _CATEGORIES = frozenset(c.value for c in Category)
 _OK = Outcome.OK
 
@@ -371,7 +373,7 @@ class _Collector(Collector):
         admin = CounterMetricFamily(
             "relayrace_admin_actions",
             "Operator actions through the admin API or a signal, by action (bench, unbench, "
-            "drain, reload, reload_refused).",
+            "drain, drain_provider, reload, reload_refused).",
             labels=("action",),
         )
         for action, n in sorted(m._admin_actions.items()):
