@@ -129,6 +129,18 @@ async def test_a_limit_learned_by_one_instance_is_honoured_by_the_other(
         assert sent(mock_b, model) == 0
 
 
+async def test_a_429_with_retry_after_on_one_instance_is_honoured_by_the_other(
+    redis_server: RedisServer,
+) -> None:
+    model = "rate-limit,retry_after=30"
+    async with two_instances(redis_server, primary=model) as (a, mock_a, b, mock_b):
+        assert (await ask(a)).provider == "backup"  # the 429 benches it for 30 s, fleet-wide
+        await eventually(lambda: b.health()["primary"].state is State.BENCHED)
+        assert b.health()["primary"].bench_reason == "rate_limit"
+        assert (await ask(b)).provider == "backup"
+        assert sent(mock_b, model) == 0
+
+
 async def test_redis_away_admission_counts_locally_and_no_request_fails(
     redis_server: RedisServer,
 ) -> None:
