@@ -43,7 +43,7 @@ class Gateway:
     ws_url: str | None = None
 
 
-def _serve_toml(mock_url: str, model: str, concurrency: int) -> str:
+def _serve_toml(mock_url: str, model: str, concurrency: int, extra: str = "") -> str:
     return f"""
 [server]
 http_host = "127.0.0.1"
@@ -67,7 +67,7 @@ inbox_size = {max(256, concurrency)}
 [[routes]]
 model = {json.dumps(ROUTE)}
 chain = ["mock"]
-"""
+{extra}"""
 
 
 def _stop(process: subprocess.Popen[str], grace: float = 15.0) -> None:
@@ -84,14 +84,15 @@ def _stop(process: subprocess.Popen[str], grace: float = 15.0) -> None:
 
 @contextlib.contextmanager
 def relayrace_serve(
-    mock_url: str, model: str, concurrency: int, *, workers: int = 1
+    mock_url: str, model: str, concurrency: int, *, workers: int = 1, extra_toml: str = ""
 ) -> Iterator[Gateway]:
     """``relayrace serve --config <generated> --workers N`` on free ports; yields it once both
-    endpoints listen (its pid: the parent, whose CPU counts its workers')."""
+    endpoints listen (its pid: the parent, whose CPU counts its workers'). ``extra_toml`` is
+    appended to the generated config (more providers, routes, ``[state]``, policies)."""
     token = "rr-" + secrets.token_hex(16)
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile("w+") as errors:
         config = Path(folder) / "relayrace.toml"
-        config.write_text(_serve_toml(mock_url, model, concurrency))
+        config.write_text(_serve_toml(mock_url, model, concurrency, extra_toml))
         process = subprocess.Popen(
             [
                 sys.executable,

@@ -24,8 +24,9 @@ from ._procs import Runner, mock_process
 from ._progress import Progress
 from ._report import targets, write_reports
 from ._routing_bench import routing_params, routing_weight, run_routing_workload
+from ._state import run_state_workload, state_params, state_weight
 
-WORKLOADS = ("overhead", "compare", "gateway", "scale", "faults", "routing")
+WORKLOADS = ("overhead", "compare", "gateway", "scale", "faults", "routing", "state")
 
 # Rough seconds per request of each peer, for the progress bar's weights only.
 _COST = {"httpx": 0.0012, "relayrace": 0.0016, "litellm": 0.012}
@@ -112,6 +113,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "litellm": litellm,
         },
         "routing": routing_params(quick, args.requests),
+        "state": state_params(quick, args.requests),
         "peers": ["httpx", "relayrace"] + (["litellm"] if litellm else []),
         "litellm_available": litellm,
     }
@@ -180,6 +182,8 @@ def _weight(params: dict[str, Any]) -> float:
         total += params["faults"]["seconds"] * len(params["faults"]["modes"]) + 1
     if "routing" in workloads:
         total += routing_weight(params["routing"])
+    if "state" in workloads:
+        total += state_weight(params["state"])
     return total
 
 
@@ -416,6 +420,11 @@ class _Runner(Runner):
 
     def routing(self) -> dict[str, Any]:
         return run_routing_workload(self)
+
+    # --- workload 7 ---
+
+    def state(self) -> dict[str, Any]:
+        return run_state_workload(self)
 
 
 def dump(results: dict[str, Any]) -> str:

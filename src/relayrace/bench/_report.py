@@ -11,6 +11,7 @@ from typing import Any
 from ._common import MODES
 from ._gwreport import gateway_markdown, gateway_plot, gateway_targets
 from ._routing_bench import routing_markdown, routing_plot
+from ._statereport import state_markdown, state_targets
 
 
 def _get(data: Any, *path: Any) -> Any:
@@ -120,6 +121,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
     gw = _get(results, "gateway", "summary") or {}
     for name, goal, measured, unit, met in gateway_targets(gw):
+        add(name, goal, measured, unit, met)
+    for name, goal, measured, unit, met in state_targets(results.get("state") or {}):
         add(name, goal, measured, unit, met)
     scale = [r for r in _get(results, "scale", "summary") or [] if r["peer"] == "relayrace"]
     if scale:
@@ -346,6 +349,7 @@ def markdown(results: dict[str, Any]) -> str:
             ],
         )
     lines += routing_markdown(results.get("routing"))
+    lines += state_markdown(results.get("state"))
     goals = results.get("targets")
     if goals:
         lines += ["## Targets (reported, not asserted)", ""]

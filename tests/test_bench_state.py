@@ -1,0 +1,75 @@
+"""``relayrace bench --only state`` (issue #16's benchmark) end to end at a tiny size: a real
+redis-server, two ``relayrace serve --workers 2`` (local and redis state), wrk, and the bench
+propagation between two processes. Never asserts a speed: only that every run happened, no
+request failed, the redis runs really went through Redis, and the report says so."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from relayrace.bench import main
+
+needs = pytest.mark.skipif(
+    shutil.which("wrk") is None or shutil.which("redis-server") is None,
+    reason="needs wrk and redis-server (apt-get install wrk redis-server)",
+)
+
+
+@needs
+def test_quick_state_bench_compares_local_and_redis_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--quick", "--only", "state", "--requests", "40", "--out", str(tmp_path)]
+    assert main([*args, "--no-plots"]) == 0
+    (json_path,) = tmp_path.glob("*-quick.json")
+    results = json.loads(json_path.read_text())
+    assert results["errors"] == []
+    state = results["state"]
+    runs = state["runs"]
+    # Every scenario and mode, once per backend, each with its count and no failure.
+    assert sorted((r["scenario"], r["mode"], r["backend"]) for r in runs) == sorted(
+        (s, m, b)
+        for s in ("healthy", "failing", "outage")
+        for m in ("non-streamed", "streamed")
+        for b in ("local", "redis")
+    )
+    assert all(r["requests"] >= 40 and r["failed"] == 0 for r in runs)
+    assert all(r["gateway_cpu_ms_per_request"] > 0 for r in runs)
+    # The redis gateway runs a script per failure count it writes: Redis works for it, while
+    # the local gateway's runs leave it idle (but for the redis gateway's periodic full read).
+    failing = {
+        r["backend"]: r for r in runs if (r["scenario"], r["mode"]) == ("failing", "non-streamed")
+    }
+    assert failing["redis"]["redis_scripts_per_request"] >= 0.5
+    assert failing["local"]["redis_scripts_per_request"] < 0.25
+    summary = state["summary"]
+    assert len(summary["rows"]) == 6
+    assert all(math.isfinite(r["cpu_cost_pct"]) for r in summary["rows"])
+    propagation = summary["propagation"]
+    assert propagation["benches"] == 20
+    assert 0 < propagation["latency_ms"]["p50"] <= propagation["latency_ms"]["p99"] < 10_000
+    targets = [t for t in results["targets"] if t["target"].startswith(("shared state", "a bench"))]
+    assert len(targets) == 8 and all(t["measured"] is not None for t in targets)
+    markdown = (tmp_path / "latest-quick.md").read_text()
+    assert "## 7. Shared state" in markdown
+    assert "| failing | non-streamed |" in markdown and "Bench propagation:" in markdown
+    assert markdown in capsys.readouterr().out
+
+
+def test_the_state_workload_is_skipped_without_redis_server_and_wrk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither wrk nor redis-server there
+    assert main(["--quick", "--only", "state", "--out", str(tmp_path), "--no-plots"]) == 0
+    (json_path,) = tmp_path.glob("*-quick.json")
+    state = json.loads(json_path.read_text())["state"]
+    assert state["summary"] is None
+    assert "apt-get install redis-server" in state["skipped"]
+    assert "apt-get install wrk" in state["skipped"]
+    out = capsys.readouterr().out
+    assert "redis-server not found on PATH" in out and "Skipped: " in out
