@@ -22,6 +22,7 @@ from ._starter import STARTER_KINDS
 if TYPE_CHECKING:
     from ._loader import GatewayConfig
     from .server import Operations, Server, ServerSettings
+    from .server._workers import ParentLink
     from .supervisor import Supervisor
 
 
@@ -236,9 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._top import main as top_main
 
         return top_main(args.url, args.token_env, interval=args.interval, once=args.once)
+    # A worker of `serve --workers` names itself in each line: its reload, its failures.
+    who = "worker %(process)d " if args.worker_fds is not None else ""
     try:
         logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            level=args.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         )
     except ValueError as exc:
         print(f"relayrace: --log-level: {exc}", file=sys.stderr)
@@ -327,7 +331,10 @@ def _serve(
             from .server._workers import adopt, die_with_parent
 
             die_with_parent()
-            sockets = adopt(worker_fds)
+            # Until it serves (and handles SIGHUP), SIGHUP would kill the worker; the parent
+            # holds it back until then anyway.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            sockets, parent = adopt(worker_fds)
             trio.run(
                 partial(
                     run_gateway,
@@ -337,6 +344,7 @@ def _serve(
                     http_socket=sockets.get("http"),
                     ws_socket=sockets.get("ws"),
                     announce=False,
+                    parent=parent,
                 )
             )
         elif (workers or gateway.server.workers) > 1:
@@ -426,6 +434,7 @@ async def run_gateway(
     http_socket: socket.socket | None = None,
     ws_socket: socket.socket | None = None,
     announce: bool = True,
+    parent: ParentLink | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
@@ -436,7 +445,9 @@ async def run_gateway(
     ``AccessLog`` in ``[server] log_format`` and the admin API's ``RecentFailures``. SIGHUP
     reloads ``config_path`` as ``POST /admin/reload`` does. ``overrides`` are ``[server]``
     settings the command line sets over the file's (``log_format``). A worker of
-    ``serve --workers`` passes the sockets it inherited, and its parent announces the URLs.
+    ``serve --workers`` passes the sockets it inherited (its parent announces the URLs) and
+    its ``parent`` link: told when it serves, and of each reload through the admin API (the
+    parent passes that on as SIGHUP to the other workers).
     """
     from .observe import AccessLog, Metrics, serve_metrics
     from .server import Operations, RecentFailures, serve
@@ -457,7 +468,12 @@ async def run_gateway(
                 host = settings.metrics_host
                 port = await nursery.start(serve_metrics, metrics, host, settings.metrics_port)
                 metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
-            operations = Operations(config_path=config_path, recent=recent, overrides=overrides)
+            operations = Operations(
+                config_path=config_path,
+                recent=recent,
+                overrides=overrides,
+                on_reload=None if parent is None else parent.reloaded,
+            )
 
             async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
                 await serve(
@@ -480,6 +496,8 @@ async def run_gateway(
                 if url is not None and announce:
                     print(f"relayrace: {name} on {url}", flush=True)
             task_status.started(Running(server, sup, metrics_url))
+            if parent is not None:
+                parent.serving()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await _reload_on_signal(sup, operations, settings)

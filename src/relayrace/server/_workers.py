@@ -8,12 +8,20 @@ port (the kernel spreads new connections over them); elsewhere all workers share
 (whoever is idle accepts). SIGTERM or SIGINT to the parent reaches every worker, which shuts
 down gracefully; a worker that dies is restarted, up to ``MAX_RESTARTS`` within
 ``RESTART_WINDOW`` seconds, after which the parent stops them all and fails.
+
+Reload: SIGHUP to the parent is SIGHUP to every worker, each of which reloads the file on its
+own (and logs the outcome; a file with mistakes changes nothing anywhere). Each worker has a
+pipe to the parent (``ParentLink``) on which it says when it serves (a worker that does not
+yet gets its SIGHUP once it does: it would otherwise die of it, or miss it) and when it
+reloaded through ``POST /admin/reload``, which the parent passes on as SIGHUP to the others.
+A restarted worker reads the file as it is when it starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -21,6 +29,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
+
+import attrs
 
 from ._settings import ServerSettings
 
@@ -34,8 +44,14 @@ _POLL_SECONDS = 0.1
 #: A worker's graceful shutdown: the grace, the goodbyes (``FLUSH_SECONDS``), and a margin.
 _EXIT_MARGIN = 10.0
 
-#: Where the sockets of one worker are: endpoint ("http", "ws") → descriptor.
+#: Where the sockets of one worker are: endpoint ("http", "ws") → descriptor, and ``PARENT``:
+#: the write end of its pipe to the parent.
 Fds = dict[str, int]
+PARENT = "parent"
+#: What a worker writes on its pipe: it serves (SIGHUP is handled from now on) ...
+_SERVING = b"s"
+#: ... or it reloaded through the admin API (the parent reloads the others).
+_RELOADED = b"r"
 
 
 def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -109,10 +125,12 @@ def run_workers(
     *,
     grace: float,
 ) -> int:
-    """Run one worker per share of the sockets until SIGTERM/SIGINT, restarting the dead.
+    """Run one worker per share of the sockets until SIGTERM/SIGINT, restarting the dead and
+    passing SIGHUP (and a worker's admin reload) on to the workers.
 
     Args:
-        command: the worker's command line, given the descriptors it inherits.
+        command: the worker's command line, given the descriptors it inherits (its sockets
+            and, under ``PARENT``, its pipe to the parent).
         shares: each worker's sockets (from ``bind_sockets``).
         grace: the workers' shutdown grace, in seconds (how long to wait for them to exit).
 
@@ -121,26 +139,50 @@ def run_workers(
         restarts) or had to be killed.
     """
     stopping: list[int] = []
+    hangups: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.append(signum)
+        (hangups if signum == signal.SIGHUP else stopping).append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    workers: list[subprocess.Popen[bytes] | None] = [None] * len(shares)
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in handled}
+    slots = [_Slot(*os.pipe()) for _ in shares]
     restarts: list[float] = []
     status = 0
     try:
+        for slot in slots:
+            os.set_blocking(slot.read_end, False)
 
         def start(i: int) -> None:
+            slot = slots[i]
+            _drain(slot.read_end)  # what the worker it replaces said is no news of this one
             fds = {name: sock.fileno() for name, sock in shares[i].items()}
-            workers[i] = subprocess.Popen(list(command(fds)), pass_fds=tuple(fds.values()))
-            log.info("worker %d started: pid %d", i, workers[i].pid)  # type: ignore[union-attr]
+            fds[PARENT] = slot.write_end
+            slot.process = subprocess.Popen(list(command(fds)), pass_fds=tuple(fds.values()))
+            slot.serving = slot.reload_pending = False
+            log.info("worker %d started: pid %d", i, slot.process.pid)
 
         for i in range(len(shares)):
             start(i)
         while not stopping:
-            time.sleep(_POLL_SECONDS)
-            for i, worker in enumerate(workers):
+            ready = _wait_readable([slot.read_end for slot in slots], _POLL_SECONDS)
+            if hangups:
+                log.info("SIGHUP: reloading %d workers", len(slots))
+                hangups.clear()
+                for slot in slots:
+                    slot.reload()
+            for i, slot in enumerate(slots):
+                if slot.read_end in ready:
+                    for said in _drain(slot.read_end):
+                        if said == _SERVING[0]:
+                            slot.now_serving()
+                        elif said == _RELOADED[0]:
+                            log.info("worker %d reloaded (admin API): reloading the others", i)
+                            for other in slots:
+                                if other is not slot:
+                                    other.reload()
+            for i, slot in enumerate(slots):
+                worker = slot.process
                 if stopping or worker is None or worker.poll() is None:
                     continue
                 now = time.monotonic()
@@ -159,17 +201,68 @@ def run_workers(
                 )  # fmt: skip
                 restarts.append(now)
                 start(i)
+        workers = [slot.process for slot in slots]
         if stopping[0]:
             log.info("%s: stopping %d workers", signal.Signals(stopping[0]).name, len(workers))
         status = max(status, _stop(workers, grace + _EXIT_MARGIN))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for worker in workers:
-            if worker is not None and worker.poll() is None:
-                worker.kill()
-                worker.wait()
+        for slot in slots:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.kill()
+                slot.process.wait()
+            os.close(slot.read_end)
+            os.close(slot.write_end)
     return status
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One worker's place in the parent: its pipe, its process, whether it serves yet."""
+
+    read_end: int
+    write_end: int
+    process: subprocess.Popen[bytes] | None = None
+    serving: bool = False
+    #: A SIGHUP for a worker that did not serve yet: sent once it does.
+    reload_pending: bool = False
+
+    def reload(self) -> None:
+        if self.serving and self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
+        else:
+            self.reload_pending = True
+
+    def now_serving(self) -> None:
+        self.serving = True
+        if self.reload_pending:
+            self.reload_pending = False
+            self.reload()
+
+
+def _wait_readable(fds: list[int], timeout: float) -> list[int]:
+    """The descriptors among ``fds`` with something to read, waiting at most ``timeout``
+    (a signal handled meanwhile ends the wait early or not: either way within ``timeout``)."""
+    try:
+        ready, _, _ = select.select(fds, [], [], timeout)
+    except InterruptedError:  # pragma: no cover - PEP 475 retries select
+        return []
+    return ready
+
+
+def _drain(fd: int) -> bytes:
+    """Everything readable now on the non-blocking ``fd``."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _stop(workers: list[subprocess.Popen[bytes] | None], timeout: float) -> int:
@@ -206,6 +299,35 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def adopt(fds: Fds) -> dict[str, socket.socket]:
-    """In a worker: the listening sockets inherited from the parent."""
-    return {name: socket.socket(fileno=fd) for name, fd in fds.items()}
+@attrs.frozen
+class ParentLink:
+    """In a worker: the pipe to the parent of ``serve --workers``.
+
+    Attributes:
+        fd: the pipe's write end, inherited from the parent.
+    """
+
+    fd: int
+
+    def serving(self) -> None:
+        """Tell the parent this worker serves (and handles SIGHUP) from now on."""
+        self._say(_SERVING)
+
+    def reloaded(self) -> None:
+        """Tell the parent this worker reloaded through the admin API: it reloads the others."""
+        self._say(_RELOADED)
+
+    def _say(self, what: bytes) -> None:
+        try:
+            os.write(self.fd, what)
+        except OSError as exc:  # the parent is gone (we get SIGTERM) or not reading
+            log.warning("cannot tell the parent of serve --workers: %s", exc)
+
+
+def adopt(fds: Fds) -> tuple[dict[str, socket.socket], ParentLink | None]:
+    """In a worker: the listening sockets inherited from the parent, and the pipe to it."""
+    sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items() if name != PARENT}
+    link = ParentLink(fds[PARENT]) if PARENT in fds else None
+    if link is not None:
+        os.set_blocking(link.fd, False)
+    return sockets, link
