@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -48,7 +49,9 @@ def route(model: str) -> str:
 
 
 @asynccontextmanager
-async def workers(tmp_path: Path, n: int) -> AsyncIterator[tuple[subprocess.Popen[str], str]]:
+async def workers(
+    tmp_path: Path, n: int, server: str = ""
+) -> AsyncIterator[tuple[subprocess.Popen[str], str]]:
     async with serve_mock_provider() as mock:
         config = tmp_path / "relayrace.toml"
         config.write_text(
@@ -59,6 +62,7 @@ ws_port = 0
 shutdown_grace = 2.0
 workers = 1
 admin_tokens_env = ["RELAYRACE_TEST_ADMIN"]
+{server}
 
 [[providers]]
 name = "mock"
@@ -221,3 +225,37 @@ async def test_a_reload_reaches_every_worker(tmp_path):
         }
         process.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(process.wait, 30) == 0
+
+
+def _two_free_ports() -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` are both free (now)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def test_each_worker_serves_its_own_metrics_port(tmp_path):
+    port = _two_free_ports()
+    async with workers(tmp_path, 2, server=f"metrics_port = {port}") as (process, url):
+        pids = await pids_answering(url, 2)
+        async with httpx.AsyncClient(timeout=30) as http:
+            for worker_port in (port, port + 1):
+                with trio.fail_after(30):
+                    while True:
+                        try:
+                            response = await http.get(f"http://127.0.0.1:{worker_port}/metrics")
+                            break
+                        except httpx.ConnectError:
+                            await trio.sleep(0.1)
+                assert response.status_code == 200
+                assert "relayrace_" in response.text
+        # Nobody died of a port in use: the same two workers still answer.
+        assert await pids_answering(url, 2) == pids
+        assert process.poll() is None

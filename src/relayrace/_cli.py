@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=textwrap.fill(
             "Run the websocket and HTTP endpoints (and the metrics listener, with [server]"
             " metrics_port) until SIGINT or SIGTERM; SIGHUP reloads the file, as"
-            " POST /admin/reload does.",
+            " POST /admin/reload does (with --workers: SIGHUP the parent, or POST to any"
+            " worker, and every worker reloads).",
             width=78,
         ),
         epilog=_EXAMPLES["serve"],
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # A worker of `serve --workers`: the listening sockets it inherits (name=fd,...).
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
+    # ... and its index (0 .. N-1): worker i serves metrics on metrics_port + i.
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check",
         help="check a TOML config file, report every mistake in it, and exit",
@@ -249,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.worker_fds is not None:
         fds = {k: int(v) for k, v in (item.split("=") for item in args.worker_fds.split(","))}
-        return _serve(args.config, log_format=args.log_format, worker_fds=fds)
+        return _serve(
+            args.config, log_format=args.log_format, worker_fds=fds, worker_index=args.worker_index
+        )
     if args.workers is not None and args.workers < 1:
         print("relayrace: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -308,6 +313,7 @@ def _serve(
     workers: int | None = None,
     log_level: str = "INFO",
     worker_fds: dict[str, int] | None = None,
+    worker_index: int = 0,
 ) -> int:
     """``relayrace serve``: every failure to start is one line on stderr and a non-zero exit
     (2: the config; 1: anything else), never a traceback."""
@@ -326,7 +332,7 @@ def _serve(
     access.addHandler(handler)
     access.propagate = False
     try:
-        overrides = {} if log_format is None else {"log_format": log_format}
+        overrides: dict[str, Any] = {} if log_format is None else {"log_format": log_format}
         if worker_fds is not None:
             from .server._workers import adopt, die_with_parent
 
@@ -335,6 +341,9 @@ def _serve(
             # holds it back until then anyway.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             sockets, parent = adopt(worker_fds)
+            metrics_port = gateway.server.metrics_port
+            if metrics_port:  # one port each (port 0: each its own, unannounced)
+                overrides["metrics_port"] = metrics_port + worker_index
             trio.run(
                 partial(
                     run_gateway,
@@ -386,10 +395,19 @@ def _serve_workers(
     try:
         for name, url in urls(gateway.server, shares[0]):
             print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
+        server = gateway.server
+        if server.metrics_port:
+            host = f"[{server.metrics_host}]" if ":" in server.metrics_host else server.metrics_host
+            print(
+                f"relayrace: metrics on http://{host}:{server.metrics_port}/metrics"
+                f" (worker 0; worker i: port {server.metrics_port} + i)",
+                flush=True,
+            )
 
-        def command(fds: dict[str, int]) -> list[str]:
+        def command(index: int, fds: dict[str, int]) -> list[str]:
             listed = ",".join(f"{name}={fd}" for name, fd in fds.items())
             serve = ["serve", "--config", path, "--log-level", log_level, "--worker-fds", listed]
+            serve += ["--worker-index", str(index)]
             if log_format is not None:
                 serve += ["--log-format", log_format]
             return [sys.executable, "-m", "relayrace._cli", *serve]

@@ -120,7 +120,7 @@ def urls(settings: ServerSettings, share: dict[str, socket.socket]) -> list[tupl
 
 
 def run_workers(
-    command: Callable[[Fds], Sequence[str]],
+    command: Callable[[int, Fds], Sequence[str]],
     shares: list[dict[str, socket.socket]],
     *,
     grace: float,
@@ -129,8 +129,9 @@ def run_workers(
     passing SIGHUP (and a worker's admin reload) on to the workers.
 
     Args:
-        command: the worker's command line, given the descriptors it inherits (its sockets
-            and, under ``PARENT``, its pipe to the parent).
+        command: the worker's command line, given its index (0 .. N-1, kept by its
+            replacement) and the descriptors it inherits (its sockets and, under ``PARENT``,
+            its pipe to the parent).
         shares: each worker's sockets (from ``bind_sockets``).
         grace: the workers' shutdown grace, in seconds (how long to wait for them to exit).
 
@@ -158,7 +159,7 @@ def run_workers(
             _drain(slot.read_end)  # what the worker it replaces said is no news of this one
             fds = {name: sock.fileno() for name, sock in shares[i].items()}
             fds[PARENT] = slot.write_end
-            slot.process = subprocess.Popen(list(command(fds)), pass_fds=tuple(fds.values()))
+            slot.process = subprocess.Popen(list(command(i, fds)), pass_fds=tuple(fds.values()))
             slot.serving = slot.reload_pending = False
             log.info("worker %d started: pid %d", i, slot.process.pid)
 
