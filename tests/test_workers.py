@@ -259,3 +259,48 @@ async def test_each_worker_serves_its_own_metrics_port(tmp_path):
         # Nobody died of a port in use: the same two workers still answer.
         assert await pids_answering(url, 2) == pids
         assert process.poll() is None
+
+
+async def test_a_dead_worker_waits_for_a_config_file_without_mistakes(tmp_path):
+    log = tmp_path / "serve.log"
+    config = tmp_path / "relayrace.toml"
+
+    async def waiting(n: int) -> None:
+        with trio.fail_after(60):
+            while True:
+                if log.read_text().count("not restarted while the config file has mistakes") >= n:
+                    return
+                await trio.sleep(0.1)
+
+    async with workers(tmp_path, 2) as (process, url):
+        pids = await pids_answering(url, 2)
+        good = config.read_text()
+        config.write_text(good + "\n[[providers]]\nname = 3\n")
+        victim, survivor = sorted(pids)
+        os.kill(int(victim), signal.SIGKILL)
+        await waiting(1)
+        # Not a crash loop to give up on: the parent waits, the other worker serves on, and
+        # every new connection reaches it.
+        await trio.sleep(1.5)
+        assert process.poll() is None
+        with trio.fail_after(30):
+            assert await pids_answering(url, 2, tries=10) == {survivor}
+        # The other one dies too: both wait.
+        os.kill(int(survivor), signal.SIGKILL)
+        await waiting(2)
+        assert process.poll() is None
+        # Fixed: both come back, from the file as it is now.
+        config.write_text(good + route("fresh"))
+        with trio.fail_after(60):
+            while True:
+                try:
+                    now = await pids_answering(url, 2, tries=20)
+                except httpx.TransportError:  # not listening yet
+                    now = set()
+                if len(now) == 2:
+                    break
+                await trio.sleep(0.2)
+        assert not now & pids
+        assert (await statuses(url, "fresh", now)) == dict.fromkeys(now, 200)
+        process.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(process.wait, 30) == 0

@@ -412,7 +412,16 @@ def _serve_workers(
                 serve += ["--log-format", log_format]
             return [sys.executable, "-m", "relayrace._cli", *serve]
 
-        return run_workers(command, shares, grace=gateway.server.shutdown_grace)
+        def check() -> list[str]:
+            from ._loader import read_gateway
+
+            try:
+                read_gateway(path)
+            except ConfigError as exc:
+                return [str(problem) for problem in exc.problems]
+            return []
+
+        return run_workers(command, shares, grace=gateway.server.shutdown_grace, check=check)
     finally:
         close_sockets(shares)
 

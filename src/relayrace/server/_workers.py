@@ -14,7 +14,9 @@ own (and logs the outcome; a file with mistakes changes nothing anywhere). Each 
 pipe to the parent (``ParentLink``) on which it says when it serves (a worker that does not
 yet gets its SIGHUP once it does: it would otherwise die of it, or miss it) and when it
 reloaded through ``POST /admin/reload``, which the parent passes on as SIGHUP to the others.
-A restarted worker reads the file as it is when it starts.
+A restarted worker reads the file as it is when it starts; while the file has mistakes a dead
+worker is not restarted (nor counted as a restart): its own sockets are closed, so that the
+kernel sends new connections to the others, and bound again when the file is fixed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ MAX_RESTARTS = 10
 RESTART_WINDOW = 60.0
 #: How often the parent looks at its workers.
 _POLL_SECONDS = 0.1
+#: How often a dead worker's slot looks at a config file that had mistakes.
+_RECHECK_SECONDS = 1.0
 #: A worker's graceful shutdown: the grace, the goodbyes (``FLUSH_SECONDS``), and a margin.
 _EXIT_MARGIN = 10.0
 
@@ -124,6 +128,7 @@ def run_workers(
     shares: list[dict[str, socket.socket]],
     *,
     grace: float,
+    check: Callable[[], Sequence[str]] | None = None,
 ) -> int:
     """Run one worker per share of the sockets until SIGTERM/SIGINT, restarting the dead and
     passing SIGHUP (and a worker's admin reload) on to the workers.
@@ -134,6 +139,10 @@ def run_workers(
             its pipe to the parent).
         shares: each worker's sockets (from ``bind_sockets``).
         grace: the workers' shutdown grace, in seconds (how long to wait for them to exit).
+        check: the config file's mistakes now (none: a worker can start from it). A dead
+            worker is not restarted while there are any (it could not start, and each try
+            would count towards ``MAX_RESTARTS``): it waits, checking again every
+            ``_RECHECK_SECONDS``, while the other workers serve.
 
     Returns:
         0 after a graceful shutdown of every worker; 1 when workers kept dying (too many
@@ -187,6 +196,17 @@ def run_workers(
                 if stopping or worker is None or worker.poll() is None:
                     continue
                 now = time.monotonic()
+                if check is not None and not slot.file_ok(check, now, i):
+                    # Not a crash loop: the others serve on while the file gets fixed. Its own
+                    # sockets close meanwhile, or the kernel would queue new connections there
+                    # for nobody (SO_REUSEPORT); they are bound again for its restart.
+                    slot.parked |= _park(shares, i)
+                    continue
+                try:
+                    _unpark(shares, i, slot.parked)
+                except OSError as exc:
+                    log.error("worker %d: cannot listen again: %s; trying again", i, exc)
+                    continue
                 restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW]
                 if len(restarts) >= MAX_RESTARTS:
                     log.error(
@@ -228,6 +248,30 @@ class _Slot:
     serving: bool = False
     #: A SIGHUP for a worker that did not serve yet: sent once it does.
     reload_pending: bool = False
+    #: Dead and waiting for a config file without mistakes: when to look at it again.
+    recheck_at: float | None = None
+    #: Its listening sockets closed while it waits: endpoint → (host, port).
+    parked: dict[str, tuple[str, int]] = attrs.field(factory=dict)
+
+    def file_ok(self, check: Callable[[], Sequence[str]], now: float, index: int) -> bool:
+        """Whether the worker can be restarted from the file now (logged once when not)."""
+        if self.recheck_at is not None and now < self.recheck_at:
+            return False
+        problems = check()
+        if not problems:
+            if self.recheck_at is not None:
+                log.info("worker %d: the config file is fixed: restarting it", index)
+            self.recheck_at = None
+            return True
+        if self.recheck_at is None:
+            log.error(
+                "worker %d exited; not restarted while the config file has mistakes "
+                "(the other workers serve on): %s",
+                index,
+                "; ".join(problems),
+            )
+        self.recheck_at = now + _RECHECK_SECONDS
+        return False
 
     def reload(self) -> None:
         if self.serving and self.process is not None and self.process.poll() is None:
@@ -240,6 +284,31 @@ class _Slot:
         if self.reload_pending:
             self.reload_pending = False
             self.reload()
+
+
+def _park(shares: list[dict[str, socket.socket]], i: int) -> dict[str, tuple[str, int]]:
+    """Close worker ``i``'s own listening sockets (not one it shares with the others); where
+    each was bound."""
+    others = {id(sock) for j, share in enumerate(shares) if j != i for sock in share.values()}
+    parked = {}
+    for name, sock in shares[i].items():
+        if id(sock) not in others and sock.fileno() != -1:
+            parked[name] = sock.getsockname()[:2]
+            sock.close()
+    return parked
+
+
+def _unpark(
+    shares: list[dict[str, socket.socket]], i: int, parked: dict[str, tuple[str, int]]
+) -> None:
+    """Bind worker ``i``'s sockets again where ``_park`` closed them (``parked``: emptied).
+
+    Raises:
+        OSError: a port cannot be bound again.
+    """
+    for name, (host, port) in list(parked.items()):
+        shares[i][name] = _listen(host, port, reuse_port=True)
+        del parked[name]
 
 
 def _wait_readable(fds: list[int], timeout: float) -> list[int]:
