@@ -304,3 +304,16 @@ async def test_a_dead_worker_waits_for_a_config_file_without_mistakes(tmp_path):
         assert (await statuses(url, "fresh", now)) == dict.fromkeys(now, 200)
         process.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(process.wait, 30) == 0
+
+
+async def test_a_sighup_before_the_workers_serve_reaches_them_once_they_do(tmp_path):
+    log = tmp_path / "serve.log"
+    config = tmp_path / "relayrace.toml"
+    async with workers(tmp_path, 2) as (process, url):
+        # The parent announces its URLs before its workers have even imported relayrace.
+        config.write_text(config.read_text() + route("fresh"))
+        process.send_signal(signal.SIGHUP)
+        pids = await pids_answering(url, 2)
+        await log_shows(log, "SIGHUP: reloading", pids)
+        await every_worker_answers(url, "fresh", pids, 200)
+        assert "exited with" not in log.read_text()

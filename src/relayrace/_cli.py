@@ -193,9 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=_EXAMPLES["top"],
         formatter_class=_EXAMPLE_FORMAT,
     )
-    top.add_argument(
-        "--url", default="http://127.0.0.1:8000", help="the gateway's HTTP endpoint"
-    )
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's HTTP endpoint")
     top.add_argument(
         "--token-env",
         default="RELAYRACE_ADMIN_TOKEN",
@@ -203,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
+    commands.add_parser(
+        "mock-provider", help="run the fault-injecting mock provider", add_help=False
+    )
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -393,16 +393,19 @@ def _serve_workers(
 
     shares = bind_sockets(gateway.server, workers)  # OSError: reported by the caller
     try:
-        for name, url in urls(gateway.server, shares[0]):
-            print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
-        server = gateway.server
-        if server.metrics_port:
-            host = f"[{server.metrics_host}]" if ":" in server.metrics_host else server.metrics_host
-            print(
-                f"relayrace: metrics on http://{host}:{server.metrics_port}/metrics"
-                f" (worker 0; worker i: port {server.metrics_port} + i)",
-                flush=True,
-            )
+
+        def announce() -> None:
+            for name, url in urls(gateway.server, shares[0]):
+                print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
+            server = gateway.server
+            if server.metrics_port:
+                host = server.metrics_host
+                host = f"[{host}]" if ":" in host else host
+                print(
+                    f"relayrace: metrics on http://{host}:{server.metrics_port}/metrics"
+                    f" (worker 0; worker i: port {server.metrics_port} + i)",
+                    flush=True,
+                )
 
         def command(index: int, fds: dict[str, int]) -> list[str]:
             listed = ",".join(f"{name}={fd}" for name, fd in fds.items())
@@ -421,7 +424,9 @@ def _serve_workers(
                 return [str(problem) for problem in exc.problems]
             return []
 
-        return run_workers(command, shares, grace=gateway.server.shutdown_grace, check=check)
+        return run_workers(
+            command, shares, grace=gateway.server.shutdown_grace, check=check, announce=announce
+        )
     finally:
         close_sockets(shares)
 

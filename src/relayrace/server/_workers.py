@@ -129,6 +129,7 @@ def run_workers(
     *,
     grace: float,
     check: Callable[[], Sequence[str]] | None = None,
+    announce: Callable[[], None] | None = None,
 ) -> int:
     """Run one worker per share of the sockets until SIGTERM/SIGINT, restarting the dead and
     passing SIGHUP (and a worker's admin reload) on to the workers.
@@ -143,6 +144,8 @@ def run_workers(
             worker is not restarted while there are any (it could not start, and each try
             would count towards ``MAX_RESTARTS``): it waits, checking again every
             ``_RECHECK_SECONDS``, while the other workers serve.
+        announce: called once the parent handles SIGHUP, SIGTERM and SIGINT (say where the
+            server listens then: a signal sent on seeing that must not kill the parent).
 
     Returns:
         0 after a graceful shutdown of every worker; 1 when workers kept dying (too many
@@ -174,6 +177,8 @@ def run_workers(
 
         for i in range(len(shares)):
             start(i)
+        if announce is not None:
+            announce()
         while not stopping:
             ready = _wait_readable([slot.read_end for slot in slots], _POLL_SECONDS)
             if hangups:
