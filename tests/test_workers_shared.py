@@ -132,7 +132,8 @@ async def two_workers(
 
 
 class Pinned:
-    """An HTTP client on one keep-alive connection, so one worker: ``pid``."""
+    """An HTTP client on one keep-alive connection (kept idle up to 300 s by both ends), so
+    one worker: ``pid``."""
 
     def __init__(self, http: httpx.AsyncClient, pid: str):
         self.http, self.pid = http, pid
@@ -161,7 +162,7 @@ class Pinned:
 async def pin(stack: AsyncExitStack, url: str, other_than: str | None = None) -> Pinned:
     """A client pinned to a worker (other than the one ``other_than`` names)."""
     for _ in range(200):
-        limits = httpx.Limits(max_connections=1)
+        limits = httpx.Limits(max_connections=1, keepalive_expiry=300.0)
         http = httpx.AsyncClient(base_url=url, limits=limits, timeout=30)
         response = await http.get("/healthz")
         pid = response.headers["x-relayrace-worker"]
