@@ -22,6 +22,7 @@ from ._starter import STARTER_KINDS
 if TYPE_CHECKING:
     from ._loader import GatewayConfig
     from .server import Operations, Server, ServerSettings
+    from .server._workers import ParentLink
     from .supervisor import Supervisor
 
 
@@ -124,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=textwrap.fill(
             "Run the websocket and HTTP endpoints (and the metrics listener, with [server]"
             " metrics_port) until SIGINT or SIGTERM; SIGHUP reloads the file, as"
-            " POST /admin/reload does.",
+            " POST /admin/reload does (with --workers: SIGHUP the parent, or POST to any"
+            " worker, and every worker reloads).",
             width=78,
         ),
         epilog=_EXAMPLES["serve"],
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # A worker of `serve --workers`: the listening sockets it inherits (name=fd,...).
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
+    # ... and its index (0 .. N-1): worker i serves metrics on metrics_port + i.
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check",
         help="check a TOML config file, report every mistake in it, and exit",
@@ -189,9 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=_EXAMPLES["top"],
         formatter_class=_EXAMPLE_FORMAT,
     )
-    top.add_argument(
-        "--url", default="http://127.0.0.1:8000", help="the gateway's HTTP endpoint"
-    )
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's HTTP endpoint")
     top.add_argument(
         "--token-env",
         default="RELAYRACE_ADMIN_TOKEN",
@@ -199,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    commands.add_parser("mock-provider", help="run the fault-injecting mock provider", add_help=False)
+    commands.add_parser(
+        "mock-provider", help="run the fault-injecting mock provider", add_help=False
+    )
     commands.add_parser("bench", help="run the load benchmarks", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -236,16 +240,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._top import main as top_main
 
         return top_main(args.url, args.token_env, interval=args.interval, once=args.once)
+    # A worker of `serve --workers` names itself in each line: its reload, its failures.
+    who = "worker %(process)d " if args.worker_fds is not None else ""
     try:
         logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            level=args.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         )
     except ValueError as exc:
         print(f"relayrace: --log-level: {exc}", file=sys.stderr)
         return 2
     if args.worker_fds is not None:
         fds = {k: int(v) for k, v in (item.split("=") for item in args.worker_fds.split(","))}
-        return _serve(args.config, log_format=args.log_format, worker_fds=fds)
+        return _serve(
+            args.config, log_format=args.log_format, worker_fds=fds, worker_index=args.worker_index
+        )
     if args.workers is not None and args.workers < 1:
         print("relayrace: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -304,6 +313,7 @@ def _serve(
     workers: int | None = None,
     log_level: str = "INFO",
     worker_fds: dict[str, int] | None = None,
+    worker_index: int = 0,
 ) -> int:
     """``relayrace serve``: every failure to start is one line on stderr and a non-zero exit
     (2: the config; 1: anything else), never a traceback."""
@@ -322,12 +332,18 @@ def _serve(
     access.addHandler(handler)
     access.propagate = False
     try:
-        overrides = {} if log_format is None else {"log_format": log_format}
+        overrides: dict[str, Any] = {} if log_format is None else {"log_format": log_format}
         if worker_fds is not None:
             from .server._workers import adopt, die_with_parent
 
             die_with_parent()
-            sockets = adopt(worker_fds)
+            # Until it serves (and handles SIGHUP), SIGHUP would kill the worker; the parent
+            # holds it back until then anyway.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            sockets, parent = adopt(worker_fds)
+            metrics_port = gateway.server.metrics_port
+            if metrics_port:  # one port each (port 0: each its own, unannounced)
+                overrides["metrics_port"] = metrics_port + worker_index
             trio.run(
                 partial(
                     run_gateway,
@@ -337,6 +353,7 @@ def _serve(
                     http_socket=sockets.get("http"),
                     ws_socket=sockets.get("ws"),
                     announce=False,
+                    parent=parent,
                 )
             )
         elif (workers or gateway.server.workers) > 1:
@@ -376,17 +393,40 @@ def _serve_workers(
 
     shares = bind_sockets(gateway.server, workers)  # OSError: reported by the caller
     try:
-        for name, url in urls(gateway.server, shares[0]):
-            print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
 
-        def command(fds: dict[str, int]) -> list[str]:
+        def announce() -> None:
+            for name, url in urls(gateway.server, shares[0]):
+                print(f"relayrace: {name} on {url} ({workers} workers)", flush=True)
+            server = gateway.server
+            if server.metrics_port:
+                host = server.metrics_host
+                host = f"[{host}]" if ":" in host else host
+                print(
+                    f"relayrace: metrics on http://{host}:{server.metrics_port}/metrics"
+                    f" (worker 0; worker i: port {server.metrics_port} + i)",
+                    flush=True,
+                )
+
+        def command(index: int, fds: dict[str, int]) -> list[str]:
             listed = ",".join(f"{name}={fd}" for name, fd in fds.items())
             serve = ["serve", "--config", path, "--log-level", log_level, "--worker-fds", listed]
+            serve += ["--worker-index", str(index)]
             if log_format is not None:
                 serve += ["--log-format", log_format]
             return [sys.executable, "-m", "relayrace._cli", *serve]
 
-        return run_workers(command, shares, grace=gateway.server.shutdown_grace)
+        def check() -> list[str]:
+            from ._loader import read_gateway
+
+            try:
+                read_gateway(path)
+            except ConfigError as exc:
+                return [str(problem) for problem in exc.problems]
+            return []
+
+        return run_workers(
+            command, shares, grace=gateway.server.shutdown_grace, check=check, announce=announce
+        )
     finally:
         close_sockets(shares)
 
@@ -426,6 +466,7 @@ async def run_gateway(
     http_socket: socket.socket | None = None,
     ws_socket: socket.socket | None = None,
     announce: bool = True,
+    parent: ParentLink | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until SIGINT or SIGTERM (or ``Server.shutdown()``), then shut down
@@ -436,7 +477,9 @@ async def run_gateway(
     ``AccessLog`` in ``[server] log_format`` and the admin API's ``RecentFailures``. SIGHUP
     reloads ``config_path`` as ``POST /admin/reload`` does. ``overrides`` are ``[server]``
     settings the command line sets over the file's (``log_format``). A worker of
-    ``serve --workers`` passes the sockets it inherited, and its parent announces the URLs.
+    ``serve --workers`` passes the sockets it inherited (its parent announces the URLs) and
+    its ``parent`` link: told when it serves, and of each reload through the admin API (the
+    parent passes that on as SIGHUP to the other workers).
     """
     from .observe import AccessLog, Metrics, serve_metrics
     from .server import Operations, RecentFailures, serve
@@ -457,7 +500,12 @@ async def run_gateway(
                 host = settings.metrics_host
                 port = await nursery.start(serve_metrics, metrics, host, settings.metrics_port)
                 metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
-            operations = Operations(config_path=config_path, recent=recent, overrides=overrides)
+            operations = Operations(
+                config_path=config_path,
+                recent=recent,
+                overrides=overrides,
+                on_reload=None if parent is None else parent.reloaded,
+            )
 
             async def serving(*, task_status: trio.TaskStatus[Server]) -> None:
                 await serve(
@@ -480,6 +528,8 @@ async def run_gateway(
                 if url is not None and announce:
                     print(f"relayrace: {name} on {url}", flush=True)
             task_status.started(Running(server, sup, metrics_url))
+            if parent is not None:
+                parent.serving()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await _reload_on_signal(sup, operations, settings)

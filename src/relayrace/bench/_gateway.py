@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from ._common import MESSAGES, ROUTE, BenchError, summarise_ms, tree_cpu_seconds
-from ._gwprocs import Gateway, litellm_proxy, relayrace_serve
+from ._gwprocs import Gateway, Usage, litellm_proxy, pid_listening, relayrace_serve
 from ._procs import Runner
 from ._wrk import WRK_MISSING, find_wrk, run_wrk
 
@@ -245,8 +245,14 @@ def workload_weight(p: dict[str, Any]) -> float:
 
 
 def _row(
-    path: str, mode: str, spec: dict[str, Any], result: dict[str, Any], cpu: float | None
+    path: str,
+    mode: str,
+    spec: dict[str, Any],
+    result: dict[str, Any],
+    used: dict[str, float | None],
 ) -> dict[str, Any]:
+    """One run's row. ``used``: CPU seconds of the gateway, the mock and wrk during the run
+    (``None``: not measured), and the cores the machine left idle."""
     requests = result["requests"]
     row = {
         "path": path,
@@ -255,15 +261,24 @@ def _row(
         "connections": spec["connections"],
         "offered_rps": spec["rate"] or None,
     } | {k: v for k, v in result.items() if k != "gateway_cpu_s"}
-    row["gateway_cpu_ms_per_request"] = (
-        round(cpu / requests * 1e3, 4) if cpu is not None and requests else None
-    )
+    for who in ("gateway", "mock", "wrk"):
+        cpu = used.get(f"{who}_cpu_s")
+        row[f"{who}_cpu_ms_per_request"] = (
+            round(cpu / requests * 1e3, 4) if cpu is not None and requests else None
+        )
+    row["machine_idle_cores"] = used.get("machine_idle_cores")
     return row
 
 
 def _wrk_path(
-    wrk: str, gateway: Gateway | None, mock_url: str, model: str, mode: str, spec: dict[str, Any]
-) -> tuple[dict[str, Any], float | None]:
+    wrk: str,
+    gateway: Gateway | None,
+    mock_url: str,
+    model: str,
+    mode: str,
+    spec: dict[str, Any],
+    mock_pid: int | None = None,
+) -> tuple[dict[str, Any], dict[str, float | None]]:
     streamed = mode == "streamed"
     if gateway is None:
         url, token, body, pid = (
@@ -279,7 +294,7 @@ def _wrk_path(
             _body(ROUTE, streamed),
         )
         pid = gateway.pid
-    cpu = tree_cpu_seconds(pid) if pid is not None else None
+    before, start = Usage.now(pid, mock_pid), time.perf_counter()
     result = run_wrk(
         wrk,
         url,
@@ -291,9 +306,7 @@ def _wrk_path(
         stop_after=spec["requests"],
         rate=spec["rate"],
     )
-    cpu_end = tree_cpu_seconds(pid) if pid is not None else None
-    used = cpu_end - cpu if cpu is not None and cpu_end is not None else None
-    return result, used
+    return result, before.until(Usage.now(pid, mock_pid), time.perf_counter() - start)
 
 
 def _add_overheads(rows: list[dict[str, Any]]) -> None:
@@ -353,15 +366,21 @@ def run_gateway_workload(runner: Runner) -> dict[str, Any]:
             "requests": 0,
             "rate": 0,
         }
+        # --workers 2: as many connections as its run, so that SO_REUSEPORT's hash gives each
+        # worker some (four may all land on one, leaving the other cold).
+        warm2 = warm | {"connections": p["clients"]}
+        # The mock's CPU per request too, and the idle cores: what a second worker could use.
+        mock_pid = pid_listening(int(runner.url.rsplit(":", 1)[1]))
         for mode in MODES:
-            for gateway in http_paths.values() if p["warmup"] > 0 else ():
-                _wrk_path(wrk, gateway, runner.url, model, mode, warm)  # warm up path and pools
+            for name, gateway in http_paths.items() if p["warmup"] > 0 else ():
+                spec = warm2 if name == "http-w2" else warm
+                _wrk_path(wrk, gateway, runner.url, model, mode, spec)  # warm up path and pools
             for spec in specs:
                 for name, gateway in http_paths.items():
                     if name == "http-w2" and spec["name"] != "c32":
                         continue
-                    result, cpu = _wrk_path(wrk, gateway, runner.url, model, mode, spec)
-                    rows.append(_row(name, mode, spec, result, cpu))
+                    result, used = _wrk_path(wrk, gateway, runner.url, model, mode, spec, mock_pid)
+                    rows.append(_row(name, mode, spec, result, used))
                     runner.progress.advance(run_weight(p, spec["name"]), f"gateway: {mode}, {name}")
                 if litellm is not None and spec["name"] == "rate":
                     time.sleep(2.0)  # let an overrun proxy drain before the next run
@@ -389,6 +408,9 @@ def run_gateway_workload(runner: Runner) -> dict[str, Any]:
         else:
             for spec in specs:
                 got = ws_result[spec["name"]]
-                rows.append(_row("ws", "streamed", spec, got, got["gateway_cpu_s"]))
+                rows.append(
+                    _row("ws", "streamed", spec, got, {"gateway_cpu_s": got["gateway_cpu_s"]})
+                )
     _add_overheads(rows)
-    return {"summary": {"paths": paths, "rows": rows, "model": model}, "parameters": p}
+    summary = {"paths": paths, "rows": rows, "model": model, "cores": os.cpu_count()}
+    return {"summary": summary, "parameters": p}

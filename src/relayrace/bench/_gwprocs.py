@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 import attrs
 import httpx
 
-from ._common import API_KEY, ROUTE, BenchError
+from ._common import API_KEY, ROUTE, BenchError, cpu_seconds_of, tree_cpu_seconds
 
 #: How long LiteLLM's proxy may take to answer its liveness probe (it imports a great deal:
 #: over a minute on a busy 2-core machine).
@@ -222,3 +223,68 @@ def litellm_proxy(mock_url: str, model: str) -> Iterator[Gateway]:
             yield Gateway("litellm", url, token, process.pid)
         finally:
             _stop(process)
+
+
+def pid_listening(port: int) -> int | None:
+    """The process listening on TCP ``port`` of this machine (the mock), from /proc; ``None``
+    where it cannot be told."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError, ValueError, IndexError), open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                        return int(entry)
+    return None
+
+
+@attrs.frozen
+class Usage:
+    """CPU seconds used so far: the gateway (its workers included), the mock, this process's
+    reaped children (``wrk``, once a run has ended), and the machine's busy and total jiffies."""
+
+    gateway: float | None
+    mock: float | None
+    children: float
+    busy: int
+    total: int
+
+    @classmethod
+    def now(cls, gateway_pid: int | None, mock_pid: int | None) -> Usage:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with open("/proc/stat") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:9]]
+        idle = jiffies[3] + jiffies[4]
+        return cls(
+            tree_cpu_seconds(gateway_pid) if gateway_pid is not None else None,
+            cpu_seconds_of(mock_pid) if mock_pid is not None else None,
+            kids.ru_utime + kids.ru_stime,
+            sum(jiffies) - idle,
+            sum(jiffies),
+        )
+
+    def until(self, later: Usage, wall: float) -> dict[str, float | None]:
+        """What was used between this and ``later`` (``wall`` seconds apart): the gateway's,
+        the mock's and wrk's CPU seconds, and the cores the machine left idle (on average)."""
+
+        def delta(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else b - a
+
+        cores = os.cpu_count() or 1
+        busy = (later.busy - self.busy) / max(1, later.total - self.total) * cores
+        return {
+            "gateway_cpu_s": delta(self.gateway, later.gateway),
+            "mock_cpu_s": delta(self.mock, later.mock),
+            "wrk_cpu_s": later.children - self.children,
+            "machine_idle_cores": round(cores - busy, 3) if wall > 0 else None,
+        }

@@ -37,7 +37,7 @@ import math
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -124,11 +124,14 @@ class Operations:
         recent: the observer of recent failures (``None``: none are shown).
         overrides: ``[server]`` settings the command line set over the file's
             (``--log-format``): a reload does not report them as changed.
+        on_reload: called after each successful ``POST /admin/reload`` (``serve --workers``:
+            the worker asks its parent to reload the other workers).
     """
 
     config_path: str | None = None
     recent: RecentFailures | None = None
     overrides: Mapping[str, Any] = attrs.field(factory=dict)
+    on_reload: Callable[[], None] | None = None
 
 
 def iso_utc(wall_time: float) -> str:
@@ -229,7 +232,10 @@ class AdminAPI:
                 raise _AdminError(409, "no_config_file", "this server was not started from a file")
             try:
                 ops = self.operations
-                return 200, await reload_gateway(self.sup, path, self.settings, ops.overrides)
+                answer = await reload_gateway(self.sup, path, self.settings, ops.overrides)
+                if ops.on_reload is not None:
+                    ops.on_reload()
+                return 200, answer
             except ConfigError as exc:
                 log.error("admin: reload of %s refused: %d problems", path, len(exc.problems))
                 problems = [str(p) for p in exc.problems]
