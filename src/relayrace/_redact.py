@@ -130,6 +130,14 @@ class SecretFilter:
         self._shortest = min(map(len, self._forms), default=0)
         self._held = ""
 
+    def fresh(self) -> SecretFilter:
+        """A filter of the same forms with nothing held back: what ``SecretFilter(forms)``
+        gives, without sorting the forms again (one per streamed attempt)."""
+        new = SecretFilter.__new__(SecretFilter)
+        new._forms, new._starts, new._shortest = self._forms, self._starts, self._shortest
+        new._held = ""
+        return new
+
     def feed(self, text: str) -> str:
         """The part of ``held + text`` that can be passed on now, secrets masked."""
         if self._held:

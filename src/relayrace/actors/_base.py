@@ -189,6 +189,8 @@ class HTTPProviderClient:
         }
         # The secrets, and the forms a provider may echo them in (base64, URL-encoded).
         self._secrets = secret_forms(_secrets_of(api_key, self._headers))
+        # Each attempt masks its answer with a fresh copy of this one.
+        self._mask = SecretFilter(self._secrets) if self._secrets else None
         _quiet_http_loggers()
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
@@ -331,7 +333,7 @@ class HTTPProviderClient:
         content = self._encoded(self.payload(call), call)
         state = AttemptState(stream=call.stream)
         # The answer text is masked as it streams (the key echoed, whole or encoded).
-        mask = SecretFilter(self._secrets) if self._secrets else None
+        mask = self._mask.fresh() if self._mask is not None else None
         with map_provider_errors(
             state, label=self.label, provider=call.actor, secrets=self._secrets
         ):

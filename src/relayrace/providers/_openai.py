@@ -154,14 +154,43 @@ class OpenAIReader(Reader):
         self._texts: list[str] = []
 
     def event(self, event: ServerSentEvent) -> str | None:
-        if event.data.strip() == "[DONE]":
+        data = event.data
+        if "[DONE]" in data and data.strip() == "[DONE]":
             self.terminated = True
             return None
         if event.event == "error":
-            raise UpstreamErrorBody(event.data)
+            raise UpstreamErrorBody(data)
         chunk = load_event(event)
         if chunk.get("error"):
             raise UpstreamErrorBody(chunk)
+        # The fast path, most chunks of a stream: one choice, index 0, text only (no tool call,
+        # refusal, log probabilities, finish reason or usage), the model already known. What
+        # it returns is what the general path below returns for such a chunk.
+        choices = chunk.get("choices")
+        model = chunk.get("model")
+        if (
+            type(choices) is list
+            and len(choices) == 1
+            and chunk.get("usage") is None
+            and (model == self.model or not model or type(model) is not str)
+        ):
+            choice = choices[0]
+            if (
+                type(choice) is dict
+                and choice.get("finish_reason") is None
+                and choice.get("logprobs") is None
+            ):
+                index = choice.get("index", 0)
+                delta = choice.get("delta")
+                if (
+                    index == 0
+                    and type(index) is int
+                    and type(delta) is dict
+                    and delta.get("tool_calls") is None
+                    and delta.get("refusal") is None
+                ):
+                    content = delta.get("content")
+                    return content if type(content) is str else ""
         self._common(chunk)
         text = ""
         for index, choice in _choices(chunk):

@@ -119,7 +119,18 @@ class SSEDecoder:
         if end >= self.max_line_bytes and max(map(len, lines)) > self.max_line_bytes:
             self._too_long()
         for line in lines:
-            self._line(line, events)
+            # ``_line``, its two common cases inlined: a ``data:`` line and an event's end.
+            if line.startswith(b"data: "):
+                self._data_size += len(line) - 6
+                if self._data_size > self.max_event_bytes:
+                    self._data_line(b"")  # raises event_too_large
+                self._data.append(line[6:].decode())
+            elif not line and self._data and not self._event:
+                events.append(ServerSentEvent("message", "\n".join(self._data)))
+                self._data = []
+                self._data_size = 0
+            else:
+                self._line(line, events)
         return events
 
     def close(self) -> list[ServerSentEvent]:

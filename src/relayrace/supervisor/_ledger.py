@@ -50,6 +50,11 @@ def supervisor_closed(*, refused: bool = False) -> Failure:
         message="the supervisor is shutting down" if refused else "the supervisor shut down",
     )
 
+class CallerLeft(Exception):
+    """Raised by ``Run.execute`` when a stream's caller left (``Run.leave``) before the
+    request ended: no outcome to give, and no one's failure."""
+
+
 class Stoppable(Protocol):
     """A request in flight, as the ledger sees it: something the shutdown can end."""
 

@@ -49,7 +49,7 @@ from ..actors import ClientCall, Emit, EmitNowait, Job, ProviderActor
 from ._answer import caught_up, choices_of
 from ._hedge import EmitTools, Leg, hedge_first
 from ._latency import ordering
-from ._ledger import Ledger, supervisor_closed
+from ._ledger import CallerLeft, Ledger, supervisor_closed
 from ._observer import RequestInfo
 from ._routing import capability_skips, plan_route
 
@@ -57,37 +57,13 @@ from ._routing import capability_skips, plan_route
 class Run:
     """One request's failover loop."""
 
+    # (several to a line: one per line would push the module past 600 lines)
     __slots__ = (
-        "ledger",
-        "events",
-        "request",
-        "route",
-        "chain",
-        "streaming",
-        "emit",
-        "emit_nowait",
-        "_scope",
-        "_stopped",
-        "request_id",
-        "attempts",
-        "decisions",
-        "parts",
-        "released",
-        "keep",
-        "seq",
-        "deadline",
-        "surface",
-        "observed",
-        "tools",
-        "_job",
-        "_diverged",
-        "_again",
-        "_lacking",
-        "_held",
-        "tools_actor",
-        "embed",
-        "embeddings",
-        "steer",
+        "ledger", "events", "request", "route", "chain", "streaming", "emit",
+        "emit_nowait", "_scope", "_stopped", "_left", "request_id", "attempts",
+        "decisions", "parts", "released", "keep", "seq", "deadline", "surface",
+        "observed", "tools", "_job", "_diverged", "_again", "_lacking", "_held",
+        "tools_actor", "embed", "embeddings", "steer",
     )
 
     def __init__(
@@ -115,6 +91,7 @@ class Run:
         self.emit_nowait: Callable[[Delta], bool] | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped = False
+        self._left = False  # a stream's caller left its block (``leave``)
         self.request_id = ledger.next_id()
         self.attempts: list[Attempt] = []
         self.decisions: list[Decision] = []
@@ -150,9 +127,13 @@ class Run:
         try:
             with trio.CancelScope(deadline=self.deadline) as scope:
                 self._scope = scope
+                if self._left:
+                    scope.cancel()
                 result = await self._loop()
             if scope.cancelled_caught and self._stopped:
                 raise self._failed(supervisor_closed())
+            if scope.cancelled_caught and self._left:
+                raise CallerLeft
             if scope.cancelled_caught:
                 failure = Failure(
                     category=Category.TIMEOUT,
@@ -181,6 +162,13 @@ class Run:
     def shut_down(self) -> None:
         """End the request at once: the supervisor is shutting down."""
         self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def leave(self) -> None:
+        """End the request at once: a stream's caller went away (``execute`` raises
+        ``CallerLeft``). The request's own scope does it: a stream needs no second one."""
+        self._left = True
         if self._scope is not None:
             self._scope.cancel()
 

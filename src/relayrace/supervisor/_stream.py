@@ -14,6 +14,7 @@ import trio
 
 from .._errors import RequestFailed
 from .._values import Delta, Reply
+from ._ledger import CallerLeft
 from ._run import Run
 
 #: How many deltas of a stream may wait for its reader before the provider read waits too.
@@ -26,13 +27,12 @@ class RequestStream:
     ``reply`` holds the ``Reply`` once the stream has ended.
     """
 
-    __slots__ = ("_nursery", "_run", "_deltas", "_scope", "_reply", "_error", "_entered")
+    __slots__ = ("_nursery", "_run", "_deltas", "_reply", "_error", "_entered")
 
     def __init__(self, run: Run, nursery: trio.Nursery):
         self._nursery = nursery
         self._run = run
         self._deltas = _Deltas()
-        self._scope = trio.CancelScope()
         self._reply: Reply | None = None
         self._error: RequestFailed | None = None
         self._entered = False
@@ -70,17 +70,18 @@ class RequestStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._scope.cancel()
+        self._run.leave()
         self._deltas.leave()
 
     async def _serve(self) -> None:
-        with self._scope:
-            try:
-                self._reply = await self._run.execute()
-            except RequestFailed as exc:
-                self._error = exc
-            finally:
-                self._deltas.close()
+        try:
+            self._reply = await self._run.execute()
+        except RequestFailed as exc:
+            self._error = exc
+        except CallerLeft:
+            pass
+        finally:
+            self._deltas.close()
 
     def __aiter__(self) -> RequestStream:
         return self
