@@ -127,6 +127,15 @@ class OpenAIApp:
         self._messages = MessagesEndpoint(
             sup, gate, read_json=self._read_json, encode_json=encode_json, models=self._models
         )
+        self._routes: dict[str, tuple[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
+            "/v1/chat/completions": ("POST", self._chat_completions),
+            "/v1/embeddings": ("POST", embeddings_route(self)),
+            "/v1/messages": ("POST", self._messages.handle),
+            "/v1/models": ("GET", self._models_list),
+            "/healthz": ("GET", self._healthz),
+            "/livez": ("GET", self._probes.livez),
+            "/readyz": ("GET", self._probes.readyz),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -187,15 +196,7 @@ class OpenAIApp:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        routes = {
-            "/v1/chat/completions": ("POST", self._chat_completions),
-            "/v1/embeddings": ("POST", embeddings_route(self)),
-            "/v1/messages": ("POST", self._messages.handle),
-            "/v1/models": ("GET", self._models_list),
-            "/healthz": ("GET", self._healthz),
-            "/livez": ("GET", self._probes.livez),
-            "/readyz": ("GET", self._probes.readyz),
-        }
+        routes = self._routes
         key = path.rstrip("/") or "/"
         if key.startswith("/admin/"):  # its own tokens, methods and errors
             await self._admin(scope, receive, send)
