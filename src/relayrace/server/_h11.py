@@ -343,13 +343,18 @@ class _Exchange:
                 await connection.stream.send_all(
                     conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
-            if self.deadline == math.inf:
-                self.deadline = trio.current_time() + connection.server.read_timeout
             try:
-                with trio.fail_after(self.deadline - trio.current_time()):
-                    event = await self._next_event()
-                    while isinstance(event, h11.Data) and not event.data:
+                # What h11 holds already (a small body comes with its head) needs no timer.
+                event = conn.next_event()
+                while isinstance(event, h11.Data) and not event.data:
+                    event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if self.deadline == math.inf:
+                        self.deadline = trio.current_time() + connection.server.read_timeout
+                    with trio.fail_after(self.deadline - trio.current_time()):
                         event = await self._next_event()
+                        while isinstance(event, h11.Data) and not event.data:
+                            event = await self._next_event()
             except (trio.TooSlowError, h11.RemoteProtocolError, trio.BrokenResourceError):
                 self.gone = True
                 return {"type": "http.disconnect"}
@@ -428,10 +433,26 @@ class _Exchange:
             data = self.head + data
             self.head = None
         if data:
-            try:
-                await self.connection.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        """Write ``data`` (``send_all``, counting what went out). An application may write from
+        a task that is cancelled at any time (a request's own, when its client goes or the
+        server stops): cancelled before a byte went out, the response can go on (an error event
+        after it); cancelled part way, the message is cut and nothing can be framed after it,
+        so the response ends there and the connection closes."""
+        sock = self.connection.stream.socket
+        sent = 0
+        try:
+            with memoryview(data) as view:
+                while sent < len(view):
+                    sent += await sock.send(view[sent:])
+        except trio.Cancelled:
+            if sent:
                 self.gone = True
+            raise
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.gone = True
 
 
 # --- HTTP/2 refused -------------------------------------------------------------------------

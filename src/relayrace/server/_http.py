@@ -306,7 +306,7 @@ class OpenAIApp:
                 # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
                 try:
                     if stream:
-                        await self._stream(request, include_usage, ticket, send, nursery)
+                        await self._stream(request, include_usage, ticket, send)
                     else:
                         await self._complete(request, ticket, send)
                 except _HTTPError as exc:
@@ -409,7 +409,6 @@ class OpenAIApp:
         include_usage: bool,
         ticket: Ticket,
         send: Send,
-        nursery: trio.Nursery,
     ) -> None:
         try:
             stream = self.sup.stream(request, surface="http")
@@ -434,7 +433,6 @@ class OpenAIApp:
                         first = not started
                         if first:
                             await start(delta.provider)
-                            body.start(nursery)
                         if delta.text or not delta.tool_calls:
                             await body.put(encoder.content(model, delta.text, first=first))
                             first = False
@@ -448,9 +446,7 @@ class OpenAIApp:
             except RequestFailed as exc:
                 failure = exc
         if reply is None and failure is None and ticket.stop is not Stop.SHUTDOWN:
-            return  # the client is gone: nobody to answer (the caller cancels the writer)
-        # What follows is written after every chunk already handed over.
-        await body.close()
+            return  # the client is gone: nobody to answer
         if reply is None and failure is None:
             if not started:
                 raise self._shutdown_error()
@@ -473,7 +469,7 @@ class OpenAIApp:
         events = _ending(encoder, reply, started)
         tail = "".join([f"data: {self._event(event)}\n\n" for event in events])
         tail += "data: [DONE]\n\n"
-        await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
+        await body.end(tail.encode())
 
 
 def _ending(
