@@ -13,14 +13,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 class Body:
-    """The content chunks of one streamed response, each written as it comes, from the request's
-    own task.
+    """The content chunks of one streamed response, each handed to ``send`` as it comes.
 
-    No writer task of its own: measured (``benchmarks/gateway_http_cpu.py``, see
-    ``benchmarks/README.md``), a task and a queue per request, to batch chunks that became
-    ready during a write, cost more than the writes they saved, at c=1 and at c=32 alike.
-    Backpressure is the socket's: a slow client makes ``put`` wait, and the deltas wait in the
-    supervisor's bounded stream.
+    No writer task per request: the HTTP server's connection has one (``_h11``), which takes
+    every piece handed over while it was writing in its next write, so deltas that arrive
+    together still cost one syscall. Measured (``benchmarks/gateway_http_cpu.py``, see
+    ``benchmarks/README.md``): a task and a queue per request cost more than they saved.
     """
 
     __slots__ = ("_send",)

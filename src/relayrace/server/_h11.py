@@ -17,6 +17,9 @@ routes can be written without knowing this module. What the server does on its o
   free (connections past it wait in the kernel's accept queue);
 - client disconnect detection: once the body is read, ``receive`` waits for the client to go away
   and returns ``http.disconnect`` (a pipelined next request is buffered, not a disconnect);
+- one writer task per connection (``_batch.Batcher``): ``send`` hands the bytes over (at once
+  while there is room) and every piece handed over during a write goes out in the next one; a
+  streamed body's chunks are framed here once h11 has shown the body is chunked;
 - graceful shutdown: ``stop_accepting`` closes the listeners and idle connections (those that
   never sent a byte at once); requests in
   flight finish, their connections close after the response;
@@ -35,6 +38,7 @@ from typing import Any
 import h11
 import trio
 
+from ._batch import Batcher
 from ._stream import IdleSockets, accept_capped
 
 log = logging.getLogger("relayrace.server.http")
@@ -141,14 +145,23 @@ class HTTPServer:
             self._sockets.release()
 
 
+#: Pieces of responses that may wait for the connection's writer before ``send`` waits too.
+_OUTBOX = 16
+
+
 class _Connection:
     """One client connection: its requests, one after another."""
 
-    __slots__ = ("server", "stream", "conn", "client")
+    __slots__ = ("server", "stream", "conn", "client", "outbox", "broken")
 
     def __init__(self, server: HTTPServer, stream: trio.SocketStream):
         self.server = server
         self.stream = stream
+        # Everything the connection writes goes through one writer task (as the websocket's
+        # frames): what is handed over while a write is in progress goes out in the next one,
+        # so a burst of deltas costs one syscall, and no task is started per request.
+        self.outbox = Batcher[bytes](_OUTBOX, most=1 << 30)
+        self.broken = False
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_bytes)
         self.client: tuple[str, int] | None
         try:
@@ -158,35 +171,53 @@ class _Connection:
 
     async def run(self, first: bytes) -> None:
         """Serve the requests that begin with ``first``, the connection's first bytes."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.outbox.run, self._write)
+            try:
+                refused = await self._serve(first)
+            finally:
+                # Every response handed over is written before the connection closes.
+                self.outbox.close()
+        if refused is not None:
+            await self._refuse(refused)
+
+    async def _write(self, pieces: list[bytes]) -> None:
+        if self.broken:
+            return
+        try:
+            await self.stream.send_all(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True  # the client went away: the rest goes nowhere
+
+    async def _serve(self, first: bytes) -> h11.RemoteProtocolError | None:
+        """The requests, one after another; a head to refuse ends them (returned)."""
         server, conn = self.server, self.conn
         while not server.stopping:
             try:
                 request = await self._next_request(first)
             except h11.RemoteProtocolError as exc:
-                await self._refuse(exc)
-                return
+                return exc
             first = b""
             if request is None:
-                return
+                return None
             # h11 limits a head that arrives in pieces; one that came in a single read is
             # measured here.
             size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
             if size > server.max_header_bytes:
-                await self._refuse(h11.RemoteProtocolError("head too large", 431))
-                return
+                return h11.RemoteProtocolError("head too large", 431)
             names = {name for name, _ in request.headers}
             if b"content-length" in names and b"transfer-encoding" in names:
                 # Which one frames the body is where proxies and servers disagree (request
                 # smuggling): refused outright, as RFC 9112 allows, and the connection closed.
-                await self._refuse(h11.RemoteProtocolError("both framings", 400))
-                return
+                return h11.RemoteProtocolError("both framings", 400)
             exchange = _Exchange(self, request)
             await exchange.run()
             if not await exchange.finish():
-                return
+                return None
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return  # Connection: close, an HTTP/1.0 client, a response cut short
+                return None  # Connection: close, an HTTP/1.0 client, a response cut short
             conn.start_next_cycle()
+        return None
 
     async def _next_request(self, first: bytes) -> h11.Request | None:
         """The next request's head, or ``None``: the client closed, or stayed idle too long.
@@ -340,9 +371,7 @@ class _Exchange:
             connection = self.connection
             conn = connection.conn
             if conn.they_are_waiting_for_100_continue:
-                await connection.stream.send_all(
-                    conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                )
+                await self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             try:
                 # What h11 holds already (a small body comes with its head) needs no timer.
                 event = conn.next_event()
@@ -436,22 +465,9 @@ class _Exchange:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:
-        """Write ``data`` (``send_all``, counting what went out). An application may write from
-        a task that is cancelled at any time (a request's own, when its client goes or the
-        server stops): cancelled before a byte went out, the response can go on (an error event
-        after it); cancelled part way, the message is cut and nothing can be framed after it,
-        so the response ends there and the connection closes."""
-        sock = self.connection.stream.socket
-        sent = 0
-        try:
-            with memoryview(data) as view:
-                while sent < len(view):
-                    sent += await sock.send(view[sent:])
-        except trio.Cancelled:
-            if sent:
-                self.gone = True
-            raise
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        """Hand ``data`` to the connection's writer (at once while it has room)."""
+        connection = self.connection
+        if connection.broken or not await connection.outbox.put(data):
             self.gone = True
 
 
