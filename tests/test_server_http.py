@@ -905,3 +905,70 @@ async def test_http_sockets_over_the_cap_wait_in_the_accept_queue(autojump_clock
             )
             assert received.startswith(b"HTTP/1.1 200 ")
             assert trio.current_time() - start == 5.0
+
+
+def _responses(received: bytes, request: bytes) -> list[tuple[h11.Response, bytes]]:
+    """The responses in ``received`` (to requests like ``request``, up to the server's close),
+    read by h11 as a client would: each head and its whole body."""
+    conn = h11.Connection(h11.CLIENT)
+    found: list[tuple[h11.Response, bytes]] = []
+    conn.receive_data(received)
+    conn.receive_data(b"")  # the server closed
+    while True:
+        conn.send(h11.Request(method="POST", target="/", headers=[(b"host", b"t")]))
+        conn.send(h11.EndOfMessage())
+        head, data = None, b""
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return found
+        assert head is not None
+        found.append((head, data))
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return found
+        conn.start_next_cycle()
+
+
+def _sse(data: bytes) -> list[Any]:
+    lines = [line.removeprefix("data: ") for line in data.decode().split("\n\n") if line]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+async def test_streamed_bodies_are_framed_for_each_client(autojump_clock):
+    # The content chunks of a stream are framed by the server (not an h11 event each) once
+    # h11 has shown it frames the body in chunks: the bytes must stay exactly what a client
+    # parses, answer after answer on one keep-alive connection; an HTTP/1.0 client gets the
+    # body delimited by the close (through h11).
+    cfg = config(scripted_provider("a", Answer(chunks=7)))
+    request = body(stream=True)
+    async with running(cfg, tokens=[]) as (_, server, _):
+        keep_alive, _ = await exchange(
+            server, post(request) + post(request) + post(request, b"connection: close\r\n")
+        )
+        data = json.dumps(request).encode()
+        old, _ = await exchange(
+            server,
+            b"POST /v1/chat/completions HTTP/1.0\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(data), data),
+        )
+    expected = split_text(SCRIPTED_ANSWER, 7)
+    answers = _responses(keep_alive, post(request))
+    assert len(answers) == 3
+    for head, data in answers:
+        assert head.status_code == 200
+        assert (b"transfer-encoding", b"chunked") in head.headers
+        *chunks, last, done = _sse(data)
+        assert [c["choices"][0]["delta"]["content"] for c in chunks] == expected
+        assert last["choices"][0]["finish_reason"] == "stop"
+        assert done == "[DONE]"
+    assert old.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in old.lower()
+    *chunks, _, done = _sse(old.partition(b"\r\n\r\n")[2])
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == expected
+    assert done == "[DONE]"

@@ -1,64 +1,37 @@
-"""The ASGI plumbing the HTTP routes share: the writer of a streamed body (chunks ready together go
-out in one body message) and the watch that cancels a request when its client disconnects."""
+"""The ASGI plumbing the HTTP routes share: the writer of a streamed body and the watch that
+cancels a request when its client disconnects."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import trio
-
-from ._batch import Batcher
 from ._common import Stop, Ticket
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: Chunks of a streamed body that may wait for the writer before the request waits too.
-QUEUE = 16
-
-
 class Body:
-    """The content chunks of one streamed response, written by a task of their own.
+    """The content chunks of one streamed response, each handed to ``send`` as it comes.
 
-    Chunks that became ready while a write was in progress go out together in one body message
-    (the server's cost is per message, not per byte): when the deltas come faster than they can
-    be written, the writes get bigger instead of falling behind. At most ``QUEUE`` chunks wait.
+    No writer task per request: the HTTP server's connection has one (``_h11``), which takes
+    every piece handed over while it was writing in its next write, so deltas that arrive
+    together still cost one syscall. Measured (``benchmarks/gateway_http_cpu.py``, see
+    ``benchmarks/README.md``): a task and a queue per request cost more than they saved.
     """
 
-    __slots__ = ("_send", "_queue", "_done", "_running")
+    __slots__ = ("_send",)
 
     def __init__(self, send: Send):
         self._send = send
-        self._queue = Batcher[bytes](QUEUE, most=1 << 30)
-        self._done = trio.Event()
-        self._running = False
 
     async def put(self, data: bytes) -> None:
-        await self._queue.put(data)
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
-    def start(self, nursery: trio.Nursery) -> None:
-        self._running = True
-        nursery.start_soon(self._run)
-
-    async def _run(self) -> None:
-        send = self._send
-
-        async def write(chunks: list[bytes]) -> None:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        try:
-            await self._queue.run(write)
-        finally:
-            self._done.set()
-
-    async def close(self) -> None:
-        """Wait until every chunk handed over is written (the writer then ends)."""
-        self._queue.close()
-        if self._running:
-            await self._done.wait()
+    async def end(self, data: bytes) -> None:
+        """The last bytes of the body: the response is complete."""
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 async def watch_disconnect(receive: Receive, ticket: Ticket) -> None:

@@ -1,9 +1,10 @@
 """``Batcher``: the one writer loop of both surfaces.
 
-Request tasks ``put`` encoded pieces (websocket frames, SSE events) into a bounded queue; one
-writer task takes every piece already waiting at once and hands the batch to ``write``. Idle,
-the batches are one piece; under load they grow instead of falling behind, and the cost that
-is per write (a syscall, one HTTP body message) is paid once per batch.
+Request tasks ``put`` encoded pieces (websocket frames; an HTTP connection's response bytes, its
+heads and SSE chunks) into a bounded queue; one writer task per connection takes every piece
+already waiting at once and hands the batch to ``write``. Idle, the batches are one piece; under
+load they grow instead of falling behind, and the cost that is per write (a syscall) is paid
+once per batch.
 """
 
 from __future__ import annotations

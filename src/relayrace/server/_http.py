@@ -127,6 +127,15 @@ class OpenAIApp:
         self._messages = MessagesEndpoint(
             sup, gate, read_json=self._read_json, encode_json=encode_json, models=self._models
         )
+        self._routes: dict[str, tuple[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
+            "/v1/chat/completions": ("POST", self._chat_completions),
+            "/v1/embeddings": ("POST", embeddings_route(self)),
+            "/v1/messages": ("POST", self._messages.handle),
+            "/v1/models": ("GET", self._models_list),
+            "/healthz": ("GET", self._healthz),
+            "/livez": ("GET", self._probes.livez),
+            "/readyz": ("GET", self._probes.readyz),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -187,15 +196,7 @@ class OpenAIApp:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        routes = {
-            "/v1/chat/completions": ("POST", self._chat_completions),
-            "/v1/embeddings": ("POST", embeddings_route(self)),
-            "/v1/messages": ("POST", self._messages.handle),
-            "/v1/models": ("GET", self._models_list),
-            "/healthz": ("GET", self._healthz),
-            "/livez": ("GET", self._probes.livez),
-            "/readyz": ("GET", self._probes.readyz),
-        }
+        routes = self._routes
         key = path.rstrip("/") or "/"
         if key.startswith("/admin/"):  # its own tokens, methods and errors
             await self._admin(scope, receive, send)
@@ -305,7 +306,7 @@ class OpenAIApp:
                 # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
                 try:
                     if stream:
-                        await self._stream(request, include_usage, ticket, send, nursery)
+                        await self._stream(request, include_usage, ticket, send)
                     else:
                         await self._complete(request, ticket, send)
                 except _HTTPError as exc:
@@ -408,7 +409,6 @@ class OpenAIApp:
         include_usage: bool,
         ticket: Ticket,
         send: Send,
-        nursery: trio.Nursery,
     ) -> None:
         try:
             stream = self.sup.stream(request, surface="http")
@@ -433,7 +433,6 @@ class OpenAIApp:
                         first = not started
                         if first:
                             await start(delta.provider)
-                            body.start(nursery)
                         if delta.text or not delta.tool_calls:
                             await body.put(encoder.content(model, delta.text, first=first))
                             first = False
@@ -447,9 +446,7 @@ class OpenAIApp:
             except RequestFailed as exc:
                 failure = exc
         if reply is None and failure is None and ticket.stop is not Stop.SHUTDOWN:
-            return  # the client is gone: nobody to answer (the caller cancels the writer)
-        # What follows is written after every chunk already handed over.
-        await body.close()
+            return  # the client is gone: nobody to answer
         if reply is None and failure is None:
             if not started:
                 raise self._shutdown_error()
@@ -472,7 +469,7 @@ class OpenAIApp:
         events = _ending(encoder, reply, started)
         tail = "".join([f"data: {self._event(event)}\n\n" for event in events])
         tail += "data: [DONE]\n\n"
-        await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
+        await body.end(tail.encode())
 
 
 def _ending(

@@ -23,7 +23,7 @@ import trio
 
 from .. import BadRequest, Reply, Request, RequestFailed, Supervisor, Usage
 from ..providers import anthropic, anthropic_inbound, encode_event
-from ._asgi import TrackedSend, send_whole, start_event_stream, watch_disconnect
+from ._asgi import Body, TrackedSend, send_whole, start_event_stream, watch_disconnect
 from ._common import Gate, ShuttingDown, Stop, Ticket, reply_trace
 from ._wire import WireError, encodable, safe_dumps
 
@@ -182,22 +182,24 @@ class MessagesEndpoint:
         started = False
         last_block = 0  # the text block is 0, tool call i is block i + 1
 
-        async def start(provider: str, model: str) -> None:
+        async def start(provider: str, model: str) -> bytes:
+            """Send the head; the opening events go out with what follows them."""
             nonlocal started
             started = True
             await start_event_stream(send, provider)
-            await _write(send, anthropic.opening(id=message_id, model=model, prompt_tokens=0))
+            return anthropic.opening(id=message_id, model=model, prompt_tokens=0)
 
         reply: Reply | None = None
         failure: RequestFailed | None = None
+        body = Body(send)
         with ticket.scope:
             try:
                 async with self.sup.stream(request, surface="http") as stream:
                     async for delta in stream:
+                        data = b""
                         if not started:
                             model = self._models.get(delta.provider) or request.model
-                            await start(delta.provider, model)
-                        data = b""
+                            data = await start(delta.provider, model)
                         if delta.text:
                             data += anthropic.text_delta(delta.text)
                         for fragment in delta.tool_calls:
@@ -208,7 +210,7 @@ class MessagesEndpoint:
                             if fragment.arguments:
                                 data += anthropic.input_json_delta(block, fragment.arguments)
                         if data:
-                            await _write(send, data)
+                            await body.put(data)
                 reply = stream.reply
             except BadRequest as exc:
                 raise _unservable(exc) from None
@@ -226,12 +228,11 @@ class MessagesEndpoint:
             # takes a truncated answer for a whole one.
             await self._send_error_event(send, error)
             return
-        if not started:
-            await start(reply.provider, reply.model)
-        finish, tail = reply.finish_reason or "stop", b""
+        tail = b"" if started else await start(reply.provider, reply.model)
+        finish = reply.finish_reason or "stop"
         if reply.refusal and not reply.text:
             # What the model said instead of an answer, as Anthropic says it.
-            finish, tail = "refusal", anthropic.text_delta(reply.refusal)
+            finish, tail = "refusal", tail + anthropic.text_delta(reply.refusal)
         usage = reply.usage or Usage()
         tail += anthropic.closing(
             finish,
@@ -240,7 +241,7 @@ class MessagesEndpoint:
             usage=usage,
             extra={"relayrace": reply_trace(reply)},
         )
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        await body.end(tail)
 
 
 def _unservable(exc: BadRequest) -> _Refused:
@@ -250,10 +251,6 @@ def _unservable(exc: BadRequest) -> _Refused:
         return _Refused(WireError.bad_request("model_not_found", str(exc), field=None, status=404))
     field = anthropic_inbound.body_field(exc.field)
     return _Refused(WireError.bad_request("invalid_request", exc.problem, field=field))
-
-
-async def _write(send: Send, data: bytes) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
 def _message_id() -> str:
