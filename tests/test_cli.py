@@ -382,3 +382,19 @@ def test_top_on_a_gateway_that_is_not_there_is_one_line(monkeypatch, capsys) -> 
         port = free.getsockname()[1]
     line = _one_line_failure(capsys, ["top", "--once", "--url", f"http://127.0.0.1:{port}"], 1)
     assert line.startswith("relayrace top: cannot reach")
+
+
+def test_top_says_whose_bench_and_why() -> None:
+    from relayrace._top import render
+
+    data = {
+        "providers": [
+            {"name": "a", "state": "benched", "benched_by": "fleet", "bench_reason": "provider_5xx"},
+            {"name": "b", "state": "benched", "manual": True, "bench_reason": "drained"},
+            {"name": "c", "state": "ok"},
+        ]
+    }
+    lines = render(data, url="http://x").splitlines()
+    assert re.match(r"a\s+benched \(fleet, provider_5xx\)\s", next(x for x in lines if x.startswith("a ")))
+    assert re.match(r"b\s+benched \(manual, drained\)\s", next(x for x in lines if x.startswith("b ")))
+    assert re.match(r"c\s+ok\s+-", next(x for x in lines if x.startswith("c ")))

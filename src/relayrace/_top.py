@@ -20,6 +20,20 @@ _CLEAR = "\x1b[H\x1b[2J"
 _COLUMNS = ("provider", "state", "until", "in flight", "queued", "fails", "recent failures")
 
 
+def _bench_note(provider: dict[str, Any]) -> str:
+    """What is known of a bench: ``" (manual, drained)"``, ``" (fleet, 5xx)"``, or ``""``."""
+    notes = [
+        note
+        for note in (
+            "fleet" if provider.get("benched_by") == "fleet" else None,
+            "manual" if provider.get("manual") else None,
+            provider.get("bench_reason") if provider.get("bench_reason") != "manual" else None,
+        )
+        if note
+    ]
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def render(data: dict[str, Any], *, url: str, width: int = 100) -> str:
     """One frame: a header line, a table of providers, the routes."""
     providers = data.get("providers", [])
@@ -36,7 +50,7 @@ def render(data: dict[str, Any], *, url: str, width: int = 100) -> str:
             until = "until unbench"
         elif until:
             until = until[11:19]  # the time of day of the ISO deadline (UTC)
-        state = p.get("state", "?") + (" (manual)" if p.get("manual") else "")
+        state = p.get("state", "?") + _bench_note(p)
         recent = Counter(f["category"] for f in p.get("recent_failures", []))
         rows.append(
             [
