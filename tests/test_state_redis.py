@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -258,6 +259,42 @@ async def test_failure_counts_usage_limits_and_pins_are_shared(redis_server: Red
 
         a.pin("user-7", GPT, ttl=60)
         await eventually(lambda: b.mirror.pin("user-7", time.time()) == GPT)
+
+
+async def hincrby_calls(server: RedisServer) -> int:
+    """How many ``HINCRBY`` Redis has run (scripts' own included): one per failure-count write."""
+    reply = await trio.to_thread.run_sync(server.command, "INFO", "commandstats")
+    found = re.search(rb"cmdstat_hincrby:calls=(\d+)", reply)
+    return int(found.group(1)) if found else 0
+
+
+async def test_failure_counts_are_sent_in_batches_and_stay_exact(
+    redis_server: RedisServer,
+) -> None:
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        await eventually(lambda: a.statistics().queued == 0 == b.statistics().queued)
+        before = await hincrby_calls(redis_server)
+        for _ in range(200):
+            assert a.record_failure(GPT) == a.mirror.failure_count(GPT)
+        await eventually(lambda: b.mirror.failure_count(GPT) == 200)
+        # A script per failure would be 200 HINCRBYs; a batch per report interval is a few.
+        assert await hincrby_calls(redis_server) - before <= 10
+
+        # A success then failures, sent together: the fleet's count restarts at the success.
+        a.record_success(GPT)
+        a.record_failure(GPT)
+        a.record_failure(GPT)
+        await eventually(lambda: b.mirror.failure_count(GPT) == 2 == a.mirror.failure_count(GPT))
+
+        # Both counting at once (A ten times as fast): B's publishes, which carry what A has
+        # sent so far, never hide A's counts not yet sent.
+        for round_ in range(1, 31):
+            for _ in range(10):
+                a.record_failure(GPT)
+            b.record_failure(GPT)
+            await trio.sleep(0.005)
+            assert a.mirror.failure_count(GPT) >= 2 + 10 * round_
+        await eventually(lambda: a.mirror.failure_count(GPT) == 332 == b.mirror.failure_count(GPT))
 
 
 async def test_redis_killed_then_restarted(redis_server: RedisServer) -> None:
