@@ -58,9 +58,11 @@ Write = Callable[[Client], Awaitable[Any]]
 #: retry never waits on Redis); they count as spent when granted.
 RETRY_RESERVE = 2
 #: Requests alone (the reserve full) are reported to the shared retry window at most this often
-#: (seconds): one script per writer turn cost ~10 % of a gateway's CPU per request (relayrace
-#: bench --only state). Unreported requests only make the fleet's budget stricter meanwhile.
-REQUEST_REPORT_INTERVAL = 0.1
+#: (seconds): each script costs the gateway ~0.5 ms of CPU (coredis on anyio), so one per
+#: writer turn cost ~10 % per request, and one per 0.1 s per process still ~2-3 % (relayrace
+#: bench --only state). Unreported requests only make the fleet's budget stricter meanwhile
+#: (by 0.25 s of requests in the default 10 s window).
+REQUEST_REPORT_INTERVAL = 0.25
 #: Consecutive-failure counts (and their resets) are sent at most this often (seconds), all
 #: deployments' in one script: a script per failure cost ~25 % of a gateway's CPU per request
 #: when every request failed over (relayrace bench --only state). The first change after a
