@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -263,6 +264,42 @@ async def test_failure_counts_usage_limits_and_pins_are_shared(redis_server: Red
         await eventually(lambda: b.mirror.pin("user-7", time.time()) == GPT)
 
 
+async def hincrby_calls(server: RedisServer) -> int:
+    """How many ``HINCRBY`` Redis has run (scripts' own included): one per failure-count write."""
+    reply = await trio.to_thread.run_sync(server.command, "INFO", "commandstats")
+    found = re.search(rb"cmdstat_hincrby:calls=(\d+)", reply)
+    return int(found.group(1)) if found else 0
+
+
+async def test_failure_counts_are_sent_in_batches_and_stay_exact(
+    redis_server: RedisServer,
+) -> None:
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        await eventually(lambda: a.statistics().queued == 0 == b.statistics().queued)
+        before = await hincrby_calls(redis_server)
+        for _ in range(200):
+            assert a.record_failure(GPT) == a.mirror.failure_count(GPT)
+        await eventually(lambda: b.mirror.failure_count(GPT) == 200)
+        # A script per failure would be 200 HINCRBYs; a batch per report interval is a few.
+        assert await hincrby_calls(redis_server) - before <= 10
+
+        # A success then failures, sent together: the fleet's count restarts at the success.
+        a.record_success(GPT)
+        a.record_failure(GPT)
+        a.record_failure(GPT)
+        await eventually(lambda: b.mirror.failure_count(GPT) == 2 == a.mirror.failure_count(GPT))
+
+        # Both counting at once (A ten times as fast): B's publishes, which carry what A has
+        # sent so far, never hide A's counts not yet sent.
+        for round_ in range(1, 31):
+            for _ in range(10):
+                a.record_failure(GPT)
+            b.record_failure(GPT)
+            await trio.sleep(0.005)
+            assert a.mirror.failure_count(GPT) >= 2 + 10 * round_
+        await eventually(lambda: a.mirror.failure_count(GPT) == 332 == b.mirror.failure_count(GPT))
+
+
 async def test_redis_killed_then_restarted(redis_server: RedisServer) -> None:
     events: list[StateEvent] = []
     async with instance(redis_server, events) as a, instance(redis_server) as b:
@@ -304,11 +341,13 @@ async def test_a_paused_redis_never_holds_up_the_request_path(redis_server: Redi
                 a.admit(GPT, tokens=10)
                 slowest = max(slowest, time.perf_counter() - start)
                 await trio.sleep(0.002)
-            assert slowest < 0.005
+            # Synchronous calls cannot wait on Redis; the bound is far under the 0.2 s operation
+            # timeout a wait would show, and far over a loaded machine's scheduling noise.
+            assert slowest < 0.05
             # The probe lease waits at most its operation budget, then decides locally.
             start = time.perf_counter()
             assert await a.acquire_probe(GPT, ttl=5)
-            assert time.perf_counter() - start < 0.2 + 0.05
+            assert time.perf_counter() - start < 0.2 + 0.2
             await eventually(lambda: StateEventKind.DEGRADED in [e.kind for e in events])
         finally:
             redis_server.resume()

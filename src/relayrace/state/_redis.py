@@ -58,9 +58,16 @@ Write = Callable[[Client], Awaitable[Any]]
 #: retry never waits on Redis); they count as spent when granted.
 RETRY_RESERVE = 2
 #: Requests alone (the reserve full) are reported to the shared retry window at most this often
-#: (seconds): one script per writer turn cost ~10 % of a gateway's CPU per request (relayrace
-#: bench --only state). Unreported requests only make the fleet's budget stricter meanwhile.
-REQUEST_REPORT_INTERVAL = 0.1
+#: (seconds): each script costs the gateway ~0.5 ms of CPU (coredis on anyio), so one per
+#: writer turn cost ~10 % per request, and one per 0.1 s per process still ~2-3 % (relayrace
+#: bench --only state). Unreported requests only make the fleet's budget stricter meanwhile
+#: (by 0.25 s of requests in the default 10 s window).
+REQUEST_REPORT_INTERVAL = 0.25
+#: Consecutive-failure counts (and their resets) are sent at most this often (seconds), all
+#: deployments' in one script: a script per failure cost ~25 % of a gateway's CPU per request
+#: when every request failed over (relayrace bench --only state). The first change after a
+#: quiet spell goes at once; the fleet's count lags by at most this much more.
+FAILURE_REPORT_INTERVAL = 0.05
 
 
 class RedisState:
@@ -94,6 +101,10 @@ class RedisState:
         self._reported_at = 0.0
         self._usage: dict[tuple[str, int], list[int]] = {}
         self._usage_queued = False
+        #: failure counts not yet sent: field -> [reset first, failures after it]
+        self._fails: dict[str, list[Any]] = {}
+        self._fails_queued = False
+        self._fails_sent_at = -math.inf
         self._dropped = 0
         self._ignored = 0
         self._reconnects = 0
@@ -132,12 +143,18 @@ class RedisState:
 
     def record_failure(self, deployment: Deployment) -> int:
         count = self._local.record_failure(deployment)
-        self._queue(self._run, "fails", [self._keys.fails], [deployment.field, "fail"])
+        pending = self._fails.get(deployment.field)
+        if pending is None:
+            self._fails[deployment.field] = [False, 1]
+        else:
+            pending[1] += 1
+        self._queue_fails()
         return count
 
     def record_success(self, deployment: Deployment) -> None:
         self._local.record_success(deployment)
-        self._queue(self._run, "fails", [self._keys.fails], [deployment.field, "reset"])
+        self._fails[deployment.field] = [True, 0]
+        self._queue_fails()
 
     async def acquire_probe(self, deployment: Deployment, *, ttl: float) -> bool:
         """Take the lease in Redis (within ``operation_timeout``); while Redis is away, or too
@@ -257,6 +274,13 @@ class RedisState:
         if not self._tick_queued and self._client is not None:
             self._tick_queued = self._queue(self._write_retry_tick)
 
+    def _queue_fails(self, *, due: bool = False) -> None:
+        # Sent at once after a quiet spell, else by the flusher within FAILURE_REPORT_INTERVAL.
+        if self._fails_queued or not self._fails:
+            return
+        if due or trio.current_time() - self._fails_sent_at >= FAILURE_REPORT_INTERVAL:
+            self._fails_queued = self._queue(self._write_fails)
+
     def _count_usage(self, field: str, requests: int, tokens: int) -> None:
         # Counted per request, sent per writer turn: one script per deployment and minute
         # however many requests were admitted meanwhile.
@@ -277,6 +301,17 @@ class RedisState:
         )
         args = [field, value, repr(self.now()), self._keys.channel]
         return await self._scripts["bench"](keys=[self._keys.bench], args=args, client=client)
+
+    async def _write_fails(self, client: Client) -> None:
+        self._fails_queued = False
+        self._fails_sent_at = trio.current_time()
+        pending, self._fails = self._fails, {}
+        if not pending:
+            return
+        args = [self._keys.channel]
+        for field, (reset, failures) in pending.items():
+            args += [field, "1" if reset else "0", str(failures)]
+        await self._scripts["fails"](keys=[self._keys.fails], args=args, client=client)
 
     async def _write_usage(self, client: Client) -> None:
         self._usage_queued = False
@@ -377,6 +412,7 @@ class RedisState:
                         nursery.start_soon(self._reader, pubsub)
                         nursery.start_soon(self._writer, client)
                         nursery.start_soon(self._syncer, client)
+                        nursery.start_soon(self._flusher)
         if connecting.cancelled_caught:
             raise TimeoutError("connect")
 
@@ -404,6 +440,11 @@ class RedisState:
             with trio.fail_after(self._config.operation_timeout):
                 await write(client)
 
+    async def _flusher(self) -> None:
+        while True:
+            await trio.sleep(FAILURE_REPORT_INTERVAL)
+            self._queue_fails(due=True)
+
     async def _syncer(self, client: Client) -> None:
         while True:
             await trio.sleep(self._config.sync_interval)
@@ -430,7 +471,10 @@ class RedisState:
             ):
                 self._queue(self._write_bench, field, record)
                 self._republished += 1
-        mirror.failures = {field: int(n) for field, n in fails.items()}
+        failures = {field: int(n) for field, n in fails.items()}
+        for field in set(failures) | set(self._fails):
+            failures[field] = self._failures_plus_unsent(field, failures.get(field, 0))
+        mirror.failures = {field: n for field, n in failures.items() if n}
         for field, value in limits.items():
             mirror.limits[field] = limits_from_json(json.loads(value))
         for key, value in pins.items():
@@ -447,6 +491,15 @@ class RedisState:
             mirror.usage[field] = self._plus_unsent(
                 field, minute, int(rpm.get(field, 0)), int(tpm.get(field, 0))
             )
+
+    def _failures_plus_unsent(self, field: str, count: int) -> int:
+        """The fleet's failure count as Redis has it, with this process's changes not yet sent
+        (a success not yet sent: only the failures counted after it)."""
+        unsent = self._fails.get(field)
+        if unsent is None:
+            return count
+        reset, failures = unsent
+        return failures if reset else count + failures
 
     def _plus_unsent(self, field: str, minute: int, requests: int, tokens: int) -> Usage:
         """The fleet's usage as Redis counts it, plus this process's own not yet sent."""
@@ -475,8 +528,9 @@ class RedisState:
         elif kind == "unbench":
             mirror.lift_bench(field, manual=True)
         elif kind == "fails":
-            if value:
-                mirror.failures[field] = int(value)
+            count = self._failures_plus_unsent(field, int(value))
+            if count:
+                mirror.failures[field] = count
             else:
                 mirror.failures.pop(field, None)
         elif kind == "probe":

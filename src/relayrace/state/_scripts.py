@@ -80,16 +80,17 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'unbench', f = ARGV[1]}))
 return 1
 """
 
-# KEYS: fails hash. ARGV: field, 'fail' or 'reset', channel.
+# KEYS: fails hash. ARGV: channel, then per deployment: field, reset ('1': a success came
+# first), failures counted after it. One process's changes since its last report, in one call.
 FAILS = """
-local n = 0
-if ARGV[2] == 'reset' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-else
-  n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+for i = 2, #ARGV, 3 do
+  local field, n = ARGV[i], tonumber(ARGV[i + 2])
+  local count = 0
+  if ARGV[i + 1] == '1' then redis.call('HDEL', KEYS[1], field) end
+  if n > 0 then count = redis.call('HINCRBY', KEYS[1], field, n) end
+  redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'fails', f = field, v = count}))
 end
-redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'fails', f = ARGV[1], v = n}))
-return n
+return 1
 """
 
 # KEYS: the probe key. ARGV: holder, ttl (ms), field, channel, now.
