@@ -26,6 +26,7 @@ Only ``http`` and ``https`` URLs, HTTP/1.1 only, no proxies.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -182,7 +183,7 @@ class _Connection:
             float("inf") if connect_timeout is None else connect_timeout
         ) as scope:
             try:
-                tcp = await trio.open_tcp_stream(hostname, port)
+                tcp = await _open_tcp(hostname, port)
             except OSError as exc:
                 raise httpx.ConnectError(_text(exc, "cannot connect"), request=request) from exc
             stream = tcp
@@ -339,6 +340,24 @@ class _Body(httpx.AsyncByteStream):
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+
+
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP stream to ``host``: an IP address is connected to directly (one address, so
+    ``trio.open_tcp_stream``'s happy eyeballs would try only it, at the cost of a nursery, a
+    task and a resolver call per connection), a name through ``trio.open_tcp_stream``."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    family = trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def _text(exc: BaseException, what: str) -> str:
