@@ -515,7 +515,8 @@ class HTTPProviderClient:
                     async for _ in chunks:
                         pass
         finally:
-            await abandon(chunks)
+            if not ended:  # an exhausted body has nothing to unwind
+                await abandon(chunks)
         if not (reader.finished or reader.terminated):
             raise MalformedStream("stream_cut", "the stream ended before its finish reason")
 
@@ -541,8 +542,7 @@ class HTTPProviderClient:
             await sink.tool_calls(_masked(reader.tools.take(), secrets))
             return
         if text:
-            # Encoding a delta costs ~40 ns, less than looking for a surrogate's escape in the
-            # event; the model is checked by the reader when it changes.
+            # Encoding a delta (~40 ns) beats seeking a surrogate's escape; the reader checks the model.
             check_text(text, "a delta")
             if mask is not None:
                 text = mask.feed(text)

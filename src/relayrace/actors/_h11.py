@@ -116,16 +116,15 @@ class _Pool:
 
     async def acquire(self, request: httpx.Request, timeouts: dict[str, Any]) -> _Connection:
         pool_timeout = timeouts.get("pool")
-        if pool_timeout is None:
-            await self.slots.acquire()
-        else:
-            try:
-                with trio.fail_after(pool_timeout):
-                    await self.slots.acquire()
-            except trio.TooSlowError as exc:
-                raise httpx.PoolTimeout(
-                    "timed out waiting for a connection", request=request
-                ) from exc
+        # A free slot is taken without a schedule point (sending the request is one): one
+        # run-loop batch less per request. A cancelled task still stops here, before it takes
+        # a connection; and still first come, first served: while anyone waits, no slot is
+        # free (a released slot goes straight to the first waiter).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._wait_for_slot(request, pool_timeout)
         try:
             while self.idle:
                 connection = self.idle.pop()
@@ -140,6 +139,18 @@ class _Pool:
         except BaseException:
             self.slots.release()
             raise
+
+    async def _wait_for_slot(self, request: httpx.Request, pool_timeout: float | None) -> None:
+        if pool_timeout is None:
+            await self.slots.acquire()
+        else:
+            try:
+                with trio.fail_after(pool_timeout):
+                    await self.slots.acquire()
+            except trio.TooSlowError as exc:
+                raise httpx.PoolTimeout(
+                    "timed out waiting for a connection", request=request
+                ) from exc
 
     def put_back(self, connection: _Connection) -> None:
         self.busy.discard(connection)
@@ -231,8 +242,12 @@ class _Connection:
             if write_timeout is None:
                 await self.stream.send_all(data)
             else:
-                with trio.fail_after(write_timeout):
+                # A cancel scope, not ``trio.fail_after`` (a generator context manager): the
+                # same deadline, a few µs less per request.
+                with trio.CancelScope(deadline=trio.current_time() + write_timeout) as scope:
                     await self.stream.send_all(data)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
         except trio.TooSlowError as exc:
             raise httpx.WriteTimeout(
                 "timed out while sending the request", request=request
