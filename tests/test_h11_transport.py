@@ -227,6 +227,20 @@ async def test_the_latest_idle_connection_is_reused_first(serve) -> None:
         assert server.accepted == 2
 
 
+async def test_a_cancelled_request_takes_no_connection_and_the_pooled_one_stays(serve) -> None:
+    # A free slot is taken without a schedule point; a task already cancelled must still stop
+    # before it takes (and, cancelled mid-send, closes) the pooled connection.
+    server = await serve(answer_ok)
+    async with client(H11Transport(max_connections=1)) as http:
+        assert (await http.get(server.url + "/a")).text == "/a #1"
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await http.get(server.url + "/b")
+        assert scope.cancelled_caught
+        assert (await http.get(server.url + "/c")).text == "/c #2"
+        assert server.accepted == 1
+
+
 async def test_connection_close_is_honoured(serve) -> None:
     async def closing(server: RawServer, stream: trio.SocketStream, path: str, n: int) -> bool:
         await stream.send_all(reply(b"bye", "connection: close"))

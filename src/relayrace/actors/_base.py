@@ -509,13 +509,14 @@ class HTTPProviderClient:
                 if reader.finished and tail_deadline == math.inf:
                     tail_deadline = trio.current_time() + _TAIL_GRACE
             if reader.terminated and not ended:
-                # Read the end of the body so that the connection can be reused, but never wait
-                # long for it: the answer is already whole.
+                # Read the end (the connection is then pooled), never long: the answer is whole.
                 with trio.move_on_after(_DRAIN_GRACE):
                     async for _ in chunks:
                         pass
+                    ended = True  # read to its end: nothing to unwind
         finally:
-            await abandon(chunks)
+            if not ended:  # an exhausted body has nothing to unwind
+                await abandon(chunks)
         if not (reader.finished or reader.terminated):
             raise MalformedStream("stream_cut", "the stream ended before its finish reason")
 
@@ -541,8 +542,7 @@ class HTTPProviderClient:
             await sink.tool_calls(_masked(reader.tools.take(), secrets))
             return
         if text:
-            # Encoding a delta costs ~40 ns, less than looking for a surrogate's escape in the
-            # event; the model is checked by the reader when it changes.
+            # Encoding a delta (~40 ns) beats seeking a surrogate's escape; models: the reader.
             check_text(text, "a delta")
             if mask is not None:
                 text = mask.feed(text)

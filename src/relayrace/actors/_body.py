@@ -97,9 +97,13 @@ def pieces_of(chunk: bytes, inflater: Inflater | None) -> Iterator[bytes] | tupl
 
 
 def chunks_of(response: httpx.Response, inflater: Inflater | None) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive: as sent when encoded (for ``inflater``), else as
-    httpx gives them (the same bytes; and a body ``httpx.MockTransport`` read already)."""
-    return response.aiter_bytes() if inflater is None else response.aiter_raw()
+    """The body's chunks as they arrive, as sent (an identity body, or for ``inflater``); a
+    body read already (``httpx.MockTransport``'s) as httpx gives it. (``aiter_bytes`` of an
+    identity body gives the same bytes, through one more generator, decoder and chunker that a
+    stream in flight would hold.)"""
+    if inflater is None and response.is_stream_consumed:
+        return response.aiter_bytes()
+    return response.aiter_raw()
 
 
 def too_large(limit: int) -> MalformedStream:

@@ -8,11 +8,11 @@ classified ``Failure``, chained to the original exception.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 import attrs
@@ -43,10 +43,7 @@ class AttemptState:
     finished: bool = False
 
 
-@contextlib.contextmanager
-def map_provider_errors(
-    state: AttemptState, *, label: str, provider: str, secrets: Sequence[str] = ()
-) -> Iterator[None]:
+class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provider_errors(...)``)
     """The one boundary where every foreign failure of an attempt becomes a ``ProviderError``.
 
     ================================  =================================================
@@ -82,9 +79,51 @@ def map_provider_errors(
     Raises:
         ProviderError: carrying the classified ``Failure``, chained to the original exception.
     """
-    try:
-        yield
-    except UpstreamStatus as exc:
+
+    # A class, not ``contextlib.contextmanager``: a stream holds its boundary while it is read,
+    # and a suspended generator, its frame and its arguments cost ~1 KB per stream in flight.
+    __slots__ = ("_state", "_label", "_provider", "_secrets")
+
+    def __init__(
+        self, state: AttemptState, *, label: str, provider: str, secrets: Sequence[str] = ()
+    ):
+        self._state = state
+        self._label = label
+        self._provider = provider
+        self._secrets = secrets
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False  # trio.Cancelled (a BaseException) passes through untouched
+        error = _provider_error(exc, self._state, self._label, self._provider, self._secrets)
+        if error is None:
+            return False
+        if isinstance(error, _Swallowed):
+            return True
+        raise error from exc
+
+
+class _Swallowed:
+    """The answer was whole before the error: no failure."""
+
+
+_SWALLOWED = _Swallowed()
+
+
+def _provider_error(
+    exc: Exception, state: AttemptState, label: str, provider: str, secrets: Sequence[str]
+) -> ProviderError | _Swallowed | None:
+    """The ``ProviderError`` that ``exc`` becomes; ``_SWALLOWED``: none (the answer was
+    whole); ``None``: not ours to map."""
+    if isinstance(exc, UpstreamStatus):
         failure = classify(
             status=exc.status,
             body=_parse_error_body(exc.content),
@@ -93,18 +132,18 @@ def map_provider_errors(
             now=time.time(),
             secrets=secrets,
         )
-        raise ProviderError(_checked(failure, label, provider, secrets)) from exc
-    except UpstreamErrorBody as exc:
+        return ProviderError(_checked(failure, label, provider, secrets))
+    if isinstance(exc, UpstreamErrorBody):
         failure = classify(
             status=None, body=exc.body, provider=provider or None, now=time.time(), secrets=secrets
         )
-        raise ProviderError(_checked(failure, label, provider, secrets)) from exc
-    except MalformedStream as exc:
+        return ProviderError(_checked(failure, label, provider, secrets))
+    if isinstance(exc, MalformedStream):
         failure = attempt_failure(
             Category.STREAM_ERROR, exc.code, exc.message, label, provider, secrets
         )
-        raise ProviderError(failure) from exc
-    except httpx.TimeoutException as exc:
+        return ProviderError(failure)
+    if isinstance(exc, httpx.TimeoutException):
         code = {
             httpx.ConnectTimeout: "connect_timeout",
             httpx.WriteTimeout: "write_timeout",
@@ -113,8 +152,8 @@ def map_provider_errors(
         failure = attempt_failure(
             Category.TIMEOUT, code, describe("timed out", exc), label, provider, secrets
         )
-        raise ProviderError(failure) from exc
-    except (httpx.ConnectError, httpx.ProxyError) as exc:
+        return ProviderError(failure)
+    if isinstance(exc, (httpx.ConnectError, httpx.ProxyError)):
         what = describe("cannot connect", exc)
         if _exhausted(exc):
             failure = attempt_failure(
@@ -124,11 +163,11 @@ def map_provider_errors(
             failure = attempt_failure(
                 Category.NETWORK, "connect_error", what, label, provider, secrets
             )
-        raise ProviderError(failure) from exc
-    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+        return ProviderError(failure)
+    if isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):
         if state.finished:
             # The answer was complete before the connection went: nothing was lost.
-            return
+            return _SWALLOWED
         if not state.response_started:
             category, code = Category.NETWORK, "connection_lost"
             what = describe("connection lost before the response", exc)
@@ -138,22 +177,20 @@ def map_provider_errors(
         else:
             category, code = Category.NETWORK, "incomplete_body"
             what = describe("connection lost while reading the response", exc)
-        raise ProviderError(
-            attempt_failure(category, code, what, label, provider, secrets)
-        ) from exc
-    except httpx.DecodingError as exc:
+        return ProviderError(attempt_failure(category, code, what, label, provider, secrets))
+    if isinstance(exc, httpx.DecodingError):
         what = describe("cannot decode the body", exc)
         failure = attempt_failure(
             Category.STREAM_ERROR, "decoding_error", what, label, provider, secrets
         )
-        raise ProviderError(failure) from exc
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return ProviderError(failure)
+    if isinstance(exc, (httpx.HTTPError, httpx.InvalidURL)):
         what = describe("HTTP error", exc)
         failure = attempt_failure(
             Category.UNKNOWN, type(exc).__name__, what, label, provider, secrets
         )
-        raise ProviderError(failure) from exc
-    except OSError as exc:
+        return ProviderError(failure)
+    if isinstance(exc, OSError):
         # Raised bare by a transport, or while building the client (loading the CA bundle):
         # our own exhaustion (no fault of the provider's), or the network.
         if _exhausted(exc):
@@ -162,16 +199,15 @@ def map_provider_errors(
         else:
             what = describe("OS error", exc)
             category, code = Category.NETWORK, "os_error"
-        raise ProviderError(
-            attempt_failure(category, code, what, label, provider, secrets)
-        ) from exc
-    except (ValueError, RecursionError) as exc:
+        return ProviderError(attempt_failure(category, code, what, label, provider, secrets))
+    if isinstance(exc, (ValueError, RecursionError)):
         # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError is JSON
         # nested beyond reason. The request is encoded before this block is entered.
         code = "malformed_text" if isinstance(exc, UnicodeDecodeError) else "malformed_json"
         what = describe("malformed response", exc)
         failure = attempt_failure(Category.STREAM_ERROR, code, what, label, provider, secrets)
-        raise ProviderError(failure) from exc
+        return ProviderError(failure)
+    return None
 
 
 #: ``OSError`` numbers that say this process (or machine) is out of a resource.
