@@ -450,6 +450,40 @@ async def test_a_client_disconnecting_cancels_a_non_streamed_request(autojump_cl
         assert trio.current_time() == 0
 
 
+async def test_a_client_leaving_a_later_stream_of_its_connection_cancels_it(autojump_clock):
+    # The connection's reader watches each request in turn (no watch task per request): on a
+    # keep-alive connection, a pipelined next request sent during a stream is kept (not taken
+    # for a disconnect), and the client's close then cancels the stream's upstream call.
+    cfg = config(scripted_provider("a", Answer(chunks=2), Hang(after_chunks=1)))
+    async with running(cfg, tokens=[]) as (sup, server, _):
+        assert server.http_port is not None
+        async with await trio.open_tcp_stream("127.0.0.1", server.http_port) as stream:
+            await stream.send_all(post(body(stream=True)))
+            received = b""
+            while b"data: [DONE]" not in received:
+                received += await stream.receive_some()
+            await stream.send_all(post(body(stream=True)))
+            received = b""
+            while b"data: " not in received:
+                received += await stream.receive_some()
+            await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert client(cfg, "a").in_flight == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert client(cfg, "a").outcomes == ["ok", "cancelled"]
+        assert sup.statistics().in_flight == 0
+        assert trio.current_time() == 0
+
+
+async def test_the_keep_alive_timeout_runs_from_the_end_of_a_slow_answer(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(chunks=2, first_delay=3.0)))
+    async with running(cfg, tokens=[], keep_alive_timeout=7) as (_, server, _):
+        received, closed = await exchange(server, post(body(stream=True)))
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert b"data: [DONE]" in received
+    assert closed == 3 + 7
+
+
 async def test_graceful_shutdown(autojump_clock):
     cfg = config(
         scripted_provider(
