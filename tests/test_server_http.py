@@ -745,6 +745,36 @@ def post(payload: dict[str, Any], *extra: bytes) -> bytes:
     return head + b"".join(extra) + b"content-length: %d\r\n\r\n%s" % (len(data), data)
 
 
+async def test_response_heads_carry_each_header_once_with_h11s_framing(autojump_clock):
+    # The route's headers are joined into the head after the ones h11 decides (the framing, the
+    # close): each once, answer after answer on one connection, and parsed by a client.
+    cfg = config(scripted_provider("a", Answer(chunks=3)))
+    streamed = post(body(stream=True))
+    async with running(cfg, tokens=[]) as (_, server, _):
+        received, _ = await exchange(
+            server, streamed + post(body()) + post(body(stream=True), b"connection: close\r\n")
+        )
+    answers = _responses(received, streamed)
+    assert len(answers) == 3
+    for i, (head, data) in enumerate(answers):
+        names = [name for name, _ in head.headers]
+        assert len(names) == len(set(names)), names
+        headers = dict(head.headers)
+        assert head.status_code == 200
+        assert headers[b"x-relayrace-provider"] == b"a"
+        if i == 1:
+            assert headers[b"content-type"] == b"application/json"
+            assert headers[b"content-length"] == b"%d" % len(data)
+            assert b"transfer-encoding" not in headers
+        else:
+            assert headers[b"content-type"] == b"text/event-stream; charset=utf-8"
+            assert headers[b"cache-control"] == b"no-cache"
+            assert headers[b"transfer-encoding"] == b"chunked"
+            assert data.endswith(b"data: [DONE]\n\n")
+    assert dict(answers[2][0].headers)[b"connection"] == b"close"
+    assert b"connection" not in dict(answers[0][0].headers)
+
+
 async def test_keep_alive_and_pipelined_requests_are_answered_in_order(autojump_clock):
     cfg = config(scripted_provider("a"))
     async with running(cfg, tokens=[]) as (_, server, _):

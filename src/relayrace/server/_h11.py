@@ -45,6 +45,7 @@ import trio
 
 from ._batch import Batcher
 from ._h2 import H2_PREFACE, refuse_http2
+from ._head import ResponseHeads
 from ._stream import IdleSockets, accept_capped
 
 log = logging.getLogger("relayrace.server.http")
@@ -92,7 +93,7 @@ class HTTPServer:
         self.max_header_bytes = max_header_bytes
         self.read_timeout = read_timeout
         self.keep_alive_timeout = keep_alive_timeout
-        self.extra_headers = list(extra_headers)
+        self.heads = ResponseHeads(extra_headers)
         self.stopping = False
         self._listen_scope = trio.CancelScope()
         self._idle: set[trio.CancelScope] = set()
@@ -543,15 +544,11 @@ class _Exchange:
             await self.disconnect.wait()
         return {"type": "http.disconnect"}
 
-    async def _send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def _send_head(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
         connection = self.connection
         server = connection.server
-        if server.extra_headers:
-            headers = [*headers, *server.extra_headers]
-        if server.stopping:
-            headers = [*headers, (b"connection", b"close")]
+        self.head = server.heads.head(connection.conn, status, headers, close=server.stopping)
         self.started = True
-        self.head = connection.conn.send(h11.Response(status_code=status, headers=headers))
 
     async def send(self, message: Message) -> None:
         if self.gone:
@@ -560,7 +557,7 @@ class _Exchange:
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
-            await self._send_head(message["status"], list(message.get("headers", ())))
+            await self._send_head(message["status"], message.get("headers", ()))
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
