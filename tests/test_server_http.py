@@ -484,6 +484,32 @@ async def test_the_keep_alive_timeout_runs_from_the_end_of_a_slow_answer(autojum
     assert closed == 3 + 7
 
 
+class _Spawned(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_requests_on_a_connection_spawn_no_server_task(autojump_clock):
+    # The disconnect watch is the connection's reader: after the connection's own tasks, the
+    # server starts none per request (a request's nursery and watch task cost ~35 µs).
+    cfg = config(scripted_provider("a", Answer(chunks=2), Answer(chunks=2), Answer(), Answer()))
+    async with running(cfg, tokens=[]) as (_, _, http):
+        await http.post("/v1/chat/completions", json=body(stream=True))
+        spawned = _Spawned()
+        trio.lowlevel.add_instrument(spawned)
+        try:
+            for payload in (body(stream=True), body(), body()):
+                response = await http.post("/v1/chat/completions", json=payload)
+                assert response.status_code == 200
+        finally:
+            trio.lowlevel.remove_instrument(spawned)
+    assert [name for name in spawned.names if "relayrace.server" in name] == []
+    assert client(cfg, "a").outcomes == ["ok"] * 4
+
+
 async def test_graceful_shutdown(autojump_clock):
     cfg = config(
         scripted_provider(
