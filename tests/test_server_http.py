@@ -450,6 +450,66 @@ async def test_a_client_disconnecting_cancels_a_non_streamed_request(autojump_cl
         assert trio.current_time() == 0
 
 
+async def test_a_client_leaving_a_later_stream_of_its_connection_cancels_it(autojump_clock):
+    # The connection's reader watches each request in turn (no watch task per request): on a
+    # keep-alive connection, a pipelined next request sent during a stream is kept (not taken
+    # for a disconnect), and the client's close then cancels the stream's upstream call.
+    cfg = config(scripted_provider("a", Answer(chunks=2), Hang(after_chunks=1)))
+    async with running(cfg, tokens=[]) as (sup, server, _):
+        assert server.http_port is not None
+        async with await trio.open_tcp_stream("127.0.0.1", server.http_port) as stream:
+            await stream.send_all(post(body(stream=True)))
+            received = b""
+            while b"data: [DONE]" not in received:
+                received += await stream.receive_some()
+            await stream.send_all(post(body(stream=True)))
+            received = b""
+            while b"data: " not in received:
+                received += await stream.receive_some()
+            await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert client(cfg, "a").in_flight == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert client(cfg, "a").outcomes == ["ok", "cancelled"]
+        assert sup.statistics().in_flight == 0
+        assert trio.current_time() == 0
+
+
+async def test_the_keep_alive_timeout_runs_from_the_end_of_a_slow_answer(autojump_clock):
+    cfg = config(scripted_provider("a", Answer(chunks=2, first_delay=3.0)))
+    async with running(cfg, tokens=[], keep_alive_timeout=7) as (_, server, _):
+        received, closed = await exchange(server, post(body(stream=True)))
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert b"data: [DONE]" in received
+    assert closed == 3 + 7
+
+
+class _Spawned(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_requests_on_a_connection_spawn_no_server_task(autojump_clock):
+    # The disconnect watch is the connection's reader: after the connection's own tasks, the
+    # server starts none per request (a request's nursery and watch task cost ~35 µs).
+    cfg = config(scripted_provider("a", Answer(chunks=2), Answer(chunks=2), Answer(), Answer()))
+    async with running(cfg, tokens=[]) as (_, _, http):
+        await http.post("/v1/chat/completions", json=body(stream=True))
+        spawned = _Spawned()
+        trio.lowlevel.add_instrument(spawned)
+        try:
+            for payload in (body(stream=True), body(), body()):
+                response = await http.post("/v1/chat/completions", json=payload)
+                assert response.status_code == 200
+        finally:
+            trio.lowlevel.remove_instrument(spawned)
+    assert [name for name in spawned.names if "relayrace.server" in name] == []
+    assert client(cfg, "a").outcomes == ["ok"] * 4
+
+
 async def test_graceful_shutdown(autojump_clock):
     cfg = config(
         scripted_provider(
@@ -709,6 +769,36 @@ def post(payload: dict[str, Any], *extra: bytes) -> bytes:
     data = json.dumps(payload).encode()
     head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
     return head + b"".join(extra) + b"content-length: %d\r\n\r\n%s" % (len(data), data)
+
+
+async def test_response_heads_carry_each_header_once_with_h11s_framing(autojump_clock):
+    # The route's headers are joined into the head after the ones h11 decides (the framing, the
+    # close): each once, answer after answer on one connection, and parsed by a client.
+    cfg = config(scripted_provider("a", Answer(chunks=3)))
+    streamed = post(body(stream=True))
+    async with running(cfg, tokens=[]) as (_, server, _):
+        received, _ = await exchange(
+            server, streamed + post(body()) + post(body(stream=True), b"connection: close\r\n")
+        )
+    answers = _responses(received, streamed)
+    assert len(answers) == 3
+    for i, (head, data) in enumerate(answers):
+        names = [name for name, _ in head.headers]
+        assert len(names) == len(set(names)), names
+        headers = dict(head.headers)
+        assert head.status_code == 200
+        assert headers[b"x-relayrace-provider"] == b"a"
+        if i == 1:
+            assert headers[b"content-type"] == b"application/json"
+            assert headers[b"content-length"] == b"%d" % len(data)
+            assert b"transfer-encoding" not in headers
+        else:
+            assert headers[b"content-type"] == b"text/event-stream; charset=utf-8"
+            assert headers[b"cache-control"] == b"no-cache"
+            assert headers[b"transfer-encoding"] == b"chunked"
+            assert data.endswith(b"data: [DONE]\n\n")
+    assert dict(answers[2][0].headers)[b"connection"] == b"close"
+    assert b"connection" not in dict(answers[0][0].headers)
 
 
 async def test_keep_alive_and_pipelined_requests_are_answered_in_order(autojump_clock):

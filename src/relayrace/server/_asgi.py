@@ -1,4 +1,4 @@
-"""The ASGI plumbing the HTTP routes share: the writer of a streamed body and the watch that
+"""The ASGI plumbing the HTTP routes share: the writer of a streamed body and the hook that
 cancels a request when its client disconnects."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._common import Stop, Ticket
+from ._h11 import ON_DISCONNECT
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -34,13 +35,30 @@ class Body:
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-async def watch_disconnect(receive: Receive, ticket: Ticket) -> None:
-    """Cancel the request (and its upstream call) as soon as the client disconnects."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            ticket.cancel(Stop.CLIENT_GONE)
-            return
+class CancelOnDisconnect:
+    """``with CancelOnDisconnect(scope, ticket):`` a client that goes away meanwhile cancels
+    ``ticket`` (its request's upstream call) with ``Stop.CLIENT_GONE``.
+
+    No task per request: the HTTP server's connection reader notices the disconnect and calls
+    the hook offered in ``scope[ON_DISCONNECT]`` (``_h11``). A task spawned and cancelled per
+    request to wait on ``receive`` for ``http.disconnect`` cost more (``benchmarks/README.md``),
+    so the routes need the server's hook: they are served by ``_h11.HTTPServer`` only.
+    """
+
+    __slots__ = ("_hook", "_ticket")
+
+    def __init__(self, scope: MutableMapping[str, Any], ticket: Ticket):
+        self._hook: Callable[[Callable[[], None] | None], None] = scope[ON_DISCONNECT]
+        self._ticket = ticket
+
+    def __enter__(self) -> None:
+        self._hook(self._gone)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._hook(None)
+
+    def _gone(self) -> None:
+        self._ticket.cancel(Stop.CLIENT_GONE)
 
 
 async def send_whole(

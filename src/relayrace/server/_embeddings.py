@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
-import trio
-
 from .. import BadRequest, EmbeddingsReply, EmbedRequest, RequestFailed, Supervisor
 from ..providers import embeddings
-from ._asgi import watch_disconnect
+from ._asgi import CancelOnDisconnect
 from ._common import Gate, ShuttingDown, Stop, Ticket
 from ._wire import WireError
 
@@ -75,10 +73,8 @@ async def serve_embeddings(app: OpenAIApp, scope: Scope, receive: Receive, send:
         return
     reply: EmbeddingsReply | WireError | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_disconnect, receive, ticket)
+        with CancelOnDisconnect(scope, ticket):
             reply = await _embed(app, request, ticket)
-            nursery.cancel_scope.cancel()
     finally:
         app.gate.release(ticket)
     if reply is None:

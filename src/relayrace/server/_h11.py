@@ -15,8 +15,13 @@ routes can be written without knowing this module. What the server does on its o
   readable (it is one sleeping task, its first request's idle deadline one entry on a timer
   shared by all, ``IdleSockets``), and a socket cap keeps the rest of the process's descriptors
   free (connections past it wait in the kernel's accept queue);
-- client disconnect detection: once the body is read, ``receive`` waits for the client to go away
-  and returns ``http.disconnect`` (a pipelined next request is buffered, not a disconnect);
+- client disconnect detection without a task per request: the connection's reader (the task
+  that reads request heads) watches the socket once the application has read the body, and a
+  client that goes away before its response is complete calls the hook the application left in
+  ``scope[ON_DISCONNECT]`` (``_asgi.CancelOnDisconnect``: it cancels the request's upstream
+  call) and ends ``receive``'s wait with ``http.disconnect``; a pipelined next request is
+  buffered, not a disconnect. The application runs in the connection's responder task, one per
+  connection, so the reader is free to watch;
 - one writer task per connection (``_batch.Batcher``): ``send`` hands the bytes over (at once
   while there is room) and every piece handed over during a write goes out in the next one; a
   streamed body's chunks are framed here once h11 has shown the body is chunked;
@@ -39,6 +44,8 @@ import h11
 import trio
 
 from ._batch import Batcher
+from ._h2 import H2_PREFACE, refuse_http2
+from ._head import ResponseHeads
 from ._stream import IdleSockets, accept_capped
 
 log = logging.getLogger("relayrace.server.http")
@@ -52,7 +59,10 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 _READ = 65536
 #: A request body the application left unread is drained (to keep the connection) up to this.
 _DRAIN_BYTES = 1 << 20
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: The scope key of a request's disconnect hook: ``scope[ON_DISCONNECT](callback)`` has
+#: ``callback()`` called (once, at once, from the connection's reader) if the client goes away
+#: before the response is complete; ``scope[ON_DISCONNECT](None)`` takes it back.
+ON_DISCONNECT = "relayrace.on_disconnect"
 
 
 class HTTPServer:
@@ -83,7 +93,7 @@ class HTTPServer:
         self.max_header_bytes = max_header_bytes
         self.read_timeout = read_timeout
         self.keep_alive_timeout = keep_alive_timeout
-        self.extra_headers = list(extra_headers)
+        self.heads = ResponseHeads(extra_headers)
         self.stopping = False
         self._listen_scope = trio.CancelScope()
         self._idle: set[trio.CancelScope] = set()
@@ -170,16 +180,37 @@ class _Connection:
             self.client = None
 
     async def run(self, first: bytes) -> None:
-        """Serve the requests that begin with ``first``, the connection's first bytes."""
+        """Serve the requests that begin with ``first``, the connection's first bytes.
+
+        Three tasks per connection, none per request: this one reads (request heads, then the
+        socket while a response is in progress: a disconnect, a pipelined next request), the
+        responder runs the application for each request, the writer writes.
+        """
+        exchanges, queued = trio.open_memory_channel[_Exchange](1)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.outbox.run, self._write)
-            try:
-                refused = await self._serve(first)
-            finally:
-                # Every response handed over is written before the connection closes.
-                self.outbox.close()
+            nursery.start_soon(self._respond, queued)
+            with exchanges:
+                refused = await self._serve(first, exchanges)
         if refused is not None:
             await self._refuse(refused)
+
+    async def _respond(self, queued: trio.MemoryReceiveChannel[_Exchange]) -> None:
+        """Run the application for each request handed over, one after another."""
+        try:
+            async with queued:
+                async for exchange in queued:
+                    keep = False
+                    try:
+                        await exchange.run()
+                        keep = await exchange.finish()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the client went away while a body left unread was drained
+                    finally:
+                        exchange.end(keep)
+        finally:
+            # Every response handed over is written before the connection closes.
+            self.outbox.close()
 
     async def _write(self, pieces: list[bytes]) -> None:
         if self.broken:
@@ -189,7 +220,9 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.broken = True  # the client went away: the rest goes nowhere
 
-    async def _serve(self, first: bytes) -> h11.RemoteProtocolError | None:
+    async def _serve(
+        self, first: bytes, exchanges: trio.MemorySendChannel[_Exchange]
+    ) -> h11.RemoteProtocolError | None:
         """The requests, one after another; a head to refuse ends them (returned)."""
         server, conn = self.server, self.conn
         while not server.stopping:
@@ -211,20 +244,65 @@ class _Connection:
                 # smuggling): refused outright, as RFC 9112 allows, and the connection closed.
                 return h11.RemoteProtocolError("both framings", 400)
             exchange = _Exchange(self, request)
-            await exchange.run()
-            if not await exchange.finish():
+            exchanges.send_nowait(exchange)  # the responder is waiting for it
+            if not await self._watch(exchange):
                 return None
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return None  # Connection: close, an HTTP/1.0 client, a response cut short
             conn.start_next_cycle()
         return None
+
+    async def _watch(self, exchange: _Exchange) -> bool:
+        """Wait for ``exchange`` to end; whether the connection goes on.
+
+        Once its body is read, the socket is watched meanwhile: what arrives is a pipelined next
+        request (kept in h11's buffer, up to about one head), and its end a client gone, which
+        cancels the request (``_Exchange.disconnected``). The wait for readability is the one
+        for the next request too: an ended exchange sets its keep-alive deadline (or cancels it).
+        """
+        await exchange.reading.wait()
+        if exchange.ended:
+            return exchange.keep
+        server, stream, conn = self.server, self.stream, self.conn
+        limit = server.max_header_bytes + _READ
+        waiting = 0
+        watch = exchange.watch
+        exchange.watching = True
+        # Bytes of a next request that came with this one's: the end goes straight on to it.
+        exchange.pipelined = bool(conn.trailing_data[0])
+        try:
+            with watch:
+                while not exchange.ended:
+                    if waiting > limit:
+                        # A pipelining client sent more than one request head ahead: stop
+                        # reading until this answer is out.
+                        exchange.done = done = trio.Event()
+                        await done.wait()
+                        break
+                    try:
+                        # Readable first (a receive that finds nothing is costly in trio): a
+                        # client waiting for its answer sends nothing, so this is where every
+                        # request waits.
+                        await trio.lowlevel.wait_readable(stream.socket)
+                        data = await stream.receive_some(_READ)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if not data:
+                        exchange.disconnected()
+                        return False
+                    waiting += len(data)
+                    exchange.pipelined = True
+                    conn.receive_data(data)  # the next pipelined request, kept for later
+        finally:
+            exchange.watching = False
+            server._idle.discard(watch)
+        # Cancelled: closed (not kept), idle too long, or woken for a pipelined next request.
+        return exchange.keep and (exchange.pipelined or not watch.cancelled_caught)
 
     async def _next_request(self, first: bytes) -> h11.Request | None:
         """The next request's head, or ``None``: the client closed, or stayed idle too long.
         ``first``: the connection's first bytes, for its first request (else empty)."""
         server, conn, stream = self.server, self.conn, self.stream
-        if first.startswith(_H2_PREFACE[:14]):
-            await _refuse_http2(server.app, stream, first)
+        if first.startswith(H2_PREFACE[:14]):
+            await refuse_http2(server.app, stream, first)
             return None
         idle = trio.CancelScope()
         if first:
@@ -290,8 +368,16 @@ class _Exchange:
         "started",
         "complete",
         "head",
-        "waiting",
         "chunked",
+        "reading",
+        "ended",
+        "keep",
+        "watch",
+        "watching",
+        "pipelined",
+        "done",
+        "on_gone",
+        "disconnect",
     )
 
     def __init__(self, connection: _Connection, request: h11.Request):
@@ -303,10 +389,61 @@ class _Exchange:
         self.started = False
         self.complete = False
         self.head: bytes | None = None  # the response head, written with the first body bytes
-        self.waiting = 0  # bytes of a pipelined next request read while waiting for a disconnect
         # Whether h11 frames this response's body in chunks (learnt from its first body bytes):
         # then the next ones are framed here, without an h11 event each.
         self.chunked: bool | None = None
+        # The socket is the reader's again (the body is read, or the exchange has ended).
+        self.reading = trio.Event()
+        self.ended = False
+        self.keep = False  # once ended: whether the connection goes on
+        # The reader's wait while the response is in progress (``_Connection._watch``).
+        self.watch = trio.CancelScope()
+        self.watching = False
+        self.pipelined = False  # the reader holds bytes of a next request (in h11's buffer)
+        self.done: trio.Event | None = None  # made by a reader that waits for the end
+        self.on_gone: Callable[[], None] | None = None  # the application's disconnect hook
+        self.disconnect: trio.Event | None = None  # made by a ``receive`` after the body
+
+    def on_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """``scope[ON_DISCONNECT]``: ``callback`` is called (once, from the reader) when the
+        client goes away before the response is complete — at once if it has; ``None``: no
+        longer."""
+        self.on_gone = callback
+        if callback is not None and self.gone and not self.complete:
+            self.on_gone = None
+            callback()
+
+    def disconnected(self) -> None:
+        """The client went away (or can no longer be written to)."""
+        if self.gone:
+            return
+        self.gone = True
+        if self.complete:
+            return  # the whole answer was handed over: nothing to cancel
+        callback, self.on_gone = self.on_gone, None
+        if callback is not None:
+            callback()
+        if self.disconnect is not None:
+            self.disconnect.set()
+
+    def end(self, keep: bool) -> None:
+        """The responder is done with this exchange; ``keep``: the connection goes on."""
+        self.ended = True
+        self.keep = keep
+        self.on_gone = None
+        self.reading.set()
+        if self.done is not None:
+            self.done.set()
+        if self.disconnect is not None:
+            self.disconnect.set()
+        if self.watching:
+            server = self.connection.server
+            if keep and not self.pipelined:
+                # The reader's wait is now the idle wait for the next request.
+                self.watch.deadline = trio.current_time() + server.keep_alive_timeout
+                server._idle.add(self.watch)
+            else:
+                self.watch.cancel()  # close, or go on to the next request, already here
 
     async def run(self) -> None:
         request = self.request
@@ -325,6 +462,7 @@ class _Exchange:
             "headers": list(request.headers),
             "client": self.connection.client,
             "server": None,
+            ON_DISCONNECT: self.on_disconnect,
         }
         try:
             await self.connection.server.app(scope, self.receive, self.send)
@@ -351,11 +489,15 @@ class _Exchange:
                     if isinstance(event, h11.Data):
                         drained += len(event.data)
                     elif isinstance(event, h11.EndOfMessage):
-                        return True
+                        break
                     else:
                         return False
-            return False
-        return True
+                else:
+                    return False
+            if conn.their_state is not h11.DONE:
+                return False
+        # Not both done: Connection: close, an HTTP/1.0 client, a response cut short.
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def _next_event(self) -> Any:
         connection = self.connection
@@ -391,41 +533,22 @@ class _Exchange:
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
             if isinstance(event, h11.EndOfMessage):
                 self.body_done = True
+                self.reading.set()  # the reader watches the socket from now on
                 return {"type": "http.request", "body": b"", "more_body": False}
             self.gone = True  # ConnectionClosed before the body ended
             return {"type": "http.disconnect"}
-        return await self._wait_disconnect()
-
-    async def _wait_disconnect(self) -> Message:
-        connection = self.connection
-        while not self.gone and not self.complete:
-            if self.waiting > connection.server.max_header_bytes + _READ:
-                # A pipelining client sent more than one request head ahead: stop reading.
-                await trio.sleep_forever()
-            stream = connection.stream
-            try:
-                # Readable first (a receive that finds nothing is costly in trio): a client
-                # waiting for its answer sends nothing, so this is where every request waits.
-                await trio.lowlevel.wait_readable(stream.socket)
-                data = await stream.receive_some(_READ)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                self.gone = True
-                break
-            self.waiting += len(data)
-            connection.conn.receive_data(data)  # the next pipelined request, kept for later
+        # After the body: wait for the client to go away (the reader sees it) or the end.
+        if not self.gone and not self.complete:
+            if self.disconnect is None:
+                self.disconnect = trio.Event()
+            await self.disconnect.wait()
         return {"type": "http.disconnect"}
 
-    async def _send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def _send_head(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
         connection = self.connection
         server = connection.server
-        if server.extra_headers:
-            headers = [*headers, *server.extra_headers]
-        if server.stopping:
-            headers = [*headers, (b"connection", b"close")]
+        self.head = server.heads.head(connection.conn, status, headers, close=server.stopping)
         self.started = True
-        self.head = connection.conn.send(h11.Response(status_code=status, headers=headers))
 
     async def send(self, message: Message) -> None:
         if self.gone:
@@ -434,7 +557,7 @@ class _Exchange:
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
-            await self._send_head(message["status"], list(message.get("headers", ())))
+            await self._send_head(message["status"], message.get("headers", ()))
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -468,85 +591,4 @@ class _Exchange:
         """Hand ``data`` to the connection's writer (at once while it has room)."""
         connection = self.connection
         if connection.broken or not await connection.outbox.put(data):
-            self.gone = True
-
-
-# --- HTTP/2 refused -------------------------------------------------------------------------
-
-
-async def _refuse_http2(app: App, stream: trio.SocketStream, data: bytes) -> None:
-    """Answer a prior-knowledge HTTP/2 connection's first request with the application's answer
-    to HTTP/2 (a 505), in the smallest valid HTTP/2 exchange, then close."""
-    messages: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    scope = {"type": "http", "http_version": "2", "method": "PRI", "path": "*", "headers": []}
-    await app(scope, receive, send)
-    status, headers, body = 505, [], b""
-    for message in messages:
-        if message["type"] == "http.response.start":
-            status, headers = message["status"], list(message.get("headers", ()))
-        elif message["type"] == "http.response.body":
-            body += message.get("body", b"")
-    buffer = data[len(_H2_PREFACE) :]
-    await stream.send_all(_frame(4, 0, 0, b""))  # our SETTINGS: the defaults
-    with trio.move_on_after(5):
-        while True:
-            while len(buffer) >= 9:
-                length = int.from_bytes(buffer[:3], "big")
-                if len(buffer) < 9 + length:
-                    break
-                kind, flags = buffer[3], buffer[4]
-                stream_id = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
-                buffer = buffer[9 + length :]
-                if kind == 4 and not flags & 1:
-                    await stream.send_all(_frame(4, 1, 0, b""))  # SETTINGS ACK
-                elif kind == 1:  # HEADERS: the request; answer it, then say goodbye
-                    block = _hpack([(b":status", str(status).encode()), *headers])
-                    await stream.send_all(
-                        _frame(1, 4, stream_id, block)
-                        + _frame(0, 1, stream_id, body)
-                        + _frame(7, 0, 0, stream_id.to_bytes(4, "big") + bytes(4))
-                    )
-                    # Read what the client still sends until it closes, so that closing does
-                    # not reset the connection under the answer.
-                    while await stream.receive_some(_READ):
-                        pass
-                    return
-            more = await stream.receive_some(_READ)
-            if not more:
-                return
-            buffer += more
-
-
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    return (
-        len(payload).to_bytes(3, "big")
-        + bytes((kind, flags))
-        + stream_id.to_bytes(4, "big")
-        + payload
-    )
-
-
-def _hpack(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """Headers as HPACK literals without indexing (no table, no Huffman: always valid)."""
-
-    def integer(value: int) -> bytes:  # a 7-bit-prefix integer
-        if value < 127:
-            return bytes((value,))
-        out, value = bytearray((127,)), value - 127
-        while value >= 128:
-            out.append(value % 128 + 128)
-            value //= 128
-        out.append(value)
-        return bytes(out)
-
-    return b"".join(
-        b"\x00" + integer(len(name)) + name.lower() + integer(len(value)) + value
-        for name, value in headers
-    )
+            self.disconnected()

@@ -21,12 +21,10 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import trio
-
 from .. import BadRequest, Reply, Request, RequestFailed, State, Supervisor, ToolCallDelta
 from ..providers import openai
 from ._admin import AdminAPI, Operations
-from ._asgi import Body, TrackedSend, send_whole, start_event_stream, watch_disconnect
+from ._asgi import Body, CancelOnDisconnect, TrackedSend, send_whole, start_event_stream
 from ._common import (
     Gate,
     ShuttingDown,
@@ -299,23 +297,14 @@ class OpenAIApp:
                 kind="service_unavailable_error",
                 code="server_shutdown",
             ) from None
-        error: _HTTPError | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_disconnect, receive, ticket)
-                # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
-                try:
-                    if stream:
-                        await self._stream(request, include_usage, ticket, send)
-                    else:
-                        await self._complete(request, ticket, send)
-                except _HTTPError as exc:
-                    error = exc
-                nursery.cancel_scope.cancel()
+            with CancelOnDisconnect(scope, ticket):
+                if stream:
+                    await self._stream(request, include_usage, ticket, send)
+                else:
+                    await self._complete(request, ticket, send)
         finally:
             self.gate.release(ticket)
-        if error is not None:
-            raise error
 
     async def _read_json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         limit = self.settings.max_body_bytes

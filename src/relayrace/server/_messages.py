@@ -19,11 +19,9 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-import trio
-
 from .. import BadRequest, Reply, Request, RequestFailed, Supervisor, Usage
 from ..providers import anthropic, anthropic_inbound, encode_event
-from ._asgi import Body, TrackedSend, send_whole, start_event_stream, watch_disconnect
+from ._asgi import Body, CancelOnDisconnect, TrackedSend, send_whole, start_event_stream
 from ._common import Gate, ShuttingDown, Stop, Ticket, reply_trace
 from ._wire import WireError, encodable, safe_dumps
 
@@ -132,23 +130,14 @@ class MessagesEndpoint:
             raise _Refused(
                 WireError.unavailable("server_shutdown", "the server is shutting down")
             ) from None
-        refused: _Refused | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_disconnect, receive, ticket)
-                # Caught here: an exception leaving a nursery comes out in an ExceptionGroup.
-                try:
-                    if stream:
-                        await self._stream(request, ticket, send)
-                    else:
-                        await self._complete(request, ticket, send)
-                except _Refused as exc:
-                    refused = exc
-                nursery.cancel_scope.cancel()
+            with CancelOnDisconnect(scope, ticket):
+                if stream:
+                    await self._stream(request, ticket, send)
+                else:
+                    await self._complete(request, ticket, send)
         finally:
             self.gate.release(ticket)
-        if refused is not None:
-            raise refused
 
     async def _complete(self, request: Request, ticket: Ticket, send: Send) -> None:
         reply: Reply | None = None
