@@ -183,3 +183,42 @@ end
 return {prune(KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
         prune(KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[6])}
 """
+
+
+#: The scripts a writer turn may send together in one ``BATCH`` call (``PROBE`` is awaited on
+#: its own, ``SNAPSHOT`` is a read).
+BATCHED = {
+    "bench": BENCH,
+    "unbench": UNBENCH,
+    "fails": FAILS,
+    "unprobe": UNPROBE,
+    "retry": RETRY,
+    "usage": USAGE,
+    "limits": LIMITS,
+    "pin": PIN,
+}
+
+# KEYS: every operation's keys, in order. ARGV: the number of operations, then per operation:
+# its script's name, its number of keys, its number of arguments, its arguments. Runs each
+# operation as its own script would (each still publishes what it changed) and returns their
+# results in order: one round trip for everything a writer turn has, each change still atomic
+# (the whole batch is: Redis runs a script to its end before anything else).
+BATCH = (
+    "local run = {}\n"
+    + "".join(
+        f"run['{name}'] = function(KEYS, ARGV)\n{source.strip()}\nend\n"
+        for name, source in BATCHED.items()
+    )
+    + """
+local results, k, a = {}, 1, 2
+for i = 1, tonumber(ARGV[1]) do
+  local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j - 1] end
+  for j = 1, na do args[j] = ARGV[a + 2 + j] end
+  results[i] = run[name](keys, args)
+  k, a = k + nk, a + 3 + na
+end
+return results
+"""
+)
