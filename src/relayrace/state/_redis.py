@@ -48,9 +48,9 @@ from ._model import (
     StateEvent,
     StateEventKind,
     StateStatistics,
-    Usage,
     minute_of,
 )
+from ._unsent import Unsent
 
 Client = coredis.Redis[str]
 #: A queued write: builds its operations when the writer takes it (counts are read then).
@@ -104,10 +104,8 @@ class RedisState:
         self._unsent_retries = 0
         self._tick_queued = False
         self._reported_at = 0.0
-        self._usage: dict[tuple[str, int], list[int]] = {}
+        self._unsent = Unsent()
         self._usage_queued = False
-        #: failure counts not yet sent: field -> [reset first, failures after it]
-        self._fails: dict[str, list[Any]] = {}
         self._fails_queued = False
         self._fails_sent_at = -math.inf
         self._dropped = 0
@@ -148,17 +146,13 @@ class RedisState:
 
     def record_failure(self, deployment: Deployment) -> int:
         count = self._local.record_failure(deployment)
-        pending = self._fails.get(deployment.field)
-        if pending is None:
-            self._fails[deployment.field] = [False, 1]
-        else:
-            pending[1] += 1
+        self._unsent.failure(deployment.field)
         self._queue_fails()
         return count
 
     def record_success(self, deployment: Deployment) -> None:
         self._local.record_success(deployment)
-        self._fails[deployment.field] = [True, 0]
+        self._unsent.success(deployment.field)
         self._queue_fails()
 
     async def acquire_probe(self, deployment: Deployment, *, ttl: float) -> bool:
@@ -278,7 +272,7 @@ class RedisState:
 
     def _queue_fails(self, *, due: bool = False) -> None:
         # Sent at once after a quiet spell, else by the flusher within FAILURE_REPORT_INTERVAL.
-        if self._fails_queued or not self._fails:
+        if self._fails_queued or not self._unsent.fails:
             return
         if due or trio.current_time() - self._fails_sent_at >= FAILURE_REPORT_INTERVAL:
             self._fails_queued = self._queue(self._write_fails)
@@ -286,9 +280,7 @@ class RedisState:
     def _count_usage(self, field: str, requests: int, tokens: int) -> None:
         # Counted per request, sent per writer turn: one script per deployment and minute
         # however many requests were admitted meanwhile.
-        pending = self._usage.setdefault((field, minute_of(self.now())), [0, 0])
-        pending[0] += requests
-        pending[1] += tokens
+        self._unsent.count(field, minute_of(self.now()), requests, tokens)
         if not self._usage_queued:
             self._usage_queued = self._queue(self._write_usage)
 
@@ -307,17 +299,14 @@ class RedisState:
     def _write_fails(self) -> list[Op]:
         self._fails_queued = False
         self._fails_sent_at = trio.current_time()
-        pending, self._fails = self._fails, {}
-        if not pending:
+        args = self._unsent.take_fails()
+        if not args:
             return []
-        args = [self._keys.channel]
-        for field, (reset, failures) in pending.items():
-            args += [field, "1" if reset else "0", str(failures)]
-        return [("fails", [self._keys.fails], args, None)]
+        return [("fails", [self._keys.fails], [self._keys.channel, *args], None)]
 
     def _write_usage(self) -> list[Op]:
         self._usage_queued = False
-        pending, self._usage = self._usage, {}
+        pending = self._unsent.take_usage()
         return [
             (
                 "usage",
@@ -446,13 +435,23 @@ class RedisState:
                     ops += self._receive.receive_nowait()()
                 except trio.WouldBlock:
                     break
-            if self._fails:
+            if self._unsent.fails:
                 ops += self._write_fails()
-            if ops and not any(op[0] == "retry" for op in ops):
+            if ops and self._rides_along() and not any(op[0] == "retry" for op in ops):
                 ops += self._write_retry_tick()
             if ops:
                 with trio.fail_after(self._config.operation_timeout):
                     await send_ops(self._scripts, client, ops)
+
+    def _rides_along(self) -> bool:
+        """Whether the retry window's report joins a round trip made anyway: when tokens are
+        wanted, or half its interval has passed (not on every turn: its script reads ten
+        slices, work for Redis)."""
+        return (
+            self._reserve < RETRY_RESERVE
+            or self._unsent_retries > 0
+            or self.now() - self._reported_at >= REQUEST_REPORT_INTERVAL / 2
+        )
 
     async def _flusher(self) -> None:
         while True:
@@ -486,8 +485,8 @@ class RedisState:
                 self._queue(self._write_bench, field, record)
                 self._republished += 1
         failures = {field: int(n) for field, n in fails.items()}
-        for field in set(failures) | set(self._fails):
-            failures[field] = self._failures_plus_unsent(field, failures.get(field, 0))
+        for field in set(failures) | set(self._unsent.fails):
+            failures[field] = self._unsent.failures_plus(field, failures.get(field, 0))
         mirror.failures = {field: n for field, n in failures.items() if n}
         for field, value in limits.items():
             mirror.limits[field] = limits_from_json(json.loads(value))
@@ -502,25 +501,9 @@ class RedisState:
                 self._republished += 1
         minute = minute_of(now)
         for field in set(rpm) | set(tpm):
-            mirror.usage[field] = self._plus_unsent(
+            mirror.usage[field] = self._unsent.usage_plus(
                 field, minute, int(rpm.get(field, 0)), int(tpm.get(field, 0))
             )
-
-    def _failures_plus_unsent(self, field: str, count: int) -> int:
-        """The fleet's failure count as Redis has it, with this process's changes not yet sent
-        (a success not yet sent: only the failures counted after it)."""
-        unsent = self._fails.get(field)
-        if unsent is None:
-            return count
-        reset, failures = unsent
-        return failures if reset else count + failures
-
-    def _plus_unsent(self, field: str, minute: int, requests: int, tokens: int) -> Usage:
-        """The fleet's usage as Redis counts it, plus this process's own not yet sent."""
-        unsent = self._usage.get((field, minute))
-        if unsent is not None:
-            requests, tokens = requests + unsent[0], tokens + unsent[1]
-        return Usage(minute=minute, requests=requests, tokens=tokens)
 
     async def _reader(self, pubsub: Any) -> None:
         async for message in pubsub:
@@ -542,7 +525,7 @@ class RedisState:
         elif kind == "unbench":
             mirror.lift_bench(field, manual=True)
         elif kind == "fails":
-            count = self._failures_plus_unsent(field, int(value))
+            count = self._unsent.failures_plus(field, int(value))
             if count:
                 mirror.failures[field] = count
             else:
@@ -554,7 +537,7 @@ class RedisState:
         elif kind == "usage":
             minute, old = int(value["minute"]), mirror.usage.get(field)
             if old is None or old.minute <= minute:  # a past minute's count comes late: stale
-                mirror.usage[field] = self._plus_unsent(
+                mirror.usage[field] = self._unsent.usage_plus(
                     field, minute, int(value["requests"]), int(value["tokens"])
                 )
         elif kind == "limits":
