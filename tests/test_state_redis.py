@@ -271,10 +271,10 @@ async def hincrby_calls(server: RedisServer) -> int:
     return int(found.group(1)) if found else 0
 
 
-async def evalsha_calls(server: RedisServer) -> int:
-    """How many scripts Redis has run (each a round trip from some instance)."""
+async def calls(server: RedisServer, command: str) -> int:
+    """How often Redis has run ``command`` (scripts' own calls included)."""
     reply = await trio.to_thread.run_sync(server.command, "INFO", "commandstats")
-    found = re.search(rb"cmdstat_evalsha:calls=(\d+)", reply)
+    found = re.search(rf"cmdstat_{command}:calls=(\d+)".encode(), reply)
     return int(found.group(1)) if found else 0
 
 
@@ -283,7 +283,7 @@ async def test_writes_queued_together_go_in_one_round_trip_in_order(
 ) -> None:
     async with instance(redis_server) as a, instance(redis_server) as b:
         await eventually(lambda: a.statistics().queued == 0 == b.statistics().queued)
-        before = await evalsha_calls(redis_server)
+        before = await calls(redis_server, "evalsha"), await calls(redis_server, "publish")
         now = time.time()
         first, second = Deployment("openai", "gpt-4o-mini"), Deployment("openai", "o3")
         # Six writes in one go (no checkpoint between them): the writer sends them together.
@@ -305,8 +305,9 @@ async def test_writes_queued_together_go_in_one_round_trip_in_order(
         assert b.mirror.bench(first, time.time()) is None
         assert a.mirror.bench(first, time.time()) is None
         # One script for the six (a script each would be six; the periodic full reads of the
-        # two instances may add one each).
-        assert await evalsha_calls(redis_server) - before <= 3
+        # two instances may add one each), and one message for the other instance to decode.
+        assert await calls(redis_server, "evalsha") - before[0] <= 3
+        assert await calls(redis_server, "publish") - before[1] == 1
 
 
 async def test_failure_counts_are_sent_in_batches_and_stay_exact(

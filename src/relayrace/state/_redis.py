@@ -510,7 +510,9 @@ class RedisState:
             if message["type"] != "message":
                 continue
             try:
-                self._apply(json.loads(message["data"]))
+                decoded = json.loads(message["data"])
+                for change in decoded if isinstance(decoded, list) else (decoded,):
+                    self._apply(change)
             except (ValueError, KeyError, TypeError, AttributeError):
                 # Not ours (anyone may publish on the channel): ignored, never a reconnection.
                 self._ignored += 1
