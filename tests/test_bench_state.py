@@ -125,6 +125,13 @@ def test_the_cost_and_the_a_a_control_are_medians_of_the_repeats_with_their_spre
     assert row["aa_cost_pct"] == pytest.approx(3.0)
     assert row["aa_cost_spread_pct"] == pytest.approx([-1.0, 6.0])
     assert row["cpu_cost_with_redis_server_pct"] == pytest.approx(3.0)
+    # Against the mean of the triple's two local gateways: 1.02 / 0.995, 1.10 / 1.03, 0.96 / 1.015.
+    assert row["cpu_cost_vs_both_locals_pct"] == pytest.approx((1.02 / 0.995 - 1) * 100)
     assert row["local-aa"]["gateway_cpu_ms_per_request"] == pytest.approx(1.03)
     lines = state_markdown({"summary": {"rows": [row], "propagation": {}}, "parameters": {}})
     assert any("| 2.0 % [-4.0, +10.0] | 3.0 % [-1.0, +6.0] |" in line for line in lines)
+    assert any(
+        "cost 2.0 % [-4.0, +10.0], A/A 3.0 % [-1.0, +6.0]; redis against the mean" in line
+        and "2.5 % [-5.4, +6.8]" in line
+        for line in lines
+    )

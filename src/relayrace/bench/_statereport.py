@@ -60,7 +60,7 @@ def summarise_state(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "requests": sum(r["requests"] for r in runs),
                     "failed": sum(r["failed"] for r in runs),
                 }
-            costs, control, with_redis, throughput = [], [], [], []
+            costs, control, both, with_redis, throughput = [], [], [], [], []
             for repeat in sorted({r["repeat"] for r in mine}):
                 triple = {r["backend"]: r for r in mine if r["repeat"] == repeat}
                 local, redis, aa = (triple.get(n) for n in _GATEWAYS)
@@ -74,14 +74,18 @@ def summarise_state(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 throughput.append(_change(redis["throughput_rps"], local["throughput_rps"]))
                 if aa is not None:
                     control.append(_change(aa[cpu], local[cpu]))
+                    if local[cpu] is not None and aa[cpu] is not None:
+                        both.append(_change(redis[cpu], (local[cpu] + aa[cpu]) / 2))
             cost, aa_cost = _spread(costs), _spread(control)
             row["cpu_cost_pct"] = cost["median"]
             row["cpu_cost_spread_pct"] = [cost["min"], cost["max"]]
             row["aa_cost_pct"] = aa_cost["median"]
             row["aa_cost_spread_pct"] = [aa_cost["min"], aa_cost["max"]]
+            row["cpu_cost_vs_both_locals_pct"] = median(both)
             row["cpu_cost_with_redis_server_pct"] = median(with_redis)
             row["throughput_change_pct"] = median(throughput)
             row["pairs"] = len([c for c in costs if c is not None])
+            row["per_repeat"] = {"cost_pct": costs, "aa_pct": control, "vs_both_locals_pct": both}
             out.append(row)
     return out
 
@@ -122,6 +126,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def _spread_text(spread: dict[str, float | None]) -> str:
+    return _pct(spread["median"], [spread["min"], spread["max"]])
 
 
 def _pct(value: float | None, spread: list[float | None] | None) -> str:
@@ -177,6 +185,19 @@ def state_markdown(state: dict[str, Any] | None) -> list[str]:
             f"{_fmt(re_['redis_commands_per_request'])} "
             f"| {lo['failed']} / {re_['failed']} / {_fmt(aa.get('failed'))} |"
         )
+    pooled = {
+        key: _spread([v for r in summary["rows"] for v in (r.get("per_repeat") or {}).get(key, [])])
+        for key in ("cost_pct", "aa_pct", "vs_both_locals_pct")
+    }
+    if pooled["cost_pct"]["median"] is not None:
+        lines += [
+            "",
+            f"Pooled over every scenario, mode and repeat "
+            f"({len(summary['rows'])} × {p.get('repeats')} triples), median [min, max]: cost "
+            f"{_spread_text(pooled['cost_pct'])}, A/A {_spread_text(pooled['aa_pct'])}; redis "
+            f"against the mean of the two local gateways of its triple (halves the baseline's "
+            f"noise): {_spread_text(pooled['vs_both_locals_pct'])}.",
+        ]
     prop = summary.get("propagation") or {}
     ms = prop.get("latency_ms") or {}
     lines += [
