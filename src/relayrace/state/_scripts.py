@@ -205,7 +205,9 @@ BATCHED = {
 # results in order: one round trip for everything a writer turn has, each change still atomic
 # (the whole batch is: Redis runs a script to its end before anything else). What the
 # operations publish goes out as one message at the end, a JSON array of their messages: one
-# message for each other instance to receive and decode instead of one per operation.
+# message for each other instance to receive and decode instead of one per operation. (It
+# does so by shadowing ``redis`` with a local whose ``call`` holds back ``PUBLISH``: the scripts
+# above may use ``redis.call`` only.)
 BATCH = (
     """
 local real, channel, published = redis, nil, {}
