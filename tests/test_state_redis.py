@@ -271,6 +271,45 @@ async def hincrby_calls(server: RedisServer) -> int:
     return int(found.group(1)) if found else 0
 
 
+async def calls(server: RedisServer, command: str) -> int:
+    """How often Redis has run ``command`` (scripts' own calls included)."""
+    reply = await trio.to_thread.run_sync(server.command, "INFO", "commandstats")
+    found = re.search(rf"cmdstat_{command}:calls=(\d+)".encode(), reply)
+    return int(found.group(1)) if found else 0
+
+
+async def test_writes_queued_together_go_in_one_round_trip_in_order(
+    redis_server: RedisServer,
+) -> None:
+    async with instance(redis_server) as a, instance(redis_server) as b:
+        await eventually(lambda: a.statistics().queued == 0 == b.statistics().queued)
+        before = await calls(redis_server, "evalsha"), await calls(redis_server, "publish")
+        now = time.time()
+        first, second = Deployment("openai", "gpt-4o-mini"), Deployment("openai", "o3")
+        # Six writes in one go (no checkpoint between them): the writer sends them together.
+        a.bench(first, until=now + 60, reason="5xx")
+        a.bench(second, until=now + 60, reason="timeout")
+        a.unbench(first)
+        a.record_failure(GPT)
+        a.pin("user-9", GPT, ttl=60)
+        a.learn_limits(GPT, LearnedLimits(remaining_requests=5, reset_at=now + 30, observed_at=now))
+        await eventually(
+            lambda: (
+                b.mirror.bench(second, time.time()) is not None
+                and b.mirror.pin("user-9", time.time()) == GPT
+                and b.mirror.limits_of(GPT) is not None
+                and b.mirror.failure_count(GPT) == 1
+            )
+        )
+        # In order: the unbench came after its bench, so the first stays lifted everywhere.
+        assert b.mirror.bench(first, time.time()) is None
+        assert a.mirror.bench(first, time.time()) is None
+        # One script for the six (a script each would be six; the periodic full reads of the
+        # two instances may add one each), and one message for the other instance to decode.
+        assert await calls(redis_server, "evalsha") - before[0] <= 3
+        assert await calls(redis_server, "publish") - before[1] == 1
+
+
 async def test_failure_counts_are_sent_in_batches_and_stay_exact(
     redis_server: RedisServer,
 ) -> None:

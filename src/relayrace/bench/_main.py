@@ -113,7 +113,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "litellm": litellm,
         },
         "routing": routing_params(quick, args.requests),
-        "state": state_params(quick, args.requests),
+        "state": state_params(quick, args.requests, args.repeats),
         "peers": ["httpx", "relayrace"] + (["litellm"] if litellm else []),
         "litellm_available": litellm,
     }

@@ -15,10 +15,13 @@ non-streamed and streamed, in three scenarios:
   0.1 s benches, a probe each 0.1 s under the fleet's probe lease): benches, leases and
   failure counts written as in a real outage.
 
-The runs of the two backends are interleaved (which goes first alternates), repeated, and the
-medians reported; the cost is the ratio redis / local of the gateway's CPU per request (the
-parent and its workers, from /proc) within each pair of runs. redis-server's own CPU is
-measured separately and reported beside it, not counted in the gateway's.
+A third gateway, ``local-aa``, is a second ``"local"`` one: the A/A control. The three runs of
+each scenario and mode are interleaved (their order rotates through the six permutations),
+repeated (``--repeats``, default 3), and the cost is the ratio redis / local of the gateway's
+CPU per request (the parent and its workers, from /proc) within each triple of runs; the same
+ratio local-aa / local is the noise floor, printed beside it. Both as the median of the
+triples with its spread (min, max). redis-server's own CPU is measured separately and
+reported beside it, not counted in the gateway's.
 
 **Propagation.** Two processes, each with its own ``RedisState`` on the same Redis: this one
 benches a deployment and notes the wall clock; the other spins on its mirror (a trio checkpoint
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import secrets
 import shutil
@@ -48,17 +52,22 @@ from ._common import (
     ROUTE,
     BenchError,
     cpu_seconds_of,
-    median,
     summarise_ms,
     tree_cpu_seconds,
 )
 from ._gwprocs import Gateway, relayrace_serve
 from ._procs import Runner
+from ._statereport import summarise_state
 from ._wrk import find_wrk, run_wrk
 
 SCENARIOS = ("healthy", "failing", "outage")
 MODES = ("non-streamed", "streamed")
 BACKENDS = ("local", "redis")
+#: The A/A control: a second gateway with ``backend = "local"``, run like the other two.
+CONTROL = "local-aa"
+GATEWAYS = (*BACKENDS, CONTROL)
+#: The orders the three gateways' runs take, in turn (each position equally often).
+_ORDERS = list(itertools.permutations(GATEWAYS))
 #: The route each scenario's requests ask for.
 _ROUTES = {"healthy": ROUTE, "failing": "failing", "outage": "outage"}
 
@@ -72,10 +81,11 @@ REDIS_MISSING = (
 COREDIS_MISSING = "coredis is not installed (pip install 'relayrace[redis]')"
 
 
-def state_params(quick: bool, requests: int | None) -> dict[str, Any]:
-    """The workload's parameters for a quick or full run (``requests``: a count per run)."""
+def state_params(quick: bool, requests: int | None, repeats: int | None = None) -> dict[str, Any]:
+    """The workload's parameters for a quick or full run (``requests``: a count per run;
+    ``repeats``: triples of runs per scenario and mode, default 1 quick, 3 full)."""
     return {
-        "repeats": 1 if quick else 3,
+        "repeats": repeats or (1 if quick else 3),
         "seconds": 1.0 if quick else 4.0,
         "requests": requests or 0,
         "clients": 32,
@@ -87,7 +97,7 @@ def state_params(quick: bool, requests: int | None) -> dict[str, Any]:
 
 def state_weight(p: dict[str, Any]) -> float:
     """Rough seconds of the workload, for the progress bar only."""
-    runs = p["repeats"] * len(p["scenarios"]) * len(MODES) * len(BACKENDS)
+    runs = p["repeats"] * len(p["scenarios"]) * len(MODES) * len(GATEWAYS)
     return runs * p["seconds"] + 10 + p["benches"] * 0.01
 
 
@@ -312,18 +322,24 @@ def _cost_runs(runner: Runner, wrk: str, redis_url: str, redis_pid: int) -> list
     prefix = "relayrace-bench-" + secrets.token_hex(4)
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
-        runner.progress.start("state: starting relayrace serve --workers 2, local and redis")
+        runner.progress.start("state: starting relayrace serve --workers 2: local, redis, local")
         gateways = {
-            backend: stack.enter_context(
+            name: stack.enter_context(
                 relayrace_serve(
                     runner.url,
                     model,
                     concurrency,
                     workers=2,
-                    extra_toml=extra_toml(backend, redis_url, prefix, runner.url, concurrency),
+                    extra_toml=extra_toml(
+                        "local" if name == CONTROL else name,
+                        redis_url,
+                        prefix,
+                        runner.url,
+                        concurrency,
+                    ),
                 )
             )
-            for backend in BACKENDS
+            for name in GATEWAYS
         }
         runner.progress.advance(5)
         # Warm every path (workers up, pools open, Redis reached): for ``warmup`` seconds, or
@@ -332,71 +348,14 @@ def _cost_runs(runner: Runner, wrk: str, redis_url: str, redis_pid: int) -> list
         for gateway in gateways.values():
             for scenario in p["scenarios"]:
                 _drive(wrk, gateway, redis, scenario, "non-streamed", warm)
-        turn = 0
         for repeat in range(p["repeats"]):
-            for scenario in p["scenarios"]:
-                for mode in MODES:
-                    order = BACKENDS if turn % 2 == 0 else BACKENDS[::-1]
-                    turn += 1
-                    for backend in order:
-                        row = _drive(wrk, gateways[backend], redis, scenario, mode, p)
-                        rows.append(row | {"backend": backend, "repeat": repeat})
-                        runner.progress.advance(
-                            p["seconds"], f"state: {scenario} {mode}, {backend}"
-                        )
+            for turn, (scenario, mode) in enumerate(itertools.product(p["scenarios"], MODES)):
+                # Each scenario and mode moves one permutation on per repeat.
+                for backend in _ORDERS[(turn + repeat) % len(_ORDERS)]:
+                    row = _drive(wrk, gateways[backend], redis, scenario, mode, p)
+                    rows.append(row | {"backend": backend, "repeat": repeat})
+                    runner.progress.advance(p["seconds"], f"state: {scenario} {mode}, {backend}")
     return rows
-
-
-def _summarise(rows: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
-    """Per scenario and mode: each backend's medians, and the cost (per pair of runs, median)."""
-    out = []
-    for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        for mode in MODES:
-            mine = [r for r in rows if (r["scenario"], r["mode"]) == (scenario, mode)]
-            if not mine:
-                continue
-            row: dict[str, Any] = {"scenario": scenario, "mode": mode}
-            for backend in BACKENDS:
-                runs = [r for r in mine if r["backend"] == backend]
-                row[backend] = {
-                    "throughput_rps": median([r["throughput_rps"] for r in runs]),
-                    "gateway_cpu_ms_per_request": median(
-                        [r["gateway_cpu_ms_per_request"] for r in runs]
-                    ),
-                    "redis_cpu_ms_per_request": median(
-                        [r["redis_cpu_ms_per_request"] for r in runs]
-                    ),
-                    "redis_commands_per_request": median(
-                        [r["redis_commands_per_request"] for r in runs]
-                    ),
-                    "redis_scripts_per_request": median(
-                        [r["redis_scripts_per_request"] for r in runs]
-                    ),
-                    "p50_ms": median([(r["latency_ms"] or {}).get("p50") for r in runs]),
-                    "p99_ms": median([(r["latency_ms"] or {}).get("p99") for r in runs]),
-                    "requests": sum(r["requests"] for r in runs),
-                    "failed": sum(r["failed"] for r in runs),
-                }
-            costs, with_redis, throughput = [], [], []
-            for repeat in range(repeats):
-                pair = {r["backend"]: r for r in mine if r["repeat"] == repeat}
-                local, redis = pair.get("local"), pair.get("redis")
-                if local is None or redis is None:
-                    continue
-                lo, re_ = local["gateway_cpu_ms_per_request"], redis["gateway_cpu_ms_per_request"]
-                if lo and re_ is not None:
-                    costs.append((re_ / lo - 1) * 100)
-                    server = redis["redis_cpu_ms_per_request"]
-                    if server is not None:
-                        with_redis.append(((re_ + server) / lo - 1) * 100)
-                if local["throughput_rps"] and redis["throughput_rps"] is not None:
-                    throughput.append((redis["throughput_rps"] / local["throughput_rps"] - 1) * 100)
-            row["cpu_cost_pct"] = median(costs)
-            row["cpu_cost_with_redis_server_pct"] = median(with_redis)
-            row["throughput_change_pct"] = median(throughput)
-            row["pairs"] = len(costs)
-            out.append(row)
-    return out
 
 
 # --- propagation ----------------------------------------------------------------------------------
@@ -505,7 +464,7 @@ def run_state_workload(runner: Runner) -> dict[str, Any]:
         propagation = trio.run(_propagation, url, p["benches"])
         runner.progress.advance(p["benches"] * 0.01 + 5)
     return {
-        "summary": {"rows": _summarise(rows, p["repeats"]), "propagation": propagation},
+        "summary": {"rows": summarise_state(rows), "propagation": propagation},
         "runs": rows,
         "parameters": p,
         "redis_server": _redis_version(redis),

@@ -1,8 +1,9 @@
 """The Lua scripts that change the shared state in Redis: each change is one script, so each is
 atomic on the server, and each publishes what it changed on the prefix's channel.
 
-Messages are JSON objects ``{"k": kind, "f": field, "v": value}``; the kinds are ``bench``,
-``unbench``, ``fails``, ``probe``, ``unprobe``, ``usage``, ``limits`` and ``pin``.
+Messages are JSON objects ``{"k": kind, "f": field, "v": value}``, or a JSON array of them
+(what one ``BATCH`` published); the kinds are ``bench``, ``unbench``, ``fails``, ``probe``,
+``unprobe``, ``usage``, ``limits`` and ``pin``.
 The merge rule for benches is ``_model.merge_bench``, written again here in Lua.
 """
 
@@ -183,3 +184,60 @@ end
 return {prune(KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
         prune(KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[6])}
 """
+
+
+#: The scripts a writer turn may send together in one ``BATCH`` call (``PROBE`` is awaited on
+#: its own, ``SNAPSHOT`` is a read).
+BATCHED = {
+    "bench": BENCH,
+    "unbench": UNBENCH,
+    "fails": FAILS,
+    "unprobe": UNPROBE,
+    "retry": RETRY,
+    "usage": USAGE,
+    "limits": LIMITS,
+    "pin": PIN,
+}
+
+# KEYS: every operation's keys, in order. ARGV: the number of operations, then per operation:
+# its script's name, its number of keys, its number of arguments, its arguments. Runs each
+# operation as its own script would (each still publishes what it changed) and returns their
+# results in order: one round trip for everything a writer turn has, each change still atomic
+# (the whole batch is: Redis runs a script to its end before anything else). What the
+# operations publish goes out as one message at the end, a JSON array of their messages: one
+# message for each other instance to receive and decode instead of one per operation. (It
+# does so by shadowing ``redis`` with a local whose ``call`` holds back ``PUBLISH``: the scripts
+# above may use ``redis.call`` only.)
+BATCH = (
+    """
+local real, channel, published = redis, nil, {}
+local redis = {call = function(command, ...)
+  if command ~= 'PUBLISH' then return real.call(command, ...) end
+  local to, message = ...
+  channel, published[#published + 1] = to, message
+  return 0
+end}
+local run = {}
+"""
+    + "".join(
+        f"run['{name}'] = function(KEYS, ARGV)\n{source.strip()}\nend\n"
+        for name, source in BATCHED.items()
+    )
+    + """
+local results, k, a = {}, 1, 2
+for i = 1, tonumber(ARGV[1]) do
+  local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j - 1] end
+  for j = 1, na do args[j] = ARGV[a + 2 + j] end
+  results[i] = run[name](keys, args)
+  k, a = k + nk, a + 3 + na
+end
+if #published == 1 then
+  real.call('PUBLISH', channel, published[1])
+elseif channel then
+  real.call('PUBLISH', channel, '[' .. table.concat(published, ',') .. ']')
+end
+return results
+"""
+)
