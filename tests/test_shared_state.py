@@ -33,7 +33,7 @@ from relayrace import (
     open_supervisor,
 )
 from relayrace.actors import OpenAIClient
-from relayrace.observe import Metrics
+from relayrace.observe import AccessLog, Metrics
 from relayrace.state import Deployment, RedisState, StateConfig
 from relayrace.testing import MockProvider, serve_mock_provider
 
@@ -268,3 +268,44 @@ async def test_only_the_probe_lease_holder_probes(redis_server: RedisServer) -> 
             await trio.sleep(1.2)
             assert sent(mock_a, DOWN) + sent(mock_b, DOWN) == 3
             assert benched(a) and benched(b)
+
+
+async def test_a_bench_from_another_instance_is_an_event_a_metric_and_a_log_line(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    state = state_config(redis_server, f"t{uuid.uuid4().hex[:8]}")
+    async with serve_mock_provider() as mock_a, serve_mock_provider() as mock_b:
+        async with (
+            instance(make_config(mock_a, state, primary=UP)) as a,  # type: ignore[arg-type]
+            instance(
+                make_config(mock_b, state, primary=UP),  # type: ignore[arg-type]
+                observers=(metrics, AccessLog()),
+            ) as b,
+            b.subscribe() as events,
+        ):
+            seen: list[object] = []
+            async with a.subscribe() as own:
+                a.bench("primary")
+                with trio.fail_after(5):
+                    event = await events.receive()
+                    while event.kind is not EventKind.FLEET_BENCHED:
+                        event = await events.receive()
+                assert (event.actor, event.detail) == ("primary", "manual")
+                a.unbench("primary")
+                with trio.fail_after(5):
+                    while event.kind is not EventKind.FLEET_UNBENCHED:
+                        event = await events.receive()
+                assert event.actor == "primary"
+                await trio.sleep(0.2)  # its own publishes come back to a: no fleet event there
+                while True:
+                    try:
+                        seen.append(own.receive_nowait().kind)
+                    except trio.WouldBlock:
+                        break
+            assert EventKind.FLEET_BENCHED not in seen and EventKind.FLEET_UNBENCHED not in seen
+            text = metrics.render().decode()
+            assert 'relayrace_provider_health_events_total{kind="fleet_benched",provider="primary"} 1.0' in text
+            assert 'relayrace_provider_health_events_total{kind="fleet_unbenched",provider="primary"} 1.0' in text
+    lines = [r.getMessage() for r in caplog.records if r.name == "relayrace.health"]
+    assert any(line.startswith("provider primary fleet benched") for line in lines), lines

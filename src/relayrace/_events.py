@@ -36,6 +36,12 @@ class EventKind(enum.Enum):
     #: (an exception's class name or ``timeout``); requests go on on local state meanwhile.
     STATE_DEGRADED = "state_degraded"
     STATE_RESTORED = "state_restored"
+    #: a bench another instance made reached this one (``[state] backend = "redis"``): ``actor``
+    #: and ``model`` say which deployment, ``detail`` the bench's reason; this process's own
+    #: benches are ``actor_benched``.
+    FLEET_BENCHED = "fleet_benched"
+    #: a bench another instance lifted (an unbench, a recovery) reached this one.
+    FLEET_UNBENCHED = "fleet_unbenched"
 
 
 @attrs.frozen(kw_only=True)

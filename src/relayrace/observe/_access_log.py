@@ -32,6 +32,8 @@ _HEALTH_LEVELS = {
     EventKind.ACTOR_RECOVERED: logging.INFO,
     EventKind.ACTOR_RESTARTED: logging.WARNING,
     EventKind.ACTOR_GAVE_UP: logging.ERROR,
+    EventKind.FLEET_BENCHED: logging.WARNING,
+    EventKind.FLEET_UNBENCHED: logging.INFO,
 }
 
 

@@ -364,7 +364,8 @@ class _Collector(Collector):
         events = CounterMetricFamily(
             "relayrace_provider_health_events",
             "Health changes of each provider's actor by kind (actor_benched, actor_probing, "
-            "actor_recovered, actor_restarted, actor_gave_up).",
+            "actor_recovered, actor_restarted, actor_gave_up; fleet_benched, fleet_unbenched: "
+            "another instance's bench reaching this one).",
             labels=("provider", "kind"),
         )
         for hkey, n in sorted(m._health_events.items()):

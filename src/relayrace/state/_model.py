@@ -122,18 +122,25 @@ class Pin:
 class StateEventKind(enum.Enum):
     DEGRADED = "state_degraded"
     RESTORED = "state_restored"
+    #: a bench another instance made (``field``: its deployment) reached this one's mirror
+    FLEET_BENCHED = "fleet_benched"
+    #: a bench another instance lifted (an unbench, or its probe's recovery)
+    FLEET_UNBENCHED = "fleet_unbenched"
 
 
 @attrs.frozen(kw_only=True)
 class StateEvent:
-    """Told to the backend's ``on_event`` hook when the shared store goes away or comes back.
+    """Told to the backend's ``on_event`` hook when the shared store goes away or comes back,
+    and when another instance's bench (or its lifting) reaches this one.
 
-    ``reason`` names what happened (an exception's class, ``timeout``), never a URL or a secret.
+    ``reason`` names what happened (an exception's class, ``timeout``; a bench's reason), never
+    a URL or a secret. ``field`` is the deployment of a fleet bench (``Deployment.from_field``).
     """
 
     kind: StateEventKind
     reason: str
     at: float
+    field: str | None = None
 
 
 @attrs.frozen(kw_only=True)

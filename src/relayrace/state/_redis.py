@@ -419,9 +419,9 @@ class RedisState:
             self._degraded = True
             self._emit(StateEventKind.DEGRADED, reason)
 
-    def _emit(self, kind: StateEventKind, reason: str) -> None:
+    def _emit(self, kind: StateEventKind, reason: str, field: str | None = None) -> None:
         if self._on_event is not None:
-            self._on_event(StateEvent(kind=kind, reason=reason, at=self.now()))
+            self._on_event(StateEvent(kind=kind, reason=reason, at=self.now(), field=field))
 
     async def _writer(self, client: Client) -> None:
         """Send what is queued, one round trip per turn: everything queued meanwhile (up to
@@ -523,9 +523,14 @@ class RedisState:
         mirror = self.mirror
         now = self.now()
         if kind == "bench":
-            mirror.merge_bench(field, bench_from_json(value), now)
+            before = mirror.benches.get(field)
+            merged = mirror.merge_bench(field, bench_from_json(value), now)
+            # Our own publishes come back too: the mirror knew them already, no event.
+            if (before is None or not before.active(now)) and merged.active(now):
+                self._emit(StateEventKind.FLEET_BENCHED, merged.reason, field)
         elif kind == "unbench":
-            mirror.lift_bench(field, manual=True)
+            if mirror.lift_bench(field, manual=True):
+                self._emit(StateEventKind.FLEET_UNBENCHED, "unbench", field)
         elif kind == "fails":
             count = self._unsent.failures_plus(field, int(value))
             if count:

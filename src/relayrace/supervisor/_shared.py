@@ -41,16 +41,24 @@ async def shared_state(
         yield None if config.state.backend == "local" else state
 
 
-def state_event(event: StateEvent) -> EventKind:
-    """Log a ``state_degraded`` / ``state_restored`` and return the supervisor event's kind.
+def state_event(event: StateEvent) -> tuple[EventKind, Deployment | None]:
+    """The supervisor event's kind of a ``StateEvent`` (the store's comings and goings logged
+    here), and the deployment of a fleet bench (``None`` for the store's).
 
-    The reason is an exception's class name or ``timeout``: never the URL (it may carry a
-    password)."""
+    The reason is an exception's class name, ``timeout`` or a bench's reason: never the URL
+    (it may carry a password)."""
     if event.kind is StateEventKind.DEGRADED:
         log.warning("shared state degraded (%s): serving on local state", event.reason)
-        return EventKind.STATE_DEGRADED
-    log.warning("shared state restored (%s)", event.reason)
-    return EventKind.STATE_RESTORED
+        return EventKind.STATE_DEGRADED, None
+    if event.kind is StateEventKind.RESTORED:
+        log.warning("shared state restored (%s)", event.reason)
+        return EventKind.STATE_RESTORED, None
+    # A fleet bench is a health change like this process's own: the access log's health
+    # lines (``relayrace.health``) say it, as they say ``actor_benched``.
+    deployment = Deployment.from_field(event.field or "")
+    if event.kind is StateEventKind.FLEET_BENCHED:
+        return EventKind.FLEET_BENCHED, deployment
+    return EventKind.FLEET_UNBENCHED, deployment
 
 
 def fleet_benches(state: StateBackend | None, provider: str) -> dict[str, BenchRecord] | None:

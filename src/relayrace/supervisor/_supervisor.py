@@ -410,8 +410,9 @@ class Supervisor:
         actor: str | None,
         until: float | None = None,
         detail: str | None = None,
+        model: str | None = None,
     ) -> None:
-        """Publish an actor event of the supervisor's own (restarts, give-ups)."""
+        """Publish an actor event of the supervisor's own (restarts, give-ups, fleet benches)."""
         if self._hooks.health_changed or self._events.listening:
             self._actor_event(
                 Event(
@@ -420,6 +421,7 @@ class Supervisor:
                     actor=actor,
                     until=until,
                     detail=detail,
+                    model=model,
                 )
             )
 
@@ -522,9 +524,13 @@ async def open_supervisor(
     """
     sup: Supervisor | None = None
 
-    def on_event(event: StateEvent) -> None:  # the shared state's store went away / is back
+    def on_event(event: StateEvent) -> None:  # the store went away / is back; a fleet bench
         if sup is not None:
-            sup._announce(state_event(event), actor=None, detail=event.reason)
+            kind, deployment = state_event(event)
+            actor = model = None
+            if deployment is not None:
+                actor, model = deployment.provider, deployment.model
+            sup._announce(kind, actor=actor, model=model, detail=event.reason)
 
     async with shared_state(config, on_event, wall_clock) as state:
         async with _supervisor(config, observers, state) as sup:
