@@ -118,3 +118,56 @@ def running_redis(tmp_path: os.PathLike[str]) -> Iterator[RedisServer]:
     finally:
         server.stop()
         gc.collect()  # see the note on coredis in test_state_redis.py
+
+
+class RedisSentinel:
+    """One ``redis-server --sentinel`` on 127.0.0.1:``port`` watching ``primary`` as the
+    service ``name`` (a quorum of one: enough to name the primary; no failover is tested)."""
+
+    def __init__(self, primary: RedisServer, name: str = "relayrace"):
+        self.primary = primary
+        self.name = name
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.name}/{db}"
+
+    def start(self) -> None:
+        config = os.path.join(self.primary.directory, f"sentinel-{self.port}.conf")
+        with open(config, "w") as f:  # the Sentinel rewrites its file: one of its own
+            f.write(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.primary.directory}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.primary.port} 1\n"
+            )
+        assert self.primary.executable
+        self.process = subprocess.Popen(
+            [self.primary.executable, config, "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        question = (
+            "*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n"
+            f"${len(self.name)}\r\n{self.name}\r\n"
+        ).encode()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(question)
+                    if str(self.primary.port).encode() in conn.recv(256):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("redis-server --sentinel did not name the primary within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from relayrace import RetryBudgetPolicy
+from relayrace import ConfigError, RetryBudgetPolicy
 from relayrace.state import (
     Deployment,
     LearnedLimits,
@@ -31,11 +31,13 @@ from relayrace.state import (
     StateEvent,
     StateEventKind,
     open_state,
+    parse_sentinel_url,
 )
 
-from .redis_server import RedisServer, running_redis
+from .redis_server import RedisSentinel, RedisServer, running_redis
 
 GPT = Deployment("openai", "gpt-4o")
+OTHER = Deployment("anthropic", "claude")
 
 # coredis 6.9 leaves a connection's memory streams unclosed when connecting fails (its
 # ``BaseConnection.run`` opens them only after ``_connect()`` succeeds), so every refused
@@ -123,6 +125,35 @@ async def test_a_unix_socket_url_works_and_foreign_messages_are_ignored(
         b.bench(GPT, until=time.time() + 60, reason="5xx")
         await eventually(lambda: a.mirror.bench(GPT, time.time()) is not None)
         assert a.statistics().connected and not a.statistics().degraded
+
+
+async def test_a_sentinel_url_reaches_the_primary_it_names(redis_server: RedisServer) -> None:
+    sentinel = RedisSentinel(redis_server)
+    sentinel.start()
+    try:
+        config = StateConfig(backend="redis", url=sentinel.url(), prefix="t")
+        async with open_state(config) as a, instance(redis_server) as b:
+            assert isinstance(a, RedisState)
+            with trio.fail_after(5):
+                await a.wait_connected()
+            a.bench(GPT, until=time.time() + 60, reason="5xx")  # through the Sentinel's primary
+            await eventually(lambda: b.mirror.bench(GPT, time.time()) is not None)
+            b.bench(OTHER, until=time.time() + 60, reason="timeout")
+            await eventually(lambda: a.mirror.bench(OTHER, time.time()) is not None)
+    finally:
+        sentinel.stop()
+
+
+def test_a_sentinel_url_is_read_and_its_mistakes_named_without_echoing_it() -> None:
+    url = "redis+sentinel://:s3cret@10.0.0.1:26380,sentinel-b/cache/2"
+    where = parse_sentinel_url(url)
+    assert where.sentinels == (("10.0.0.1", 26380), ("sentinel-b", 26379))
+    assert (where.service, where.db, where.password) == ("cache", 2, "s3cret")
+    assert "s3cret" not in repr(where)
+    for wrong in ("redis+sentinel://:s3cret@h:26379", "redis+sentinel://:s3cret@h:x/cache"):
+        with pytest.raises(ConfigError) as caught:
+            StateConfig(backend="redis", url=wrong)
+        assert "s3cret" not in str(caught.value) and "state.url" in str(caught.value)
 
 
 async def test_racing_benches_merge_to_the_latest_deadline_everywhere(

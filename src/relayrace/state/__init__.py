@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from ._backend import EventHook as EventHook
 from ._backend import LocalState as LocalState
 from ._backend import StateBackend as StateBackend
+from ._config import SentinelURL as SentinelURL
 from ._config import StateConfig as StateConfig
+from ._config import parse_sentinel_url as parse_sentinel_url
 from ._config import parse_state_config as parse_state_config
 from ._mirror import Mirror as Mirror
 from ._mirror import RetryWindow as RetryWindow
@@ -42,6 +44,7 @@ __all__ = [
     "ProbeLease",
     "RedisState",
     "RetryWindow",
+    "SentinelURL",
     "StateBackend",
     "StateConfig",
     "StateEvent",
@@ -51,6 +54,7 @@ __all__ = [
     "merge_bench",
     "open_redis_state",
     "open_state",
+    "parse_sentinel_url",
     "parse_state_config",
 ]
 

@@ -12,7 +12,67 @@ from .._errors import ConfigError
 from .._table import Table
 
 BACKENDS = ("local", "redis")
-URL_SCHEMES = ("redis", "rediss", "unix")
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+#: what ``state.url`` must be, in errors
+_URL_EXPECTED = (
+    "a URL starting redis://, rediss:// or unix://, or redis+sentinel://host:port[,host:port]"
+    "/service[/db]"
+)
+#: a Sentinel's port when the URL names none
+SENTINEL_PORT = 26379
+
+
+@attrs.frozen(kw_only=True)
+class SentinelURL:
+    """A ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]`` URL:
+    the Sentinels to ask, the service (the primary's name) whose primary to use, and the
+    primary's credentials and database (the Sentinels are reached without credentials)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    db: int = 0
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Read a ``redis+sentinel://`` URL. Raises ``ValueError`` naming what is wrong (never the
+    URL itself: it may carry a password)."""
+    rest = url.split("://", 1)[1]
+    where, _, path = rest.partition("/")
+    credentials, _, hosts = where.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    sentinels = []
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
+        if not name or (colon and not port.isdigit()):
+            raise ValueError("each Sentinel is host or host:port")
+        sentinels.append((name, int(port) if colon else SENTINEL_PORT))
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError("the URL's path names the service (the Sentinels' name of the primary)")
+    if db and not db.isdigit():
+        raise ValueError("the database after the service is a number")
+    return SentinelURL(
+        sentinels=tuple(sentinels),
+        service=service,
+        username=username or None,
+        password=password or None,
+        db=int(db or 0),
+    )
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as ``state.url`` (never echoing it), or ``None``."""
+    scheme = urlsplit(url).scheme
+    if scheme not in URL_SCHEMES:
+        return f"a URL with scheme {scheme!r}"
+    if scheme == "redis+sentinel":
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return f"a Sentinel URL where {exc}"
+    return None
 
 
 def _check_url(
@@ -22,18 +82,13 @@ def _check_url(
         if instance.backend == "redis":
             raise ConfigError(
                 "state.url",
-                'a redis://, rediss:// or unix:// URL when backend = "redis"',
+                f'{_URL_EXPECTED} when backend = "redis"',
                 show_got=False,
             )
         return
-    scheme = urlsplit(value).scheme
-    if scheme not in URL_SCHEMES:
-        # Never echo the URL: it may carry a password.
-        raise ConfigError(
-            "state.url",
-            "a URL starting redis://, rediss:// or unix://",
-            f"a URL with scheme {scheme!r}",
-        )
+    problem = _url_problem(value)
+    if problem is not None:  # never echo the URL: it may carry a password
+        raise ConfigError("state.url", _URL_EXPECTED, problem)
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -87,13 +142,8 @@ def parse_state_config(table: Table) -> StateConfig:
     default = StateConfig()
     backend = table.choice("backend", BACKENDS, default.backend)
     url = table.text("url", None)
-    if url is not None and urlsplit(url).scheme not in URL_SCHEMES:
-        url = table.mistake(
-            table.at("url"),
-            "a URL starting redis://, rediss:// or unix://",
-            show_got=False,
-            fallback=None,
-        )
+    if url is not None and _url_problem(url) is not None:
+        url = table.mistake(table.at("url"), _URL_EXPECTED, show_got=False, fallback=None)
     if backend == "redis" and url is None:
         backend = table.mistake(
             table.at("url"), 'a URL when backend = "redis"', show_got=False, fallback="local"

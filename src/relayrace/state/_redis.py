@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import coredis
 import trio
 from coredis.retry import NoRetryPolicy
 
@@ -28,6 +27,7 @@ from .._policy import RetryBudgetPolicy
 from . import _scripts as scripts
 from ._backend import DEFAULT_RETRY_BUDGET, EventHook, LocalState, WallClock
 from ._batch import Op, send_ops
+from ._client import Client, redis_client
 from ._codec import (
     bench_from_json,
     exception_name,
@@ -52,7 +52,6 @@ from ._model import (
 )
 from ._unsent import Unsent
 
-Client = coredis.Redis[str]
 #: A queued write: builds its operations when the writer takes it (counts are read then).
 Write = Callable[[], list[Op]]
 
@@ -371,15 +370,8 @@ class RedisState:
     async def _session(self) -> None:
         config = self._config
         assert config.url is not None
-        client = coredis.Redis.from_url(
-            config.url,
-            decode_responses=True,
-            retry_policy=NoRetryPolicy(),
-            connect_timeout=config.connect_timeout,
-            stream_timeout=config.operation_timeout * 4,
-        )
         with trio.CancelScope(deadline=trio.current_time() + config.connect_timeout) as connecting:
-            async with client:
+            async with redis_client(config) as client:
                 self._scripts = {
                     name: client.register_script(getattr(scripts, name.upper()))
                     for name in (*scripts.BATCHED, "probe", "snapshot", "batch")
