@@ -32,13 +32,14 @@ class RedisServer:
         self.directory = directory
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.socket = os.path.join(directory, "redis.sock")
+        #: the unix socket it also listens on (``None``: none)
+        self.socket: str | None = os.path.join(directory, "redis.sock")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, extra: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
             [
                 self.executable,
@@ -52,8 +53,8 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.directory,
-                "--unixsocket",
-                self.socket,
+                *(["--unixsocket", self.socket] if self.socket else []),
+                *(extra or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -171,3 +172,55 @@ class RedisSentinel:
                 self.process.kill()
                 self.process.wait()
             self.process = None
+
+
+REDIS_CLI = shutil.which("redis-cli")
+
+
+class RedisCluster:
+    """Three ``redis-server --cluster-enabled yes`` masters on loopback, joined by
+    ``redis-cli --cluster create`` (no replicas), no persistence; stopped afterwards."""
+
+    def __init__(self, executable: str, directory: str):
+        self.nodes = [RedisServer(executable, directory) for _ in range(3)]
+        for node in self.nodes:
+            node.socket = None  # one directory: no unix sockets to clash
+
+    def url(self, node: int = 0) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[node].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf"])
+        assert REDIS_CLI is not None
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Redis cluster did not come up within 10 s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def running_cluster(tmp_path: os.PathLike[str]) -> Iterator[RedisCluster]:
+    """The body of a ``redis_cluster`` fixture: three joined nodes, stopped afterwards."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server / redis-cli are not installed (Debian: apt-get install redis-server)")
+    cluster = RedisCluster(REDIS_SERVER, os.fspath(tmp_path))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        gc.collect()

@@ -234,7 +234,7 @@ async def test_redis_away_is_an_event_and_a_metric_and_no_request_fails(
                 assert b"relayrace_state_degraded 0.0" in metrics.render()
                 # The bench made while Redis was away is published again.
                 await eventually(
-                    lambda: redis_server.command("HLEN", f"{state.prefix}:bench") == b":1\r\n"
+                    lambda: redis_server.command("HLEN", f"{{{state.prefix}}}:bench") == b":1\r\n"
                 )
 
 

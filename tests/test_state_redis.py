@@ -34,7 +34,13 @@ from relayrace.state import (
     parse_sentinel_url,
 )
 
-from .redis_server import RedisSentinel, RedisServer, running_redis
+from .redis_server import (
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+    running_cluster,
+    running_redis,
+)
 
 GPT = Deployment("openai", "gpt-4o")
 OTHER = Deployment("anthropic", "claude")
@@ -144,13 +150,42 @@ async def test_a_sentinel_url_reaches_the_primary_it_names(redis_server: RedisSe
         sentinel.stop()
 
 
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    yield from running_cluster(tmp_path)
+
+
+async def test_a_cluster_url_shares_state_through_a_redis_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    cluster = redis_cluster
+    configs = [
+        StateConfig(backend="redis", url=cluster.url(i), prefix="t", sync_interval=0.3)
+        for i in (0, 1)
+    ]
+    async with open_state(configs[0]) as a, open_state(configs[1]) as b:
+        assert isinstance(a, RedisState) and isinstance(b, RedisState)
+        with trio.fail_after(10):
+            await a.wait_connected()
+            await b.wait_connected()
+        a.bench(GPT, until=time.time() + 60, reason="5xx")  # scripts on the tag's slot
+        await eventually(lambda: b.mirror.bench(GPT, time.time()) is not None)
+        assert await b.acquire_probe(OTHER, ttl=5)
+        await eventually(lambda: a.mirror.probe(OTHER, time.time()) is not None)
+        assert a.statistics().connected and b.statistics().connected
+
+
 def test_a_sentinel_url_is_read_and_its_mistakes_named_without_echoing_it() -> None:
     url = "redis+sentinel://:s3cret@10.0.0.1:26380,sentinel-b/cache/2"
     where = parse_sentinel_url(url)
     assert where.sentinels == (("10.0.0.1", 26380), ("sentinel-b", 26379))
     assert (where.service, where.db, where.password) == ("cache", 2, "s3cret")
     assert "s3cret" not in repr(where)
-    for wrong in ("redis+sentinel://:s3cret@h:26379", "redis+sentinel://:s3cret@h:x/cache"):
+    for wrong in (
+        "redis+sentinel://:s3cret@h:26379",
+        "redis+sentinel://:s3cret@h:x/cache",
+        "redis+cluster://:s3cret@h:7000/0",
+    ):
         with pytest.raises(ConfigError) as caught:
             StateConfig(backend="redis", url=wrong)
         assert "s3cret" not in str(caught.value) and "state.url" in str(caught.value)
@@ -179,7 +214,7 @@ async def test_racing_benches_merge_to_the_latest_deadline_everywhere(
                 and a.mirror.bench(GPT, now).until == latest == b.mirror.bench(GPT, now).until
             )
         )  # type: ignore[union-attr]
-        value = await trio.to_thread.run_sync(redis_server.command, "HGET", "t:bench", GPT.field)
+        value = await trio.to_thread.run_sync(redis_server.command, "HGET", "{t}:bench", GPT.field)
         assert str(latest).encode() in value
         assert f"r{latest}".encode() in value
         # A shorter bench later never shortens it, from either side.
@@ -393,7 +428,7 @@ async def test_redis_killed_then_restarted(redis_server: RedisServer) -> None:
         )
         # Re-converged: what a knew is published again, and b sees the bench made while away.
         await eventually(lambda: b.mirror.bench(other, time.time()) is not None)
-        await stored(redis_server, "t:bench", GPT.field)
+        await stored(redis_server, "{t}:bench", GPT.field)
 
 
 async def test_a_paused_redis_never_holds_up_the_request_path(redis_server: RedisServer) -> None:
@@ -422,17 +457,17 @@ async def test_a_paused_redis_never_holds_up_the_request_path(redis_server: Redi
         finally:
             redis_server.resume()
         await eventually(lambda: events[-1].kind is StateEventKind.RESTORED)
-        await stored(redis_server, "t:bench", "p\x1fm299")
+        await stored(redis_server, "{t}:bench", "p\x1fm299")
 
 
 async def test_flushall_state_is_published_again(redis_server: RedisServer) -> None:
     async with instance(redis_server) as a:
         a.bench(GPT, until=time.time() + 600, reason="5xx")
         a.pin("user-7", GPT, ttl=600)
-        await stored(redis_server, "t:bench", GPT.field)
+        await stored(redis_server, "{t}:bench", GPT.field)
         assert b"+OK" in await trio.to_thread.run_sync(redis_server.command, "FLUSHALL")
-        await stored(redis_server, "t:bench", GPT.field)
-        await stored(redis_server, "t:pins", "user-7")
+        await stored(redis_server, "{t}:bench", GPT.field)
+        await stored(redis_server, "{t}:pins", "user-7")
         assert a.statistics().republished >= 2
 
 

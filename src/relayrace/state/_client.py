@@ -1,6 +1,7 @@
 """How ``RedisState`` reaches Redis: one coredis client of ``[state] url``, straight to the
-server (``redis://``, ``rediss://``, ``unix://``) or to the primary a set of Sentinels names
-(``redis+sentinel://``, asked again on every connection, so a failover moves us along)."""
+server (``redis://``, ``rediss://``, ``unix://``), to the primary a set of Sentinels names
+(``redis+sentinel://``, asked again on every connection, so a failover moves us along), or to a
+Redis Cluster (``redis+cluster://``: all of a prefix's keys in the slot of its hash tag)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import coredis
 from coredis.connection import TCPLocation
 from coredis.retry import NoRetryPolicy
 
-from ._config import StateConfig, parse_sentinel_url
+from ._config import StateConfig, parse_cluster_url, parse_sentinel_url
 
 Client = coredis.Redis[str]
 
@@ -28,6 +29,19 @@ async def redis_client(config: StateConfig) -> AsyncIterator[Client]:
         "connect_timeout": config.connect_timeout,
         "stream_timeout": config.operation_timeout * 4,
     }
+    if config.url.startswith("redis+cluster://"):
+        nodes = parse_cluster_url(config.url)
+        cluster = coredis.RedisCluster(
+            startup_nodes=[TCPLocation(host, port) for host, port in nodes.nodes],
+            username=nodes.username,
+            password=nodes.password,
+            **common,
+        )
+        async with cluster:
+            # The calls RedisState makes (scripts, pub/sub) are the same on both clients; every
+            # script's keys share the prefix's hash tag, so they land in one slot.
+            yield cast(Client, cluster)
+        return
     if not config.url.startswith("redis+sentinel://"):
         client = coredis.Redis.from_url(config.url, **common)
         async with client:

@@ -12,11 +12,11 @@ from .._errors import ConfigError
 from .._table import Table
 
 BACKENDS = ("local", "redis")
-URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 #: what ``state.url`` must be, in errors
 _URL_EXPECTED = (
-    "a URL starting redis://, rediss:// or unix://, or redis+sentinel://host:port[,host:port]"
-    "/service[/db]"
+    "a URL starting redis://, rediss:// or unix://, redis+sentinel://host:port[,host:port]"
+    "/service[/db] or redis+cluster://host:port[,host:port]"
 )
 #: a Sentinel's port when the URL names none
 SENTINEL_PORT = 26379
@@ -35,19 +35,45 @@ class SentinelURL:
     db: int = 0
 
 
-def parse_sentinel_url(url: str) -> SentinelURL:
-    """Read a ``redis+sentinel://`` URL. Raises ``ValueError`` naming what is wrong (never the
-    URL itself: it may carry a password)."""
+@attrs.frozen(kw_only=True)
+class ClusterURL:
+    """A ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` URL: the nodes to
+    start from (the client learns the others) and the credentials."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+def _hosts_and_path(url: str, default_port: int) -> tuple[list[tuple[str, int]], str, str, str]:
+    """``host[:port],...``, the path after them, the user and the password of a URL that names
+    several hosts. Raises ``ValueError`` (never naming the URL)."""
     rest = url.split("://", 1)[1]
     where, _, path = rest.partition("/")
     credentials, _, hosts = where.rpartition("@")
     username, _, password = credentials.partition(":") if credentials else ("", "", "")
-    sentinels = []
+    found = []
     for host in hosts.split(","):
         name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
         if not name or (colon and not port.isdigit()):
-            raise ValueError("each Sentinel is host or host:port")
-        sentinels.append((name, int(port) if colon else SENTINEL_PORT))
+            raise ValueError("each host is host or host:port")
+        found.append((name, int(port) if colon else default_port))
+    return found, path, username, password
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Read a ``redis+cluster://`` URL. Raises ``ValueError`` naming what is wrong (never the
+    URL itself: it may carry a password)."""
+    nodes, path, username, password = _hosts_and_path(url, 6379)
+    if path:
+        raise ValueError("a cluster has no databases: the URL has no path")
+    return ClusterURL(nodes=tuple(nodes), username=username or None, password=password or None)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Read a ``redis+sentinel://`` URL. Raises ``ValueError`` naming what is wrong (never the
+    URL itself: it may carry a password)."""
+    sentinels, path, username, password = _hosts_and_path(url, SENTINEL_PORT)
     service, _, db = path.partition("/")
     if not service:
         raise ValueError("the URL's path names the service (the Sentinels' name of the primary)")
@@ -67,11 +93,11 @@ def _url_problem(url: str) -> str | None:
     scheme = urlsplit(url).scheme
     if scheme not in URL_SCHEMES:
         return f"a URL with scheme {scheme!r}"
-    if scheme == "redis+sentinel":
+    if scheme in ("redis+sentinel", "redis+cluster"):
         try:
-            parse_sentinel_url(url)
+            (parse_sentinel_url if scheme == "redis+sentinel" else parse_cluster_url)(url)
         except ValueError as exc:
-            return f"a Sentinel URL where {exc}"
+            return f"a {scheme}:// URL where {exc}"
     return None
 
 

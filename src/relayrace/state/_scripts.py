@@ -14,10 +14,16 @@ import attrs
 
 @attrs.frozen
 class Keys:
-    """The keys under one ``prefix`` (``{prefix}:bench`` ...). Hashes are keyed by
-    ``Deployment.field`` (pins by their affinity key)."""
+    """The keys under one ``prefix`` (``{prefix}:bench`` ...: the braces are Redis Cluster's
+    hash tag, so that every key of a prefix is in one slot and one script may name them all).
+    Hashes are keyed by ``Deployment.field`` (pins by their affinity key). The channel is
+    ``prefix:events`` (channels have no slot)."""
 
     prefix: str
+
+    @property
+    def _tag(self) -> str:
+        return "{" + self.prefix + "}"
 
     @property
     def channel(self) -> str:
@@ -25,28 +31,28 @@ class Keys:
 
     @property
     def bench(self) -> str:
-        return f"{self.prefix}:bench"
+        return f"{self._tag}:bench"
 
     @property
     def fails(self) -> str:
-        return f"{self.prefix}:fails"
+        return f"{self._tag}:fails"
 
     @property
     def limits(self) -> str:
-        return f"{self.prefix}:limits"
+        return f"{self._tag}:limits"
 
     @property
     def pins(self) -> str:
-        return f"{self.prefix}:pins"
+        return f"{self._tag}:pins"
 
     def probe(self, field: str) -> str:
-        return f"{self.prefix}:probe:{field}"
+        return f"{self._tag}:probe:{field}"
 
     def usage(self, minute: int) -> tuple[str, str]:
-        return f"{self.prefix}:rpm:{minute}", f"{self.prefix}:tpm:{minute}"
+        return f"{self._tag}:rpm:{minute}", f"{self._tag}:tpm:{minute}"
 
     def retry(self, index: int) -> str:
-        return f"{self.prefix}:retry:{index}"
+        return f"{self._tag}:retry:{index}"
 
 
 # KEYS: bench hash. ARGV: field, record (JSON: until, reason, manual), now, channel.
