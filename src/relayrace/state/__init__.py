@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 from ._backend import EventHook as EventHook
 from ._backend import LocalState as LocalState
 from ._backend import StateBackend as StateBackend
+from ._config import ClusterURL as ClusterURL
 from ._config import SentinelURL as SentinelURL
 from ._config import StateConfig as StateConfig
+from ._config import parse_cluster_url as parse_cluster_url
 from ._config import parse_sentinel_url as parse_sentinel_url
 from ._config import parse_state_config as parse_state_config
 from ._mirror import Mirror as Mirror
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BenchRecord",
+    "ClusterURL",
     "Deployment",
     "EventHook",
     "LearnedLimits",
@@ -54,6 +57,7 @@ __all__ = [
     "merge_bench",
     "open_redis_state",
     "open_state",
+    "parse_cluster_url",
     "parse_sentinel_url",
     "parse_state_config",
 ]
