@@ -24,6 +24,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within 5 s."""
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:``port``."""
 
@@ -99,12 +109,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is not None:
             self.resume()
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            _terminate(self.process)
             self.process = None
 
 
@@ -165,12 +170,7 @@ class RedisSentinel:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            _terminate(self.process)
             self.process = None
 
 
