@@ -24,6 +24,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = _free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def _terminate(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL if it has not ended within 5 s."""
     process.terminate()
@@ -184,6 +198,7 @@ class RedisCluster:
     def __init__(self, executable: str, directory: str):
         self.nodes = [RedisServer(executable, directory) for _ in range(3)]
         for node in self.nodes:
+            node.port = _cluster_port()  # its bus listens on port + 10000
             node.socket = None  # one directory: no unix sockets to clash
 
     def url(self, node: int = 0) -> str:
@@ -218,8 +233,8 @@ def running_cluster(tmp_path: os.PathLike[str]) -> Iterator[RedisCluster]:
     if REDIS_SERVER is None or REDIS_CLI is None:
         pytest.skip("redis-server / redis-cli are not installed (Debian: apt-get install redis-server)")
     cluster = RedisCluster(REDIS_SERVER, os.fspath(tmp_path))
-    cluster.start()
     try:
+        cluster.start()  # inside: nodes started before a failure are stopped too
         yield cluster
     finally:
         cluster.stop()
