@@ -379,7 +379,7 @@ class ProviderActor:
             self.health.record_reachable(probe=wide_probe)
             record, key = health, model
         shared = self._shared
-        counted = shared.counter(key)  # the fleet's count, when shared
+        counted = shared.counter(key, record.policy.failure_threshold)  # the fleet's, if shared
         may_bench = self._may_bench(self.name, key)
         until = record.record_failure(failure, now, probe=probe, may_bench=may_bench, counted=counted)
         if until is not None:

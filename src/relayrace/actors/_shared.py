@@ -47,7 +47,7 @@ class Unshared:
     def unbench(self, model: str | None, *, manual: bool) -> None:
         pass
 
-    def counter(self, model: str | None) -> Callable[[], int] | None:
+    def counter(self, model: str | None, threshold: int) -> Callable[[], int] | None:
         return None
 
     def record_success(self, model: str | None, *, recovered: bool) -> None:
@@ -155,10 +155,11 @@ class SharedHealth(Unshared):
             if self._mirror.failures.get(field):
                 self._state.record_success(deployment)
 
-    def counter(self, model: str | None) -> Callable[[], int] | None:
-        """Counts a failure fleet-wide and returns the fleet's count as far as known."""
+    def counter(self, model: str | None, threshold: int) -> Callable[[], int] | None:
+        """Counts a failure fleet-wide and returns the fleet's count as far as known
+        (``threshold``: the count this actor benches at; past it, failures decide nothing)."""
         deployment = self.deployment(model)
-        return lambda: self._state.record_failure(deployment)
+        return lambda: self._state.record_failure(deployment, threshold=threshold)
 
     def record_success(self, model: str | None, *, recovered: bool) -> None:
         """A success: the shared failure count resets (written only when there is one), and a

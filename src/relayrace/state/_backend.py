@@ -55,8 +55,12 @@ class StateBackend(Protocol):
         """Lift a bench (a manual bench only with ``manual=True``); returns whether one was."""
         ...
 
-    def record_failure(self, deployment: Deployment) -> int:
-        """Count a consecutive failure; returns the count as far as this process knows."""
+    def record_failure(self, deployment: Deployment, *, threshold: int | None = None) -> int:
+        """Count a consecutive failure; returns the count as far as this process knows.
+
+        ``threshold``: the count the caller benches at. Failures past it decide nothing more,
+        so a shared backend may tell them to the other instances later and more cheaply (the
+        count reaching it, and every reset, are told as soon as any change)."""
         ...
 
     def record_success(self, deployment: Deployment) -> None:
@@ -141,7 +145,7 @@ class LocalState:
     def unbench(self, deployment: Deployment, *, manual: bool = False) -> bool:
         return self._mirror.lift_bench(deployment.field, manual=manual)
 
-    def record_failure(self, deployment: Deployment) -> int:
+    def record_failure(self, deployment: Deployment, *, threshold: int | None = None) -> int:
         count = self._mirror.failures.get(deployment.field, 0) + 1
         self._mirror.failures[deployment.field] = count
         return count

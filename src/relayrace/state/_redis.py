@@ -69,6 +69,12 @@ REQUEST_REPORT_INTERVAL = 0.25
 #: when every request failed over (relayrace bench --only state). The first change after a
 #: quiet spell goes at once; the fleet's count lags by at most this much more.
 FAILURE_REPORT_INTERVAL = 0.05
+#: Failures that found the fleet's count at its threshold already (the deployment is benched,
+#: or exempt, or may not be benched) decide nothing anywhere: they are sent at most this often
+#: (seconds), or sooner riding along with another write, and not announced (``FAILS``). An
+#: exempt provider failing every request cost ~5 % of the gateway's CPU per request when each
+#: went within FAILURE_REPORT_INTERVAL and was announced (relayrace bench --only state).
+SETTLED_REPORT_INTERVAL = 1.0
 #: The most operations one writer turn sends in one ``BATCH`` script (one round trip: each
 #: round trip costs the gateway ~0.5 ms of CPU whatever it carries).
 MAX_BATCH = 64
@@ -143,9 +149,11 @@ class RedisState:
         )
         return lifted
 
-    def record_failure(self, deployment: Deployment) -> int:
+    def record_failure(self, deployment: Deployment, *, threshold: int | None = None) -> int:
         count = self._local.record_failure(deployment)
-        self._unsent.failure(deployment.field)
+        # A failure that found the count at the threshold already decides nothing: it waits.
+        urgent = threshold is None or count <= threshold
+        self._unsent.failure(deployment.field, threshold or 0, urgent=urgent)
         self._queue_fails()
         return count
 
@@ -270,10 +278,17 @@ class RedisState:
             self._tick_queued = self._queue(self._write_retry_tick)
 
     def _queue_fails(self, *, due: bool = False) -> None:
-        # Sent at once after a quiet spell, else by the flusher within FAILURE_REPORT_INTERVAL.
+        # Sent at once after a quiet spell, else by the flusher within FAILURE_REPORT_INTERVAL;
+        # failures past their threshold alone within SETTLED_REPORT_INTERVAL (or sooner, riding
+        # along with another write).
         if self._fails_queued or not self._unsent.fails:
             return
-        if due or trio.current_time() - self._fails_sent_at >= FAILURE_REPORT_INTERVAL:
+        since = trio.current_time() - self._fails_sent_at
+        if self._unsent.urgent:
+            send = due or since >= FAILURE_REPORT_INTERVAL
+        else:
+            send = since >= SETTLED_REPORT_INTERVAL
+        if send:
             self._fails_queued = self._queue(self._write_fails)
 
     def _count_usage(self, field: str, requests: int, tokens: int) -> None:
@@ -292,7 +307,7 @@ class RedisState:
         value = json.dumps(
             {"until": record.until, "reason": record.reason, "manual": record.manual}
         )
-        args = [field, value, repr(self.now()), self._keys.channel]
+        args = [field, value, repr(self.now()), self._keys.channel, self.instance]
         return [("bench", [self._keys.bench], args, None)]
 
     def _write_fails(self) -> list[Op]:
@@ -515,9 +530,12 @@ class RedisState:
         mirror = self.mirror
         now = self.now()
         if kind == "bench":
+            if message.get("i") == self.instance:
+                # Our own bench coming back: the mirror had it, and may have lifted it since
+                # (an unbench here, its message still on its way): not merged again.
+                return
             before = mirror.benches.get(field)
             merged = mirror.merge_bench(field, bench_from_json(value), now)
-            # Our own publishes come back too: the mirror knew them already, no event.
             if (before is None or not before.active(now)) and merged.active(now):
                 self._emit(StateEventKind.FLEET_BENCHED, merged.reason, field)
         elif kind == "unbench":

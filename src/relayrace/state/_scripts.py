@@ -1,7 +1,8 @@
 """The Lua scripts that change the shared state in Redis: each change is one script, so each is
 atomic on the server, and each publishes what it changed on the prefix's channel.
 
-Messages are JSON objects ``{"k": kind, "f": field, "v": value}``, or a JSON array of them
+Messages are JSON objects ``{"k": kind, "f": field, "v": value}`` (a bench's also ``"i"``, the
+instance that wrote it), or a JSON array of them
 (what one ``BATCH`` published); the kinds are ``bench``, ``unbench``, ``fails``, ``probe``,
 ``unprobe``, ``usage``, ``limits`` and ``pin``.
 The merge rule for benches is ``_model.merge_bench``, written again here in Lua.
@@ -55,7 +56,8 @@ class Keys:
         return f"{self._tag}:retry:{index}"
 
 
-# KEYS: bench hash. ARGV: field, record (JSON: until, reason, manual), now, channel.
+# KEYS: bench hash. ARGV: field, record (JSON: until, reason, manual), now, channel, the
+# writing instance (its message says who wrote it: that instance skips its own echo).
 BENCH = """
 local field, now = ARGV[1], tonumber(ARGV[3])
 local new = cjson.decode(ARGV[2])
@@ -73,7 +75,7 @@ if cur then
 end
 local encoded = cjson.encode(new)
 redis.call('HSET', KEYS[1], field, encoded)
-redis.call('PUBLISH', ARGV[4], cjson.encode({k = 'bench', f = field, v = new}))
+redis.call('PUBLISH', ARGV[4], cjson.encode({k = 'bench', f = field, v = new, i = ARGV[5]}))
 return encoded
 """
 
@@ -88,14 +90,19 @@ return 1
 """
 
 # KEYS: fails hash. ARGV: channel, then per deployment: field, reset ('1': a success came
-# first), failures counted after it. One process's changes since its last report, in one call.
+# first), failures counted after it, the threshold its sender benches at ('0': none). One
+# process's changes since its last report, in one call. A count already at the threshold
+# before these failures is not announced: more failures decide nothing (every instance
+# benches at the threshold, and was told when the count reached it); a reset always is.
 FAILS = """
-for i = 2, #ARGV, 3 do
-  local field, n = ARGV[i], tonumber(ARGV[i + 2])
-  local count = 0
-  if ARGV[i + 1] == '1' then redis.call('HDEL', KEYS[1], field) end
+for i = 2, #ARGV, 4 do
+  local field, n, limit = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local reset, count = ARGV[i + 1] == '1', 0
+  if reset then redis.call('HDEL', KEYS[1], field) end
   if n > 0 then count = redis.call('HINCRBY', KEYS[1], field, n) end
-  redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'fails', f = field, v = count}))
+  if reset or limit == 0 or count - n < limit then
+    redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'fails', f = field, v = count}))
+  end
 end
 return 1
 """

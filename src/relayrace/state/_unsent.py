@@ -11,20 +11,27 @@ from ._model import Usage
 
 @attrs.define
 class Unsent:
-    #: failure counts: field -> [a success came first (reset), failures counted after it]
+    #: failure counts: field -> [a success came first (reset), failures counted after it, the
+    #: threshold its caller benches at (0: none)]
     fails: dict[str, list[bool | int]] = attrs.Factory(dict)
+    #: whether ``fails`` holds a change the other instances' decisions may wait for: a reset,
+    #: or a failure that found the count below its threshold (the rest can wait)
+    urgent: bool = False
     #: usage: (field, minute) -> [requests, tokens]
     usage: dict[tuple[str, int], list[int]] = attrs.Factory(dict)
 
-    def failure(self, field: str) -> None:
+    def failure(self, field: str, threshold: int, *, urgent: bool) -> None:
         pending = self.fails.get(field)
         if pending is None:
-            self.fails[field] = [False, 1]
+            self.fails[field] = [False, 1, threshold]
         else:
             pending[1] += 1
+            pending[2] = threshold
+        self.urgent = self.urgent or urgent
 
     def success(self, field: str) -> None:
-        self.fails[field] = [True, 0]
+        self.fails[field] = [True, 0, 0]
+        self.urgent = True
 
     def count(self, field: str, minute: int, requests: int, tokens: int) -> None:
         pending = self.usage.setdefault((field, minute), [0, 0])
@@ -32,12 +39,12 @@ class Unsent:
         pending[1] += tokens
 
     def take_fails(self) -> list[str]:
-        """The ``FAILS`` script's arguments after the channel (field, reset, failures per
-        deployment), forgetting them: they are being sent."""
-        pending, self.fails = self.fails, {}
+        """The ``FAILS`` script's arguments after the channel (field, reset, failures,
+        threshold per deployment), forgetting them: they are being sent."""
+        pending, self.fails, self.urgent = self.fails, {}, False
         args: list[str] = []
-        for field, (reset, failures) in pending.items():
-            args += [field, "1" if reset else "0", str(failures)]
+        for field, (reset, failures, threshold) in pending.items():
+            args += [field, "1" if reset else "0", str(failures), str(threshold)]
         return args
 
     def take_usage(self) -> dict[tuple[str, int], list[int]]:
@@ -50,7 +57,7 @@ class Unsent:
         unsent = self.fails.get(field)
         if unsent is None:
             return count
-        reset, failures = unsent
+        reset, failures, _ = unsent
         return int(failures) if reset else count + int(failures)
 
     def usage_plus(self, field: str, minute: int, requests: int, tokens: int) -> Usage:
