@@ -20,6 +20,7 @@ import httpx
 
 from .._errors import ProviderError
 from .._failure import Category, Failure
+from .._ratelimit import read_rate_limits
 from .._redact import redact
 from ..providers import MalformedStream, UpstreamErrorBody, classify
 
@@ -49,7 +50,8 @@ class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provid
     ================================  =================================================
     raised inside                     failure
     ================================  =================================================
-    ``UpstreamStatus``                ``classify`` of the status, error body, headers
+    ``UpstreamStatus``                ``classify`` of the status, error body, headers;
+                                      ``limits``: its rate-limit headers
     ``UpstreamErrorBody``             ``classify`` of the body (an error in a 200)
     ``MalformedStream``               ``stream_error`` with its code (``stream_cut``…)
     ``httpx.TimeoutException``        ``timeout`` (``connect_timeout``…)
@@ -124,15 +126,20 @@ def _provider_error(
     """The ``ProviderError`` that ``exc`` becomes; ``_SWALLOWED``: none (the answer was
     whole); ``None``: not ours to map."""
     if isinstance(exc, UpstreamStatus):
+        now = time.time()
         failure = classify(
             status=exc.status,
             body=_parse_error_body(exc.content),
             headers=exc.headers,
             provider=provider or None,
-            now=time.time(),
+            now=now,
             secrets=secrets,
         )
-        return ProviderError(_checked(failure, label, provider, secrets))
+        # What the error answer's rate-limit headers say is learned like a success's (the
+        # admission): the provider's response headers only, never anything of the request.
+        limits = read_rate_limits(exc.headers, now)
+        failure = _checked(failure, label, provider, secrets)
+        return ProviderError(failure if limits is None else attrs.evolve(failure, limits=limits))
     if isinstance(exc, UpstreamErrorBody):
         failure = classify(
             status=None, body=exc.body, provider=provider or None, now=time.time(), secrets=secrets
