@@ -160,6 +160,26 @@ async def test_a_500_saying_nothing_is_left_skips_the_deployment_too(autojump_cl
     assert sent_to(mock, model) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_2xx_whose_body_then_fails_still_teaches_its_headers(autojump_clock, mock, stream):
+    # `cut`: a 200 with the headers, then the body ends before the answer does (a stream: before
+    # its first delta, so the failover is invisible).
+    model = mock_model("cut", after=0, rl_remaining=0, rl_reset=30, tag="primary")
+    async with open_sup(config(mock, model)) as sup:
+        if stream:
+            async with sup.stream(Request("m", MESSAGES)) as s:
+                async for _ in s:
+                    pass
+            first = s.reply
+        else:
+            first = await ask(sup)
+        assert first.provider == "backup"
+        assert [a.actor for a in first.attempts] == ["primary", "backup"]
+        second = await ask(sup)
+        assert second.provider == "backup" and rate_skips(second) == [LEARNED]
+    assert sent_to(mock, model) == 1
+
+
 async def test_unreadable_rate_limit_headers_teach_nothing_and_fail_over_as_before(
     autojump_clock, mock
 ):

@@ -20,7 +20,7 @@ import httpx
 
 from .._errors import ProviderError
 from .._failure import Category, Failure
-from .._ratelimit import read_rate_limits
+from .._ratelimit import RateLimits, read_rate_limits
 from .._redact import redact
 from ..providers import MalformedStream, UpstreamErrorBody, classify
 
@@ -42,6 +42,9 @@ class AttemptState:
     stream: bool
     response_started: bool = False
     finished: bool = False
+    #: the rate-limit headers of the provider's answer, once read (an error status's, or a
+    #: 2xx's before its body failed): the failure carries them (``Failure.limits``)
+    limits: RateLimits | None = None
 
 
 class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provider_errors(...)``)
@@ -50,8 +53,7 @@ class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provid
     ================================  =================================================
     raised inside                     failure
     ================================  =================================================
-    ``UpstreamStatus``                ``classify`` of the status, error body, headers;
-                                      ``limits``: its rate-limit headers
+    ``UpstreamStatus``                ``classify`` of the status, error body, headers
     ``UpstreamErrorBody``             ``classify`` of the body (an error in a 200)
     ``MalformedStream``               ``stream_error`` with its code (``stream_cut``…)
     ``httpx.TimeoutException``        ``timeout`` (``connect_timeout``…)
@@ -67,6 +69,9 @@ class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provid
     UTF-8 errors
     other ``httpx`` errors            ``unknown``
     ================================  =================================================
+
+    Every failure of an answer whose rate-limit headers were read (``AttemptState.limits``: an
+    error status's, or a 2xx's whose body then failed) carries them in ``Failure.limits``.
 
     A transport error after the stream has given its finish reason is not a failure: the answer
     is complete, so the error is swallowed and the caller goes on to return it. ``trio.Cancelled``
@@ -110,6 +115,9 @@ class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provid
             return False
         if isinstance(error, _Swallowed):
             return True
+        if self._state.limits is not None:
+            # The provider's own headers, learned like a success's (the admission).
+            error = ProviderError(attrs.evolve(error.failure, limits=self._state.limits))
         raise error from exc
 
 
@@ -135,11 +143,9 @@ def _provider_error(
             now=now,
             secrets=secrets,
         )
-        # What the error answer's rate-limit headers say is learned like a success's (the
-        # admission): the provider's response headers only, never anything of the request.
-        limits = read_rate_limits(exc.headers, now)
-        failure = _checked(failure, label, provider, secrets)
-        return ProviderError(failure if limits is None else attrs.evolve(failure, limits=limits))
+        # Only the provider's response headers, never anything of the request.
+        state.limits = read_rate_limits(exc.headers, now)
+        return ProviderError(_checked(failure, label, provider, secrets))
     if isinstance(exc, UpstreamErrorBody):
         failure = classify(
             status=None, body=exc.body, provider=provider or None, now=time.time(), secrets=secrets
