@@ -42,6 +42,24 @@ class Category(enum.Enum):
 
 
 @attrs.frozen(kw_only=True)
+class RateLimits:
+    """A provider's own account of its limits, from the headers of one response (read by
+    ``relayrace._ratelimit.read_rate_limits``).
+
+    Attributes:
+        remaining_requests / remaining_tokens: what the provider says is left (``None``: not
+            said).
+        reset_requests / reset_tokens: seconds until that limit is whole again (``None``: not
+            said).
+    """
+
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Failure:
     """One classified failure.
 
@@ -53,6 +71,9 @@ class Failure:
         retry_after: seconds the provider asked us to wait, if it said.
         provider: the name of the actor the failure came from (``None`` for our own side).
         should_retry: the provider's ``x-should-retry`` header, if it sent one.
+        limits: what the rate-limit headers of the provider's error answer said (``None``: none,
+            unreadable ones, or a failure of our own making); the admission learns them as a
+            success's. Only the provider's response headers are read into it.
     """
 
     category: Category
@@ -62,6 +83,7 @@ class Failure:
     retry_after: float | None = None
     provider: str | None = None
     should_retry: bool | None = None
+    limits: RateLimits | None = None
 
     def with_provider(self, provider: str) -> Failure:
         return attrs.evolve(self, provider=provider)

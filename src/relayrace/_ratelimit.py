@@ -5,14 +5,17 @@ OpenAI sends ``x-ratelimit-remaining-requests`` / ``-tokens`` with ``x-ratelimit
 ``anthropic-ratelimit-requests-remaining`` / ``-tokens-remaining`` with ``-reset`` (RFC 3339
 timestamps). The resets are read by ``relayrace._failure.parse_rate_limit_reset`` (one place
 for their formats), one header at a time.
+
+They are read from every answer of the provider's, a success's (``Completion.limits``) and an
+error's (``Failure.limits``, set by the actors' error mapping) alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import attrs
-
+# Defined beside ``Failure``, which carries one from an error answer; re-exported here.
+from ._failure import RateLimits as RateLimits
 from ._failure import lower_headers, parse_rate_limit_reset
 
 # (kind, remaining header, reset header) for each format.
@@ -22,23 +25,6 @@ _HEADERS = (
     ("requests", "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"),
     ("tokens", "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
 )
-
-
-@attrs.frozen(kw_only=True)
-class RateLimits:
-    """A provider's own account of its limits, from one response.
-
-    Attributes:
-        remaining_requests / remaining_tokens: what the provider says is left (``None``: not
-            said).
-        reset_requests / reset_tokens: seconds until that limit is whole again (``None``: not
-            said).
-    """
-
-    remaining_requests: int | None = None
-    remaining_tokens: int | None = None
-    reset_requests: float | None = None
-    reset_tokens: float | None = None
 
 
 def read_rate_limits(

@@ -343,7 +343,7 @@ class HTTPProviderClient:
                 if not 200 <= response.status_code < 300:
                     content_bytes = await read_at_most(response, _MAX_ERROR_BODY)
                     raise UpstreamStatus(response.status_code, content_bytes, response.headers)
-                limits = read_rate_limits(response.headers)  # for the admission
+                state.limits = limits = read_rate_limits(response.headers)  # the admission's
                 media_type = response.headers.get("content-type", "").split(";")[0].strip()
                 if call.stream and media_type != "application/json":
                     await self._read_stream(response, reader, state, sink, mask)

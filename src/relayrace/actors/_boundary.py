@@ -20,6 +20,7 @@ import httpx
 
 from .._errors import ProviderError
 from .._failure import Category, Failure
+from .._ratelimit import RateLimits, read_rate_limits
 from .._redact import redact
 from ..providers import MalformedStream, UpstreamErrorBody, classify
 
@@ -41,6 +42,9 @@ class AttemptState:
     stream: bool
     response_started: bool = False
     finished: bool = False
+    #: the rate-limit headers of the provider's answer, once read (an error status's, or a
+    #: 2xx's before its body failed): the failure carries them (``Failure.limits``)
+    limits: RateLimits | None = None
 
 
 class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provider_errors(...)``)
@@ -65,6 +69,9 @@ class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provid
     UTF-8 errors
     other ``httpx`` errors            ``unknown``
     ================================  =================================================
+
+    Every failure of an answer whose rate-limit headers were read (``AttemptState.limits``: an
+    error status's, or a 2xx's whose body then failed) carries them in ``Failure.limits``.
 
     A transport error after the stream has given its finish reason is not a failure: the answer
     is complete, so the error is swallowed and the caller goes on to return it. ``trio.Cancelled``
@@ -108,6 +115,9 @@ class map_provider_errors:  # noqa: N801  (used as a function: ``with map_provid
             return False
         if isinstance(error, _Swallowed):
             return True
+        if self._state.limits is not None:
+            # The provider's own headers, learned like a success's (the admission).
+            error = ProviderError(attrs.evolve(error.failure, limits=self._state.limits))
         raise error from exc
 
 
@@ -124,14 +134,17 @@ def _provider_error(
     """The ``ProviderError`` that ``exc`` becomes; ``_SWALLOWED``: none (the answer was
     whole); ``None``: not ours to map."""
     if isinstance(exc, UpstreamStatus):
+        now = time.time()
         failure = classify(
             status=exc.status,
             body=_parse_error_body(exc.content),
             headers=exc.headers,
             provider=provider or None,
-            now=time.time(),
+            now=now,
             secrets=secrets,
         )
+        # Only the provider's response headers, never anything of the request.
+        state.limits = read_rate_limits(exc.headers, now)
         return ProviderError(_checked(failure, label, provider, secrets))
     if isinstance(exc, UpstreamErrorBody):
         failure = classify(

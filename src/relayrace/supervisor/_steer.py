@@ -92,9 +92,13 @@ class Steering:
         served: bool,
     ) -> None:
         """An attempt (``job``) ended: reconcile its estimate with its usage, learn the
-        provider's headers and, if it ``served`` the request, pin the key to ``actor``."""
+        provider's headers (a success's, or an error answer's: ``Failure.limits``) and, if it
+        ``served`` the request, pin the key to ``actor``."""
         completion = job.completion
-        limits = None if completion is None else completion.limits
+        if completion is not None:
+            limits = completion.limits
+        else:
+            limits = None if job.failure is None else job.failure.limits
         if ticket is not None or limits is not None:
             usage = completion.usage if completion is not None else job.usage
             self.admission.end(actor, ticket, usage, limits, trio.current_time())

@@ -99,7 +99,9 @@ Parameters (any scenario takes any of them; those that do not apply are ignored)
 - ``rl_remaining``, ``rl_reset`` (60): every answer carries rate-limit headers saying that many
   requests (and 1000 times as many tokens) remain, whole again in ``rl_reset`` seconds (OpenAI
   ``x-ratelimit-remaining-requests`` / ``-reset-requests: 30s`` and the ``-tokens`` pair;
-  Anthropic ``anthropic-ratelimit-requests-remaining`` / ``-reset``, an RFC 3339 time).
+  Anthropic ``anthropic-ratelimit-requests-remaining`` / ``-reset``, an RFC 3339 time). Error
+  answers carry them too (a ``rate-limit`` 429 saying ``0`` remain, as providers send it).
+  ``rl_garbage=1``: the same headers, their values unreadable (``lots``, ``soon``).
 - A request's ``n`` (OpenAI, up to 8): that many choices, each the same answer.
 
 The log

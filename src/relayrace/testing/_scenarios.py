@@ -116,6 +116,7 @@ _PARAMS: dict[str, Callable[[str], Any]] = {
     "refusal": _flag,
     "rl_remaining": _count,
     "rl_reset": _seconds,
+    "rl_garbage": _flag,
 }
 
 
@@ -150,6 +151,7 @@ class MockScenario:
     refusal: bool = False
     rl_remaining: int | None = None
     rl_reset: float = 60.0
+    rl_garbage: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> MockScenario:
@@ -196,7 +198,11 @@ def mock_model(scenario: str, **params: Any) -> str:
 
 def rate_limit_headers(sc: MockScenario) -> list[tuple[bytes, bytes]]:
     """The rate-limit headers of an answer under ``rl_remaining`` / ``rl_reset`` (none without
-    ``rl_remaining``): OpenAI's and Anthropic's, both."""
+    ``rl_remaining``): OpenAI's and Anthropic's, both. ``rl_garbage``: the same headers, their
+    values unreadable."""
+    if sc.rl_garbage:
+        readable = rate_limit_headers(attrs.evolve(sc, rl_garbage=False, rl_remaining=0))
+        return [(name, b"lots" if b"remaining" in name else b"soon") for name, _ in readable]
     if sc.rl_remaining is None:
         return []
     requests, tokens = str(sc.rl_remaining).encode(), str(sc.rl_remaining * 1000).encode()
