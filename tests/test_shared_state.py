@@ -211,6 +211,12 @@ async def test_the_retry_budget_holds_across_instances(redis_server: RedisServer
         assert retries >= 1
 
 
+def metric(text: str, name: str) -> str:
+    """The value of the unlabelled sample ``name`` in a metrics page."""
+    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return value
+
+
 async def test_redis_away_is_an_event_and_a_metric_and_no_request_fails(
     redis_server: RedisServer,
 ) -> None:
@@ -227,6 +233,7 @@ async def test_redis_away_is_an_event_and_a_metric_and_no_request_fails(
                         event = await events.receive()
                 assert event.detail and "redis://" not in event.detail
                 assert b"relayrace_state_degraded 1.0" in metrics.render()
+                assert b"relayrace_state_connected 0.0" in metrics.render()
                 redis_server.start()
                 with trio.fail_after(10):
                     while event.kind is not EventKind.STATE_RESTORED:
@@ -236,6 +243,10 @@ async def test_redis_away_is_an_event_and_a_metric_and_no_request_fails(
                 await eventually(
                     lambda: redis_server.command("HLEN", f"{{{state.prefix}}}:bench") == b":1\r\n"
                 )
+                text = metrics.render().decode()
+                assert "relayrace_state_connected 1.0" in text
+                assert float(metric(text, "relayrace_state_reconnects_total")) >= 1
+                assert metric(text, "relayrace_state_writes_dropped_total") == "0.0"
 
 
 async def test_only_the_probe_lease_holder_probes(redis_server: RedisServer) -> None:

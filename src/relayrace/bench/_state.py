@@ -203,15 +203,22 @@ def _settled(url: str, quiet: float = 0.05, most: float = 2.0) -> dict[str, int]
     return last
 
 
+def _commands(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What Redis ran between two counts: ``all`` (scripts' own commands included) and
+    ``scripts``."""
+    delta = {k: v - before.get(k, 0) for k, v in after.items()}
+    scripts = sum(delta.get(k, 0) for k in ("evalsha", "eval", "evalsha_ro", "eval_ro"))
+    return {"all": sum(delta.values()), "scripts": scripts}
+
+
 def _per_request(
     before: dict[str, int] | None, after: dict[str, int] | None, requests: int
 ) -> tuple[float | None, float | None]:
     """Commands (all, scripts' own included) and scripts run per request between two counts."""
     if before is None or after is None or not requests:
         return None, None
-    delta = {k: v - before.get(k, 0) for k, v in after.items()}
-    scripts = sum(delta.get(k, 0) for k in ("evalsha", "eval", "evalsha_ro", "eval_ro"))
-    return round(sum(delta.values()) / requests, 3), round(scripts / requests, 3)
+    ran = _commands(before, after)
+    return round(ran["all"] / requests, 3), round(ran["scripts"] / requests, 3)
 
 
 # --- the gateways -------------------------------------------------------------------------------
@@ -459,13 +466,19 @@ def run_state_workload(runner: Runner) -> dict[str, Any]:
     wrk, redis = find_wrk(), shutil.which("redis-server")
     assert wrk is not None and redis is not None
     with redis_process(redis) as (url, pid):
+        before = redis_calls(url)
         rows = _cost_runs(runner, wrk, url, pid)
+        # Only the redis gateway talks to Redis in that part: what it ran there in all (start,
+        # warm-up, runs and the writes it defers past a run's end).
+        after = _settled(url)
+        commands = None if before is None or after is None else _commands(before, after)
         runner.progress.start("state: bench propagation between two processes")
         propagation = trio.run(_propagation, url, p["benches"])
         runner.progress.advance(p["benches"] * 0.01 + 5)
     return {
         "summary": {"rows": summarise_state(rows), "propagation": propagation},
         "runs": rows,
+        "redis_commands": commands,
         "parameters": p,
         "redis_server": _redis_version(redis),
     }

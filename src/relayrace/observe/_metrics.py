@@ -36,6 +36,7 @@ from .._failure import Category
 from .._record import Outcome
 from .._values import Reply
 from ..actors import State
+from ..state import StateStatistics
 from ..supervisor import Observer, RequestInfo, RequestTiming, SupervisorView
 
 #: Label value for anything outside the bounded sets.
@@ -521,3 +522,39 @@ class _Collector(Collector):
             "Events a lagging subscriber lost (subscribe(), not the metrics).",
             value=stats.events_dropped,
         )
+        if sup.shared_state is not None:
+            yield from _shared_state(sup.shared_state.statistics())
+
+
+def _shared_state(stats: StateStatistics) -> Iterator[Metric]:
+    """The shared state's store as this process sees it ([state] backend = "redis")."""
+    yield GaugeMetricFamily(
+        "relayrace_state_connected",
+        "1 while this process has a session with the shared state's store, else 0.",
+        value=1.0 if stats.connected else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "relayrace_state_writes_queued",
+        "Changes to the shared state waiting for the background writer.",
+        value=stats.queued,
+    )
+    for name, text, value in (
+        (
+            "relayrace_state_writes_dropped",
+            "Changes not queued because the writer's queue was full ([state] queue_size); "
+            "benches and pins among them are published again by the next full read.",
+            stats.dropped,
+        ),
+        ("relayrace_state_reconnects", "Sessions with the store lost and tried again.", stats.reconnects),
+        (
+            "relayrace_state_republished",
+            "Benches and pins the store lacked (restarted, flushed) and were written again.",
+            stats.republished,
+        ),
+        (
+            "relayrace_state_messages_ignored",
+            "Messages on the shared channel that were not relayrace's (ignored).",
+            stats.ignored,
+        ),
+    ):
+        yield CounterMetricFamily(name, text, value=value)

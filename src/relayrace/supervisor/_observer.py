@@ -24,6 +24,7 @@ from .._events import Event
 from .._record import Action, Attempt, Decision
 from .._values import Reply
 from ..actors import HealthSnapshot
+from ..state import StateBackend
 
 __all__ = ["SURFACES", "Hooks", "Observer", "RequestInfo", "RequestTiming", "SupervisorView"]
 
@@ -80,6 +81,9 @@ class SupervisorView(Protocol):
     def statistics(self) -> Any: ...
 
     def inbox_depths(self) -> dict[str, int]: ...
+
+    #: the state shared with other processes (``None``: ``[state] backend = "local"``)
+    shared_state: StateBackend | None
 
     @property
     def routes(self) -> Mapping[str, Any]: ...
