@@ -37,7 +37,7 @@ def test_quick_state_bench_compares_local_and_redis_state(
     # local), each with its count and no failure.
     assert sorted((r["scenario"], r["mode"], r["backend"]) for r in runs) == sorted(
         (s, m, b)
-        for s in ("healthy", "failing", "outage")
+        for s in ("healthy", "failing", "flapping", "outage")
         for m in ("non-streamed", "streamed")
         for b in ("local", "redis", "local-aa")
     )
@@ -52,7 +52,7 @@ def test_quick_state_bench_compares_local_and_redis_state(
     }
     assert failing["local"]["redis_scripts_per_request"] < 0.25
     summary = state["summary"]
-    assert len(summary["rows"]) == 6
+    assert len(summary["rows"]) == 8
     assert all(math.isfinite(r["cpu_cost_pct"]) for r in summary["rows"])
     # The A/A control beside the cost, each with its spread over the repeats (one here).
     for r in summary["rows"]:
@@ -63,7 +63,7 @@ def test_quick_state_bench_compares_local_and_redis_state(
     assert propagation["benches"] == 20
     assert 0 < propagation["latency_ms"]["p50"] <= propagation["latency_ms"]["p99"] < 10_000
     targets = [t for t in results["targets"] if t["target"].startswith(("shared state", "a bench"))]
-    assert len(targets) == 8 and all(t["measured"] is not None for t in targets)
+    assert len(targets) == 10 and all(t["measured"] is not None for t in targets)
     markdown = (tmp_path / "latest-quick.md").read_text()
     assert "## 7. Shared state" in markdown
     assert "| failing | non-streamed |" in markdown and "Bench propagation:" in markdown

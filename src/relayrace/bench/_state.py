@@ -4,13 +4,17 @@ per request, and how fast a bench made by one process reaches another.
 **Cost.** A throwaway ``redis-server`` (free loopback port, no persistence, stopped after) and
 two ``relayrace serve --workers 2`` started side by side with the same config but for
 ``[state] backend``: ``"local"`` and ``"redis"``. Each is driven by ``wrk`` at c=32,
-non-streamed and streamed, in three scenarios:
+non-streamed and streamed, in four scenarios:
 
 - ``healthy``: one healthy provider; the shared state mostly answers mirror reads (and counts
   requests for the fleet's retry budget);
 - ``failing``: the route's first provider answers 503 to every request and is exempt from
-  benching, so every request fails over and writes its failure count (a script per failure):
-  the most the shared state does per request;
+  benching, so every request fails over and counts a failure: the fleet's count passes the
+  threshold and stays past it (those failures are sent once a second, not announced);
+- ``flapping``: the first provider, exempt too, is down (503) for 20 ms and up for 20 ms in
+  turn: about half the requests fail over, and the fleet's count reaches the threshold and is
+  reset ~25 times a second (each change sent within 0.05 s and announced): the most the
+  failure counts cost;
 - ``outage``: the first provider answers 503 to every request and is benched (3 failures, then
   0.1 s benches, a probe each 0.1 s under the fleet's probe lease): benches, leases and
   failure counts written as in a real outage.
@@ -60,7 +64,7 @@ from ._procs import Runner
 from ._statereport import summarise_state
 from ._wrk import find_wrk, run_wrk
 
-SCENARIOS = ("healthy", "failing", "outage")
+SCENARIOS = ("healthy", "failing", "flapping", "outage")
 MODES = ("non-streamed", "streamed")
 BACKENDS = ("local", "redis")
 #: The A/A control: a second gateway with ``backend = "local"``, run like the other two.
@@ -69,7 +73,7 @@ GATEWAYS = (*BACKENDS, CONTROL)
 #: The orders the three gateways' runs take, in turn (each position equally often).
 _ORDERS = list(itertools.permutations(GATEWAYS))
 #: The route each scenario's requests ask for.
-_ROUTES = {"healthy": ROUTE, "failing": "failing", "outage": "outage"}
+_ROUTES = {"healthy": ROUTE, "failing": "failing", "flapping": "flapping", "outage": "outage"}
 
 WRK_MISSING = (
     "wrk not found on PATH (Debian/Ubuntu: `sudo apt-get install wrk`; macOS: `brew install wrk`)"
@@ -249,6 +253,7 @@ def extra_toml(backend: str, redis_url: str, prefix: str, mock_url: str, concurr
     return (
         _provider("down", mock_url, "unavailable,tag=down", concurrency, exempt=True)
         + _provider("outage", mock_url, "unavailable,tag=outage", concurrency, exempt=False)
+        + _provider("flap", mock_url, "flapping,down=0.02,up=0.02", concurrency, exempt=True)
         + """
 [[routes]]
 model = "failing"
@@ -257,6 +262,10 @@ chain = ["down", "mock"]
 [[routes]]
 model = "outage"
 chain = ["outage", "mock"]
+
+[[routes]]
+model = "flapping"
+chain = ["flap", "mock"]
 
 [policies.retry]
 max_attempts = 1

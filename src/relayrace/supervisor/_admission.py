@@ -176,29 +176,34 @@ class Admission:
     """The limits of every deployment of one supervisor, by actor: an actor a reload keeps
     keeps its count; a new or replaced one starts afresh with its provider's ``rpm`` / ``tpm``."""
 
-    __slots__ = ("_configured", "_limits", "active", "fleet")
+    __slots__ = ("_any", "_configured", "_limits", "fleet")
 
     def __init__(self) -> None:
         self._configured: dict[str, tuple[int | None, int | None]] = {}
         self._limits: weakref.WeakKeyDictionary[ProviderActor, DeploymentLimits] = (
             weakref.WeakKeyDictionary()
         )
-        #: some deployment has a limit (configured or learned): checks are worth making
-        self.active = False
+        #: some deployment has a limit, configured or learned here
+        self._any = False
         #: the fleet's counts and learned limits (``None``: this process alone)
         self.fleet: FleetLimits | None = None
 
     def share(self, state: StateBackend | None) -> None:
         """Count ``rpm`` / ``tpm`` fleet-wide and share learned limits through ``state``."""
         self.fleet = None if state is None else FleetLimits(state)
-        self.active = self.active or state is not None
 
     def configure(self, providers: Iterable[ProviderConfig]) -> None:
         """Take the providers' configured limits (at start and at each reload)."""
         self._configured = {p.name: (p.rpm, p.tpm) for p in providers}
-        self.active = self.active or any(
+        self._any = self._any or any(
             rpm is not None or tpm is not None for rpm, tpm in self._configured.values()
         )
+
+    @property
+    def active(self) -> bool:
+        """Some deployment has a limit (configured, or learned here or by another instance):
+        checks are worth making."""
+        return self._any or (self.fleet is not None and self.fleet.learned_any)
 
     def of(self, actor: ProviderActor) -> DeploymentLimits:
         limits = self._limits.get(actor)
@@ -221,7 +226,7 @@ class Admission:
     def learn(self, actor: ProviderActor, limits: RateLimits, now: float) -> None:
         own = self.of(actor)
         own.learn(limits, now)
-        self.active = True
+        self._any = True
         if self.fleet is not None:
             self.fleet.publish(actor, own, limits)
 
@@ -264,6 +269,11 @@ class FleetLimits:
         self._state = state
         self._mirror = state.mirror
         self._deployments: dict[tuple[str, str | None], Deployment] = {}
+
+    @property
+    def learned_any(self) -> bool:
+        """Some instance has shared limits a provider reported."""
+        return bool(self._mirror.limits)
 
     def deployment(self, actor: ProviderActor) -> Deployment:
         key = (actor.name, actor.model)
