@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import random
 import re
 import statistics
@@ -259,6 +260,17 @@ async def test_an_own_bench_coming_back_after_its_unbench_is_not_taken_again(
         assert [e.kind for e in events if e.kind is not StateEventKind.RESTORED] == []
         assert a.mirror.bench(GPT, time.time()) is None
         assert b.mirror.bench(GPT, time.time()) is None
+
+
+async def test_a_bench_found_only_by_the_full_read_is_an_event(redis_server: RedisServer) -> None:
+    events: list[StateEvent] = []
+    async with instance(redis_server, events) as b:
+        # Written while B was away (nothing announced it): B's next full read (0.3 s) finds it.
+        record = json.dumps({"until": time.time() + 60, "reason": "timeout", "manual": False})
+        await trio.to_thread.run_sync(redis_server.command, "HSET", "{t}:bench", GPT.field, record)
+        await eventually(lambda: b.mirror.bench(GPT, time.time()) is not None)
+        benched = [e for e in events if e.kind is StateEventKind.FLEET_BENCHED]
+        assert [(e.field, e.reason) for e in benched] == [(GPT.field, "timeout")]
 
 
 async def test_a_bench_reaches_the_other_mirror_by_pubsub(redis_server: RedisServer) -> None:

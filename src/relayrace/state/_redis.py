@@ -483,7 +483,7 @@ class RedisState:
         # Writes still queued will reach Redis anyway: re-publish only when none are.
         republish = self._send.statistics().current_buffer_used == 0
         for field, value in benches.items():
-            mirror.merge_bench(field, bench_from_json(json.loads(value)), now)
+            self._merge_bench(field, bench_from_json(json.loads(value)), now)
         for field, record in list(mirror.benches.items()):
             stored = benches.get(field)
             if republish and (
@@ -512,6 +512,14 @@ class RedisState:
                 field, minute, int(rpm.get(field, 0)), int(tpm.get(field, 0))
             )
 
+    def _merge_bench(self, field: str, record: BenchRecord, now: float) -> None:
+        """Merge another instance's bench (announced, or found by a full read: one missed
+        while away) into the mirror: an event when it benches what the mirror had free."""
+        before = self.mirror.benches.get(field)
+        merged = self.mirror.merge_bench(field, record, now)
+        if (before is None or not before.active(now)) and merged.active(now):
+            self._emit(StateEventKind.FLEET_BENCHED, merged.reason, field)
+
     async def _reader(self, pubsub: Any) -> None:
         async for message in pubsub:
             if message["type"] != "message":
@@ -534,10 +542,7 @@ class RedisState:
                 # Our own bench coming back: the mirror had it, and may have lifted it since
                 # (an unbench here, its message still on its way): not merged again.
                 return
-            before = mirror.benches.get(field)
-            merged = mirror.merge_bench(field, bench_from_json(value), now)
-            if (before is None or not before.active(now)) and merged.active(now):
-                self._emit(StateEventKind.FLEET_BENCHED, merged.reason, field)
+            self._merge_bench(field, bench_from_json(value), now)
         elif kind == "unbench":
             if mirror.lift_bench(field, manual=True):
                 self._emit(StateEventKind.FLEET_UNBENCHED, "unbench", field)
