@@ -145,10 +145,16 @@ async def test_redis_away_admission_counts_locally_and_no_request_fails(
     redis_server: RedisServer,
 ) -> None:
     await same_minute()
-    async with two_instances(redis_server, rpm=2) as (a, mock_a, b, mock_b):
+    async with two_instances(redis_server, rpm=4) as (a, mock_a, b, mock_b):
+        state_a = a.shared_state
+        assert state_a is not None
+        await eventually(lambda: state_a.mirror.instances == 2)
         redis_server.kill()
-        providers = [(await ask(a)).provider for _ in range(3)]
-        assert providers == ["primary", "primary", "backup"]
+        await eventually(lambda: state_a.statistics().degraded)
+        # Nothing counts the two together now: each takes its half of the fleet's 4 a minute.
+        replies = [await ask(a) for _ in range(3)]
+        assert [r.provider for r in replies] == ["primary", "primary", "backup"]
+        assert rate_skips(replies[2]) == ["config:providers.rpm=4/2 instances, state away"]
         assert sent(mock_a, PRIMARY) == 2
 
 

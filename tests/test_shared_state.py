@@ -245,6 +245,7 @@ async def test_redis_away_is_an_event_and_a_metric_and_no_request_fails(
                 )
                 text = metrics.render().decode()
                 assert "relayrace_state_connected 1.0" in text
+                assert "relayrace_state_instances 1.0" in text
                 assert float(metric(text, "relayrace_state_reconnects_total")) >= 1
                 assert metric(text, "relayrace_state_writes_dropped_total") == "0.0"
 

@@ -273,6 +273,17 @@ async def test_a_bench_found_only_by_the_full_read_is_an_event(redis_server: Red
         assert [(e.field, e.reason) for e in benched] == [(GPT.field, "timeout")]
 
 
+async def test_each_instance_knows_how_many_share_the_state(redis_server: RedisServer) -> None:
+    async with instance(redis_server) as a:
+        assert a.statistics().instances == 1
+        async with instance(redis_server) as b:
+            # Each full read (every 0.3 s here) renews the reader and counts the live ones.
+            await eventually(lambda: a.mirror.instances == 2 == b.mirror.instances)
+            assert a.statistics().instances == 2
+        # B has gone: it counts until three of its full reads have passed without it.
+        await eventually(lambda: a.mirror.instances == 1)
+
+
 async def test_a_bench_reaches_the_other_mirror_by_pubsub(redis_server: RedisServer) -> None:
     """Benches travel by pub/sub, not by the full read every ``sync_interval`` (2 s): the median
     delay is far under it. The issue's 100 ms at p99 is a speed target, measured by

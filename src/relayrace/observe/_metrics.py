@@ -534,6 +534,11 @@ def _shared_state(stats: StateStatistics) -> Iterator[Metric]:
         value=1.0 if stats.connected else 0.0,
     )
     yield GaugeMetricFamily(
+        "relayrace_state_instances",
+        "Instances sharing the state as of this process's last full read, itself included.",
+        value=stats.instances,
+    )
+    yield GaugeMetricFamily(
         "relayrace_state_writes_queued",
         "Changes to the shared state waiting for the background writer.",
         value=stats.queued,

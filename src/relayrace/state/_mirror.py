@@ -33,6 +33,11 @@ class Mirror:
     usage: dict[str, Usage] = attrs.Factory(dict)
     limits: dict[str, LearnedLimits] = attrs.Factory(dict)
     pins: dict[str, Pin] = attrs.Factory(dict)
+    #: the instances sharing the state at the last full read, this one included (each renews
+    #: itself every ``sync_interval`` and counts until three have passed)
+    instances: int = 1
+    #: ``True`` while the shared store is out of reach (set by the backend that owns this)
+    away: bool = False
 
     # -- reads (the request path) --------------------------------------------------------------
 

@@ -147,7 +147,8 @@ class StateEvent:
 class StateStatistics:
     """A snapshot of a backend's health (see ``statistics()``): writes waiting, dropped (queue
     full), reconnections, records re-published after Redis lost them, messages ignored on the
-    channel (not relayrace's)."""
+    channel (not relayrace's), and the instances sharing the state (this one included, as of
+    the last full read)."""
 
     backend: str
     connected: bool
@@ -157,6 +158,7 @@ class StateStatistics:
     reconnects: int = 0
     republished: int = 0
     ignored: int = 0
+    instances: int = 1
 
 
 def minute_of(now: float) -> int:

@@ -29,15 +29,11 @@ from ._backend import DEFAULT_RETRY_BUDGET, EventHook, LocalState, WallClock
 from ._batch import Op, send_ops
 from ._client import Client, redis_client
 from ._codec import (
-    bench_from_json,
     exception_name,
-    limits_from_json,
     limits_to_json,
-    pairs,
-    pin_from_json,
-    shorter,
 )
 from ._config import StateConfig
+from ._inbound import Inbound
 from ._mirror import Mirror, RetryWindow
 from ._model import (
     BenchRecord,
@@ -110,11 +106,13 @@ class RedisState:
         self._tick_queued = False
         self._reported_at = 0.0
         self._unsent = Unsent()
+        self._inbound = Inbound(
+            self._local.mirror, self._unsent, self.instance, self._emit, self._local.now
+        )
         self._usage_queued = False
         self._fails_queued = False
         self._fails_sent_at = -math.inf
         self._dropped = 0
-        self._ignored = 0
         self._reconnects = 0
         self._republished = 0
 
@@ -257,7 +255,8 @@ class RedisState:
             dropped=self._dropped,
             reconnects=self._reconnects,
             republished=self._republished,
-            ignored=self._ignored,
+            ignored=self._inbound.ignored,
+            instances=self.mirror.instances,
         )
 
     async def wait_connected(self) -> None:
@@ -412,6 +411,7 @@ class RedisState:
             raise TimeoutError("connect")
 
     def _backoff_reset(self) -> None:
+        self.mirror.away = False
         if self._degraded:
             self._degraded = False
             self._emit(StateEventKind.RESTORED, "reconnected")
@@ -420,6 +420,7 @@ class RedisState:
 
     def _lost(self, reason: str) -> None:
         self._client = None
+        self.mirror.away = True
         self._reserve = 0
         self._tick_queued = False
         if not self._degraded:
@@ -474,98 +475,31 @@ class RedisState:
         """Read everything, merge it into the mirror, re-publish what Redis lacks."""
         now = self.now()
         keys = self._keys
-        names = [keys.bench, keys.fails, keys.limits, keys.pins, *keys.usage(minute_of(now))]
+        names = [
+            keys.bench,
+            keys.fails,
+            keys.limits,
+            keys.pins,
+            *keys.usage(minute_of(now)),
+            keys.instances,
+        ]
+        # This instance is counted as live until three full reads from now.
+        args = [repr(now), self.instance, repr(now + 3 * self._config.sync_interval)]
         with trio.fail_after(self._config.operation_timeout):
-            result = await self._scripts["snapshot"](keys=names, args=[repr(now)], client=client)
-        benches, fails, limits, pins, rpm, tpm = (pairs(part) for part in result)
-        mirror = self.mirror
-        mirror.prune(now)
+            result = await self._scripts["snapshot"](keys=names, args=args, client=client)
         # Writes still queued will reach Redis anyway: re-publish only when none are.
         republish = self._send.statistics().current_buffer_used == 0
-        for field, value in benches.items():
-            self._merge_bench(field, bench_from_json(json.loads(value)), now)
-        for field, record in list(mirror.benches.items()):
-            stored = benches.get(field)
-            if republish and (
-                stored is None or shorter(bench_from_json(json.loads(stored)), record)
-            ):
-                self._queue(self._write_bench, field, record)
-                self._republished += 1
-        failures = {field: int(n) for field, n in fails.items()}
-        for field in set(failures) | set(self._unsent.fails):
-            failures[field] = self._unsent.failures_plus(field, failures.get(field, 0))
-        mirror.failures = {field: n for field, n in failures.items() if n}
-        for field, value in limits.items():
-            mirror.limits[field] = limits_from_json(json.loads(value))
-        for key, value in pins.items():
-            pin = pin_from_json(json.loads(value))
-            old = mirror.pins.get(key)
-            if old is None or old.until <= pin.until:
-                mirror.pins[key] = pin
-        for key, pin in list(mirror.pins.items()):
-            if republish and key not in pins:
-                self._queue(self._write_pin, key, pin)
-                self._republished += 1
-        minute = minute_of(now)
-        for field in set(rpm) | set(tpm):
-            mirror.usage[field] = self._unsent.usage_plus(
-                field, minute, int(rpm.get(field, 0)), int(tpm.get(field, 0))
-            )
-
-    def _merge_bench(self, field: str, record: BenchRecord, now: float) -> None:
-        """Merge another instance's bench (announced, or found by a full read: one missed
-        while away) into the mirror: an event when it benches what the mirror had free."""
-        before = self.mirror.benches.get(field)
-        merged = self.mirror.merge_bench(field, record, now)
-        if (before is None or not before.active(now)) and merged.active(now):
-            self._emit(StateEventKind.FLEET_BENCHED, merged.reason, field)
+        lacking = self._inbound.snapshot(result, now, republish=republish)
+        for field, record in lacking.benches:
+            self._queue(self._write_bench, field, record)
+        for key, pin in lacking.pins:
+            self._queue(self._write_pin, key, pin)
+        self._republished += len(lacking.benches) + len(lacking.pins)
 
     async def _reader(self, pubsub: Any) -> None:
         async for message in pubsub:
-            if message["type"] != "message":
-                continue
-            try:
-                decoded = json.loads(message["data"])
-                for change in decoded if isinstance(decoded, list) else (decoded,):
-                    self._apply(change)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                # Not ours (anyone may publish on the channel): ignored, never a reconnection.
-                self._ignored += 1
-
-    def _apply(self, message: dict[str, Any]) -> None:
-        kind, field = message["k"], message["f"]
-        value: Any = message.get("v")
-        mirror = self.mirror
-        now = self.now()
-        if kind == "bench":
-            if message.get("i") == self.instance:
-                # Our own bench coming back: the mirror had it, and may have lifted it since
-                # (an unbench here, its message still on its way): not merged again.
-                return
-            self._merge_bench(field, bench_from_json(value), now)
-        elif kind == "unbench":
-            if mirror.lift_bench(field, manual=True):
-                self._emit(StateEventKind.FLEET_UNBENCHED, "unbench", field)
-        elif kind == "fails":
-            count = self._unsent.failures_plus(field, int(value))
-            if count:
-                mirror.failures[field] = count
-            else:
-                mirror.failures.pop(field, None)
-        elif kind == "probe":
-            mirror.probes[field] = ProbeLease(holder=value["holder"], until=float(value["until"]))
-        elif kind == "unprobe":
-            mirror.probes.pop(field, None)
-        elif kind == "usage":
-            minute, old = int(value["minute"]), mirror.usage.get(field)
-            if old is None or old.minute <= minute:  # a past minute's count comes late: stale
-                mirror.usage[field] = self._unsent.usage_plus(
-                    field, minute, int(value["requests"]), int(value["tokens"])
-                )
-        elif kind == "limits":
-            mirror.limits[field] = limits_from_json(value)
-        elif kind == "pin":
-            mirror.pins[field] = pin_from_json(value)
+            if message["type"] == "message":
+                self._inbound.message(message["data"])
 
 
 @asynccontextmanager

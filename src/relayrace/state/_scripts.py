@@ -55,6 +55,10 @@ class Keys:
     def retry(self, index: int) -> str:
         return f"{self._tag}:retry:{index}"
 
+    @property
+    def instances(self) -> str:
+        return f"{self._tag}:instances"
+
 
 # KEYS: bench hash. ARGV: field, record (JSON: until, reason, manual), now, channel, the
 # writing instance (its message says who wrote it: that instance skips its own echo).
@@ -176,9 +180,10 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({k = 'pin', f = ARGV[1], v = cjson.d
 return 1
 """
 
-# KEYS: bench, fails, limits, pins, this minute's rpm, tpm. ARGV: now.
-# One consistent read of everything (the backstop behind pub/sub); forgets expired benches
-# and pins on the way.
+# KEYS: bench, fails, limits, pins, this minute's rpm, tpm, instances. ARGV: now, this
+# instance, the time it counts as live until. One consistent read of everything (the backstop
+# behind pub/sub); forgets expired benches and pins on the way; renews this instance in the
+# instances hash (id -> live until), forgets the expired, and returns how many are live.
 SNAPSHOT = """
 local now = tonumber(ARGV[1])
 local function prune(key)
@@ -194,8 +199,13 @@ local function prune(key)
   end
   return kept
 end
+redis.call('HSET', KEYS[7], ARGV[2], ARGV[3])
+local live, seen = 0, redis.call('HGETALL', KEYS[7])
+for i = 1, #seen, 2 do
+  if tonumber(seen[i + 1]) > now then live = live + 1 else redis.call('HDEL', KEYS[7], seen[i]) end
+end
 return {prune(KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
-        prune(KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[6])}
+        prune(KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[6]), live}
 """
 
 

@@ -99,23 +99,29 @@ class DeploymentLimits:
             or self.remaining_tokens is not None
         )
 
-    def check(self, tokens: int, now: float) -> LimitHit | None:
-        """The limit an attempt of ``tokens`` sent now would pass, if any."""
+    def check(self, tokens: int, now: float, share: int = 1) -> LimitHit | None:
+        """The limit an attempt of ``tokens`` sent now would pass, if any; ``share``: the
+        configured ``rpm`` / ``tpm`` are the fleet's and this many instances share them with
+        nothing counting them together (the shared state away): each has its part."""
         self._forget(now)
         log = self._log
-        if self.rpm is not None and len(log) >= self.rpm:
-            return LimitHit(Rule("config", "providers", "rpm", str(self.rpm)), log[0].at + WINDOW)
-        if self.tpm is not None and log:
+        rpm, tpm = self.rpm, self.tpm
+        if share > 1:
+            rpm = None if rpm is None else max(1, rpm // share)
+            tpm = None if tpm is None else max(1, tpm // share)
+        if rpm is not None and len(log) >= rpm:
+            return LimitHit(self._rule("rpm", rpm, share), log[0].at + WINDOW)
+        if tpm is not None and log:
             used = sum(t.tokens for t in log)
-            if used + tokens > self.tpm:
+            if used + tokens > tpm:
                 # Whole enough again when the oldest attempts leave the window.
-                left, reset_at = used + tokens - self.tpm, log[-1].at + WINDOW
+                left, reset_at = used + tokens - tpm, log[-1].at + WINDOW
                 for ticket in log:
                     left -= ticket.tokens
                     if left <= 0:
                         reset_at = ticket.at + WINDOW
                         break
-                return LimitHit(Rule("config", "providers", "tpm", str(self.tpm)), reset_at)
+                return LimitHit(self._rule("tpm", tpm, share), reset_at)
         if self.remaining_requests is not None and self.remaining_requests <= 0:
             return LimitHit(
                 Rule("provider", "headers", "x-ratelimit-remaining-requests", "0"),
@@ -132,6 +138,12 @@ class DeploymentLimits:
                 self.tokens_reset_at,
             )
         return None
+
+    def _rule(self, key: str, limit: int, share: int) -> Rule:
+        configured = self.rpm if key == "rpm" else self.tpm
+        if share == 1:
+            return Rule("config", "providers", key, str(limit))
+        return Rule("config", "providers", key, f"{configured}/{share} instances, state away")
 
     def admit(self, tokens: int, now: float) -> Ticket:
         """Count an attempt of (an estimated) ``tokens`` sent now."""
@@ -221,7 +233,7 @@ class Admission:
         fleet.adopt(actor, limits, now)
         if not limits.active:
             return None
-        return limits.check(tokens, now) or fleet.check(actor, limits, tokens, now)
+        return limits.check(tokens, now, fleet.share) or fleet.check(actor, limits, tokens, now)
 
     def learn(self, actor: ProviderActor, limits: RateLimits, now: float) -> None:
         own = self.of(actor)
@@ -269,6 +281,15 @@ class FleetLimits:
         self._state = state
         self._mirror = state.mirror
         self._deployments: dict[tuple[str, str | None], Deployment] = {}
+
+    @property
+    def share(self) -> int:
+        """How many instances split the configured limits between them: while the shared
+        state is away nothing counts the fleet's admissions together, so each instance takes
+        its part (of as many instances as the last full read found); else 1 (the fleet's count
+        decides)."""
+        mirror = self._mirror
+        return mirror.instances if mirror.away else 1
 
     @property
     def learned_any(self) -> bool:
