@@ -130,6 +130,8 @@ def test_the_retry_window_holds_ratio_times_requests_plus_floor() -> None:
     assert sum(window.try_spend(NOW) for _ in range(20)) == 7
     # The window slides: after it has passed, only the floor is left.
     assert sum(window.try_spend(NOW + 11) for _ in range(20)) == 2
+    # Two instances keeping windows of their own for one budget: each has half the floor.
+    assert sum(window.try_spend(NOW + 22, share=2) for _ in range(20)) == 1
 
 
 def test_admission_counts_rpm_tpm_and_learned_limits() -> None:

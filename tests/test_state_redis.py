@@ -354,6 +354,22 @@ async def test_the_retry_budget_is_shared(redis_server: RedisServer) -> None:
         assert granted >= 15  # both drew on the same bucket, more than either one's share
 
 
+async def test_away_from_redis_each_instance_has_its_part_of_the_retry_floor(
+    redis_server: RedisServer,
+) -> None:
+    budget = RetryBudgetPolicy(ratio=0.2, floor=4, window=30.0)
+    async with (
+        instance(redis_server, retry_budget=budget) as a,
+        instance(redis_server, retry_budget=budget) as b,
+    ):
+        await eventually(lambda: a.mirror.instances == 2 == b.mirror.instances)
+        redis_server.kill()
+        await eventually(lambda: a.statistics().degraded and b.statistics().degraded)
+        # No requests counted: the floor alone, 4 for the fleet, 2 each (not 4 each).
+        assert sum(a.try_retry() for _ in range(10)) == 2
+        assert sum(b.try_retry() for _ in range(10)) == 2
+
+
 async def test_failure_counts_usage_limits_and_pins_are_shared(redis_server: RedisServer) -> None:
     now = time.time()
     async with instance(redis_server) as a, instance(redis_server) as b:

@@ -174,8 +174,9 @@ class LocalState:
     def record_request(self) -> None:
         self._retries.record_request(self.now())
 
-    def try_retry(self) -> bool:
-        return self._retries.try_spend(self.now())
+    def try_retry(self, share: int = 1) -> bool:
+        """Take one retry from this process's window; ``share``: see ``RetryWindow.room``."""
+        return self._retries.try_spend(self.now(), share)
 
     def admit(
         self, deployment: Deployment, *, tokens: int, rpm: int | None = None, tpm: int | None = None

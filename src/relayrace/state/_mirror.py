@@ -164,14 +164,17 @@ class RetryWindow:
     def record_request(self, now: float) -> None:
         self._current(now)[1] += 1
 
-    def room(self, now: float) -> float:
+    def room(self, now: float, share: int = 1) -> float:
+        """Retries left now; ``share``: this many instances keep windows of their own for one
+        fleet's budget (the shared one out of reach), so this one has its part of the floor
+        (the ratio is of its own requests already)."""
         self._current(now)
         requests = sum(s[1] for s in self._slices)
         retries = sum(s[2] for s in self._slices)
-        return self.policy.floor + self.policy.ratio * requests - retries
+        return self.policy.floor / share + self.policy.ratio * requests - retries
 
-    def try_spend(self, now: float) -> bool:
-        if self.room(now) < 1:
+    def try_spend(self, now: float, share: int = 1) -> bool:
+        if self.room(now, share) < 1:
             return False
         self._current(now)[2] += 1
         return True

@@ -208,8 +208,9 @@ class RedisState:
 
     def try_retry(self) -> bool:
         if self._client is None:
-            # Away from Redis: the local window decides; what it spends is told to Redis later.
-            if self._local.try_retry():
+            # Away from Redis: the local window decides, with this instance's part of the floor;
+            # what it spends is told to Redis later.
+            if self._local.try_retry(self.mirror.instances):
                 self._unsent_retries += 1
                 return True
             return False
