@@ -7,8 +7,13 @@ cancellation latency measured on the real clock. CI's default run stays small an
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 from hypothesis import settings
+from trio.testing import wait_all_tasks_blocked
+
+from relayrace.testing import MockProvider, serve_mock_provider
 
 #: No per-example deadline: a deadline is a timing assertion, and these machines are shared and
 #: noisy (an example of 0.35 s failed the 200 ms default under load). Speed is the benchmarks'.
@@ -52,3 +57,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def chaos(request: pytest.FixtureRequest) -> bool:
     """Whether the suite runs at full size (``--chaos``)."""
     return bool(request.config.getoption("--chaos"))
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockProvider]:
+    """A mock provider on loopback for the test; afterwards nothing it served may have crashed
+    it. (A test file with other needs defines its own ``mock``, which takes precedence.)"""
+    async with serve_mock_provider() as provider:
+        yield provider
+        await wait_all_tasks_blocked()
+        assert provider.errors == []

@@ -5,7 +5,6 @@ Scripted providers on the MockClock, and the mock provider over real HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from relayrace import (
 )
 from relayrace import open_supervisor as open_sup
 from relayrace.actors import OpenAIClient, read_rate_limits
-from relayrace.testing import Answer, Hang, MockProvider, mock_model, serve_mock_provider
+from relayrace.testing import Answer, Hang, mock_model
 
 from .support import client, scripted_provider
 
@@ -152,14 +151,6 @@ def test_rate_limit_headers_are_read_in_both_formats():
 
 
 # --- over HTTP: limits the provider reports -----------------------------------------------------
-
-
-@pytest.fixture
-async def mock() -> AsyncIterator[MockProvider]:
-    async with serve_mock_provider() as provider:
-        yield provider
-        await wait_all_tasks_blocked()
-        assert provider.errors == []
 
 
 async def test_learned_remaining_zero_skips_until_the_reset(autojump_clock, mock):

@@ -26,7 +26,7 @@ from relayrace import Budgets, Config, open_supervisor
 from relayrace.providers import anthropic as anthropic_format
 from relayrace.providers import anthropic_inbound
 from relayrace.server import Server, ServerSettings, serve
-from relayrace.testing import MockProvider, mock_model, serve_mock_provider
+from relayrace.testing import MockProvider, mock_model
 
 from .support import mock_config
 
@@ -43,14 +43,6 @@ TOOLS: list[Any] = [
     },
     {"name": "get_time", "input_schema": {"type": "object"}},
 ]
-
-
-@pytest.fixture
-async def mock() -> AsyncIterator[MockProvider]:
-    async with serve_mock_provider() as provider:
-        yield provider
-        await trio.testing.wait_all_tasks_blocked()
-        assert provider.errors == []
 
 
 def config(mock: MockProvider, *providers: tuple[str, str, str]) -> Config:

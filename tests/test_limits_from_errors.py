@@ -6,11 +6,10 @@ provider over real HTTP, on the MockClock (the fleet test: a real ``redis-server
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import trio
-from trio.testing import wait_all_tasks_blocked
 
 from relayrace import (
     Category,
@@ -28,7 +27,7 @@ from relayrace import (
 from relayrace import open_supervisor as open_sup
 from relayrace.actors import ClientCall, OpenAIClient, RateLimits
 from relayrace.state import Deployment
-from relayrace.testing import MockProvider, mock_model, serve_mock_provider
+from relayrace.testing import MockProvider, mock_model
 
 from .redis_server import RedisServer
 from .test_shared_limits import two_instances
@@ -57,14 +56,6 @@ class _Sink:
 
     def progress(self) -> None:
         pass
-
-
-@pytest.fixture
-async def mock() -> AsyncIterator[MockProvider]:
-    async with serve_mock_provider() as provider:
-        yield provider
-        await wait_all_tasks_blocked()
-        assert provider.errors == []
 
 
 def client_of(mock: MockProvider) -> OpenAIClient:
