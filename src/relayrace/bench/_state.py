@@ -13,7 +13,7 @@ non-streamed and streamed, in four scenarios:
   threshold and stays past it (those failures are sent once a second, not announced);
 - ``flapping``: the first provider, exempt too, is down (503) for 20 ms and up for 20 ms in
   turn: about half the requests fail over, and the fleet's count reaches the threshold and is
-  reset ~25 times a second (each change sent within 0.05 s and announced): the most the
+  reset ~25 times a second (each change sent within 0.1 s and announced): the most the
   failure counts cost;
 - ``outage``: the first provider answers 503 to every request and is benched (3 failures, then
   0.1 s benches, a probe each 0.1 s under the fleet's probe lease): benches, leases and

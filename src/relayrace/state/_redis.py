@@ -63,8 +63,11 @@ REQUEST_REPORT_INTERVAL = 0.25
 #: Consecutive-failure counts (and their resets) are sent at most this often (seconds), all
 #: deployments' in one script: a script per failure cost ~25 % of a gateway's CPU per request
 #: when every request failed over (relayrace bench --only state). The first change after a
-#: quiet spell goes at once; the fleet's count lags by at most this much more.
-FAILURE_REPORT_INTERVAL = 0.05
+#: quiet spell goes at once; the fleet's count lags by at most this much more. 0.1 s, not
+#: 0.05: a provider flapping (its count reset and reaching the threshold ~25 times a second)
+#: cost +3 to +6 % CPU per request at 0.05 s, each change a round trip and a message to every
+#: instance; benches themselves are written at once.
+FAILURE_REPORT_INTERVAL = 0.1
 #: Failures that found the fleet's count at its threshold already (the deployment is benched,
 #: or exempt, or may not be benched) decide nothing anywhere: they are sent at most this often
 #: (seconds), or sooner riding along with another write, and not announced (``FAILS``). An
