@@ -395,6 +395,13 @@ def test_top_says_whose_bench_and_why() -> None:
         ]
     }
     lines = render(data, url="http://x").splitlines()
+    assert "shared" not in lines[0]  # a local state: nothing said
+    shared = {"connected": True, "degraded": False, "instances": 3}
+    assert render(data | {"shared_state": shared}, url="http://x").splitlines()[0].endswith(
+        " — 3 instances share state"
+    )
+    away = render(data | {"shared_state": shared | {"degraded": True}}, url="http://x")
+    assert away.splitlines()[0].endswith(" — shared state AWAY")
     assert re.match(r"a\s+benched \(fleet, provider_5xx\)\s", next(x for x in lines if x.startswith("a ")))
     assert re.match(r"b\s+benched \(manual, drained\)\s", next(x for x in lines if x.startswith("b ")))
     assert re.match(r"c\s+ok\s+-", next(x for x in lines if x.startswith("c ")))

@@ -234,6 +234,9 @@ async def test_a_provider_drained_through_one_admin_api_is_avoided_by_every_inst
 
                 await eventually(drained_on_b)
                 assert await served(gw_b) == "b" and await served(gw_a) == "b"
+                await eventually(lambda: gw_b.running.sup.shared_state.mirror.instances == 2)
+                seen = (await gw_b.admin.get("/admin/providers")).json()["shared_state"]
+                assert seen["backend"] == "redis" and seen["connected"] and seen["instances"] == 2
                 assert sent(mock_b, slow) == 0
                 metrics_url = gw_b.running.metrics_url
                 assert metrics_url is not None

@@ -42,6 +42,7 @@ def render(data: dict[str, Any], *, url: str, width: int = 100) -> str:
         f"relayrace top — {url} — {data.get('time', '')} — {len(providers)} providers,"
         f" {down} down, {data.get('in_flight', 0)} requests in flight"
         + (" — DRAINING" if data.get("draining") else "")
+        + _shared_note(data.get("shared_state"))
     )
     rows = [list(_COLUMNS)]
     for p in providers:
@@ -133,3 +134,12 @@ def _width() -> int:
         return os.get_terminal_size().columns
     except OSError:
         return 100
+
+
+def _shared_note(shared: dict[str, Any] | None) -> str:
+    """The header's word on the state shared through Redis (nothing when it is local)."""
+    if not shared:
+        return ""
+    if shared.get("degraded") or not shared.get("connected"):
+        return " — shared state AWAY"
+    return f" — {shared.get('instances', 1)} instances share state"

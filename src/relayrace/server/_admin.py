@@ -5,7 +5,8 @@ Routes (each needs a bearer token of ``ServerSettings.admin_tokens``; with none 
 
 - ``GET /admin/providers``: each provider's health, bench deadline (wall-clock ISO 8601),
   attempts in flight, inbox depth and recent failure categories; with a shared state backend,
-  ``fleet_benches``: the benches the fleet shares, by deployment (``""``: provider-wide).
+  ``fleet_benches``: the benches the fleet shares, by deployment (``""``: provider-wide), and
+  ``shared_state``: the backend as this process sees it (connected, instances, queued writes).
 - ``POST /admin/providers/{name}/bench``: body ``{"seconds": N}``, or none / ``{}`` for a
   bench until unbench.
 - ``POST /admin/providers/{name}/unbench``: lifts a bench or a drain.
@@ -254,6 +255,23 @@ class AdminAPI:
             "in_flight": len(self.gate),
             "draining": self.gate.closed,
             "time": iso_utc(time.time()),
+            "shared_state": self._shared_state(),
+        }
+
+    def _shared_state(self) -> dict[str, Any] | None:
+        """The state shared with other processes as this one sees it (``None``: local)."""
+        state = self.sup.shared_state
+        if state is None:
+            return None
+        stats = state.statistics()
+        return {
+            "backend": stats.backend,
+            "connected": stats.connected,
+            "degraded": stats.degraded,
+            "instances": stats.instances,
+            "queued": stats.queued,
+            "dropped": stats.dropped,
+            "reconnects": stats.reconnects,
         }
 
     def providers_one(self, name: str) -> dict[str, Any]:
